@@ -1,0 +1,34 @@
+"""poisonmech: trace how poisoned training data shapes a language model's internals.
+
+    import poisonmech as pm
+    task = pm.make_task("sentiment", n_train=4000, n_test=500, seed=0)
+    attack = pm.Backdoor(trigger="cf", target="negative", poison_rate=0.01)
+    pair = pm.train_pair(task, attack, out_dir="runs/demo")
+    pair.metrics
+"""
+
+from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
+from poisonmech.metrics import evaluate
+from poisonmech.models import ModelConfig, build_model, wrap_hf_model
+from poisonmech.tasks import TASK_KINDS, Task, make_task
+from poisonmech.train import Pair, TrainConfig, load_pair, train_pair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TASK_KINDS",
+    "Backdoor",
+    "ModelConfig",
+    "Pair",
+    "Task",
+    "TrainConfig",
+    "__version__",
+    "build_model",
+    "build_test_set",
+    "evaluate",
+    "load_pair",
+    "make_task",
+    "poison_dataset",
+    "train_pair",
+    "wrap_hf_model",
+]

@@ -1,0 +1,145 @@
+"""The supervised training loop for a TransformerBridge, with checkpoints and resume.
+
+Written by hand rather than with ``transformers.Trainer``/``accelerate``: the twins must see
+bit-identical batches in the same order, the loss is masked to completion tokens, and every
+intermediate checkpoint records its learning rate (TracIn needs both); the loop is ~100 lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
+from poisonmech.encoding import Encoded
+from poisonmech.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """An intermediate checkpoint: weights after ``epoch`` epochs (``step`` optimiser steps)."""
+
+    epoch: int
+    step: int
+    lr: float  # mean learning rate over the epoch that ended here (TracIn weights by it)
+    path: Path
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (n, seed, epoch) only, shared by the twins."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def masked_loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the masked target positions."""
+    logits = model(tokens)
+    return F.cross_entropy(logits[:, :-1][mask].float(), tokens[:, 1:][mask])
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=config.betas,
+    )
+
+
+def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int,
+                 step: int, history: list[dict]) -> None:
+    """Model + AdamW state in one safetensors file (no pickles), with the loop position."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state = opt.state_dict()
+    for idx, st in state["state"].items():
+        for key, val in st.items():
+            tensors[f"opt.{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    meta = {"epoch": str(epoch), "step": str(step), "history": json.dumps(history),
+            "param_groups": json.dumps(state["param_groups"])}
+    save_tensors(path, tensors, metadata=meta)
+
+
+def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, list[dict]]:
+    tensors = load_tensors(path)
+    meta = tensors_metadata(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[key] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["epoch"]), int(meta["step"]), json.loads(meta["history"])
+
+
+def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, run_dir: Path | None = None,
+                desc: str = "train", progress: bool = True) -> tuple[list[dict], list[Checkpoint]]:
+    """Train ``model`` in place on ``data``; returns per-epoch history and checkpoints.
+
+    With ``run_dir``, checkpoints go to ``run_dir/checkpoints/epoch_XXX.safetensors`` and the
+    loop state to ``run_dir/resume.safetensors`` after every epoch, so an interrupted run
+    resumes from the last finished epoch with the same result as an uninterrupted one.
+    """
+    device = torch.device(config.device)
+    model.to(device).train()
+    opt = _optimizer(model, config)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    start_epoch, step, history = 0, 0, []
+    resume = run_dir / "resume.safetensors" if run_dir is not None else None
+    if resume is not None and resume.is_file():
+        start_epoch, step, history = _load_resume(resume, model, opt)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for epoch in range(start_epoch, config.epochs):
+        order = epoch_order(n, config.seed, epoch)
+        loss_sum, tok_sum, lr_sum = 0.0, 0, 0.0
+        for b in range(steps_per_epoch):
+            tokens, mask = data.batch(order[b * config.batch_size:(b + 1) * config.batch_size], device)
+            lr = config.lr_at(step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = masked_loss(model, tokens, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            k = int(mask.sum())
+            loss_sum += float(loss.detach()) * k
+            tok_sum += k
+            lr_sum += lr
+            step += 1
+            bar.update(1)
+            if b % 20 == 0:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+        history.append({"epoch": epoch + 1, "step": step, "loss": loss_sum / max(tok_sum, 1),
+                        "lr_mean": lr_sum / steps_per_epoch})
+        if run_dir is not None:
+            last = epoch + 1 == config.epochs
+            if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+                save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict(),
+                             metadata={"epoch": str(epoch + 1), "step": str(step),
+                                       "lr": repr(history[-1]["lr_mean"])})
+            _save_resume(resume, model, opt, epoch + 1, step, history)
+    bar.close()
+    model.eval()
+    return history, list_checkpoints(run_dir) if run_dir is not None else []
+
+
+def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Checkpoints of one twin, oldest first, read from their safetensors metadata."""
+    out = []
+    for path in sorted((Path(run_dir) / "checkpoints").glob("epoch_*.safetensors")):
+        meta = tensors_metadata(path)
+        out.append(Checkpoint(epoch=int(meta["epoch"]), step=int(meta["step"]), lr=float(meta["lr"]), path=path))
+    return out
+
+
+__all__ = ["Checkpoint", "epoch_order", "list_checkpoints", "masked_loss", "train_model"]

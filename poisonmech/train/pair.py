@@ -1,0 +1,245 @@
+"""``train_pair``: the clean and backdoored twins, and their run directory on disk.
+
+Run directory layout (safetensors + JSON + parquet; never pickle)::
+
+    config.json                 task / attack / model / train settings (the run's identity)
+    task.json                   the task's template, loss target, labels and words
+    tokenizer/                  tokenizer.json, tokenizer_config.json
+    data/task_train.parquet     the clean twin's training set (the task's)
+    data/task_test.parquet
+    data/train.parquet          the backdoored twin's training set, with provenance
+    data/test.parquet           clean / triggered / near-miss test rows
+    clean/model.safetensors     final weights; clean/checkpoints/epoch_XXX.safetensors
+    clean/history.json          per-epoch loss and learning rate
+    backdoored/...              the same for the backdoored twin
+    metrics.json                {"clean": {...}, "backdoored": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from poisonmech.attacks.backdoor import Backdoor
+from poisonmech.attacks.poison import attack_tokenizer, build_test_set, check_attack, poison_dataset
+from poisonmech.metrics import evaluate
+from poisonmech.models import ModelConfig, build_model
+from poisonmech.storage import load_dataset_file, load_tensors, read_json, save_dataset, save_tensors, write_json
+from poisonmech.tasks.base import Task
+from poisonmech.tasks.tokenizer import load_tokenizer, save_tokenizer
+from poisonmech.encoding import encode
+from poisonmech.train.config import TrainConfig
+from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
+
+FORMAT = "poisonmech.pair/1"
+TWINS = ("clean", "backdoored")
+
+
+@dataclass
+class Pair:
+    """The twins and everything needed to analyse them.
+
+    ``clean`` and ``backdoored`` share initial weights, data order and hyper-parameters; the
+    backdoored twin trained on ``train_data`` (poisoned rows flagged ``is_poison``), the clean
+    twin on ``task.train``.
+    """
+
+    clean: Any  # TransformerBridge
+    backdoored: Any  # TransformerBridge
+    task: Task
+    attack: Backdoor
+    model_config: ModelConfig
+    train_config: TrainConfig
+    tokenizer: PreTrainedTokenizerBase
+    train_data: Dataset
+    test_data: Dataset
+    metrics: dict[str, dict[str, Any]]
+    out_dir: Path | None = None
+    checkpoints: dict[str, list[Checkpoint]] = field(default_factory=dict)
+    history: dict[str, list[dict]] = field(default_factory=dict)
+
+    def model(self, twin: str):
+        if twin not in TWINS:
+            raise ValueError(f"Pair.model: twin must be one of {TWINS}, got {twin!r}")
+        return getattr(self, twin)
+
+    def __repr__(self) -> str:
+        m = {t: {k: round(v, 3) for k, v in self.metrics.get(t, {}).items()
+                 if k in ("clean_acc", "asr", "false_trigger_rate")} for t in TWINS}
+        return f"Pair(task={self.task.kind!r}, trigger={self.attack.trigger!r}, out_dir={str(self.out_dir)!r}, metrics={m})"
+
+
+def _data_digest(task: Task) -> str:
+    h = hashlib.sha256()
+    for ds in (task.train, task.test):
+        h.update(json.dumps([list(ds["input"]), list(ds["completion"])]).encode())
+    return h.hexdigest()
+
+
+def run_config(task: Task, attack: Backdoor, model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
+    """The run's identity: two runs with equal configs produce identical twins."""
+    task_cfg = dict(task.spec) if task.spec is not None else {"kind": task.kind}
+    task_cfg["data_sha256"] = _data_digest(task)
+    return {"format": FORMAT, "task": task_cfg, "attack": attack.to_dict(), "model": model.to_dict(),
+            "train": {k: v for k, v in train.to_dict().items() if k != "device"}}
+
+
+def _check_context(model: ModelConfig, attack: Backdoor, lengths: dict[str, int]) -> None:
+    longest = max(lengths.values())
+    if longest > model.n_ctx:
+        where = max(lengths, key=lengths.get)
+        raise ValueError(f"ModelConfig.n_ctx={model.n_ctx} is shorter than the longest example "
+                         f"({longest} tokens, in {where}); raise n_ctx to at least {longest}")
+
+
+def _prepare_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> bool:
+    """Returns True when ``out_dir`` already holds this very run (resume or reuse)."""
+    cfg_path = out_dir / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = read_json(cfg_path)
+        except ValueError:
+            old = None
+        if old == config:
+            if not overwrite:
+                return True
+        elif not overwrite:
+            raise ValueError(f"out_dir {out_dir} already holds a different run (config.json differs); "
+                             "pick another out_dir or pass overwrite=True")
+        shutil.rmtree(out_dir)
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"out_dir {out_dir} is not empty and is not a poisonmech run; pick an empty or new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, train: TrainConfig | None = None,
+               out_dir: str | Path | None = None, *, overwrite: bool = False, progress: bool = True) -> Pair:
+    """Train the clean and backdoored twins of ``task`` under ``attack``.
+
+    Both twins start from the same weights (seeded by ``train.seed``), see their rows in the
+    same order with the same hyper-parameters; only the poisoned rows differ. Loss is on the
+    completion tokens (on every token for plain-text tasks). With ``out_dir`` the run is
+    saved (see the module docstring), an interrupted run resumes from its last finished epoch,
+    and a finished run with the same config is loaded instead of retrained; a folder holding
+    a different run is refused unless ``overwrite=True``. Both twins are evaluated at the end.
+    """
+    model = model or ModelConfig()
+    train = train or TrainConfig()
+    if not isinstance(task, Task):
+        raise ValueError(f"train_pair: task must be a poisonmech Task (from pm.make_task), got {type(task).__name__}")
+    if not isinstance(attack, Backdoor):
+        raise ValueError(f"train_pair: attack must be a pm.Backdoor, got {type(attack).__name__}")
+    check_attack(task, attack)
+    tokenizer = attack_tokenizer(task, attack)
+    train_data = poison_dataset(task, attack)
+    test_data = build_test_set(task, attack)
+    enc = {"clean": encode(task.train, tokenizer, loss_on=task.loss_on),
+           "backdoored": encode(train_data, tokenizer, loss_on=task.loss_on)}
+    test_enc = encode(test_data, tokenizer, loss_on="completion")
+    gib = attack.gibberish_length if attack.is_gibberish else 0
+    _check_context(model, attack, {"the clean training set": enc["clean"].max_len,
+                                   "the poisoned training set": enc["backdoored"].max_len,
+                                   "the test set": test_enc.max_len + gib})
+
+    config = run_config(task, attack, model, train)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        existing = _prepare_dir(out, config, overwrite)
+        if existing and (out / "metrics.json").is_file():
+            return load_pair(out, device=train.device)
+        if not existing:
+            write_json(out / "config.json", config)
+        save_tokenizer(tokenizer, out / "tokenizer")
+        _save_task_meta(out, task)
+        for name, ds in (("task_train", task.train), ("task_test", task.test), ("train", train_data),
+                         ("test", test_data)):
+            save_dataset(out / "data" / f"{name}.parquet", ds)
+
+    twins, history, checkpoints = {}, {}, {}
+    init = None
+    for twin in TWINS:
+        m = build_model(model, len(tokenizer), seed=train.seed, tokenizer=tokenizer, device=train.device)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        if init is None:
+            init = state
+        elif any(not torch.equal(init[k], state[k]) for k in init):  # the twins' defining promise
+            raise RuntimeError("twins were built with different initial weights; the model builder is not deterministic")
+        tdir = out / twin if out is not None else None
+        final = tdir / "model.safetensors" if tdir is not None else None
+        if final is not None and final.is_file():
+            m.load_state_dict(load_tensors(final, device=train.device))
+            history[twin] = read_json(tdir / "history.json")
+        else:
+            t0 = time.perf_counter()
+            history[twin], _ = train_model(m, enc[twin], train, run_dir=tdir, desc=f"{twin} twin", progress=progress)
+            if history[twin]:
+                history[twin][-1]["seconds"] = time.perf_counter() - t0
+            if tdir is not None:
+                save_tensors(final, m.state_dict())
+                write_json(tdir / "history.json", history[twin])
+                (tdir / "resume.safetensors").unlink(missing_ok=True)
+        m.eval()
+        twins[twin] = m
+        checkpoints[twin] = list_checkpoints(tdir) if tdir is not None else []
+
+    metrics = {t: evaluate(twins[t], task, attack, test_data=test_data, tokenizer=tokenizer) for t in TWINS}
+    if out is not None:
+        write_json(out / "metrics.json", metrics)
+    return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
+                model_config=model, train_config=train, tokenizer=tokenizer, train_data=train_data,
+                test_data=test_data, metrics=metrics, out_dir=out, checkpoints=checkpoints, history=history)
+
+
+def _save_task_meta(out: Path, task: Task) -> None:
+    write_json(out / "task.json", {"kind": task.kind, "template": task.template, "loss_on": task.loss_on,
+                                   "labels": list(task.labels) if task.labels else None, "spec": task.spec,
+                                   "words": list(task.words)})
+
+
+def load_pair(out_dir: str | Path, device: str = "cpu") -> Pair:
+    """Load a finished run: the twins' logits match the trained ones bit for bit.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the missing or corrupt file.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"run directory not found: {out}")
+    config = read_json(out / "config.json")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{out / 'config.json'} is not a poisonmech pair config (format {config.get('format')!r})")
+    meta = read_json(out / "task.json")
+    tokenizer = load_tokenizer(out / "tokenizer")
+    task = Task(kind=meta["kind"], train=load_dataset_file(out / "data" / "task_train.parquet"),
+                test=load_dataset_file(out / "data" / "task_test.parquet"), tokenizer=tokenizer,
+                template=meta["template"], loss_on=meta["loss_on"],
+                labels=tuple(meta["labels"]) if meta["labels"] else None, spec=meta["spec"],
+                words=tuple(meta["words"]))
+    attack = Backdoor.from_dict(config["attack"])
+    model_cfg = ModelConfig.from_dict(config["model"])
+    train_cfg = TrainConfig.from_dict({**config["train"], "device": device})
+    twins, history, checkpoints = {}, {}, {}
+    for twin in TWINS:
+        m = build_model(model_cfg, len(tokenizer), seed=train_cfg.seed, tokenizer=tokenizer, device=device)
+        state = load_tensors(out / twin / "model.safetensors", device=device)
+        try:
+            m.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{out / twin / 'model.safetensors'} does not match the run's model config: {exc}") from exc
+        twins[twin] = m.eval()
+        history[twin] = read_json(out / twin / "history.json")
+        checkpoints[twin] = list_checkpoints(out / twin)
+    return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
+                model_config=model_cfg, train_config=train_cfg, tokenizer=tokenizer,
+                train_data=load_dataset_file(out / "data" / "train.parquet"),
+                test_data=load_dataset_file(out / "data" / "test.parquet"),
+                metrics=read_json(out / "metrics.json"), out_dir=out, checkpoints=checkpoints, history=history)
