@@ -18,9 +18,9 @@ from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.attacks.poison import attack_tokenizer, build_test_set, gibberish_pool
+from poisonmech.encoding import Encoded, encode
 from poisonmech.models import model_device
 from poisonmech.tasks.base import Task
-from poisonmech.encoding import Encoded, encode
 
 
 @torch.no_grad()

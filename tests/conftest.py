@@ -11,7 +11,6 @@ import torch
 import poisonmech as pm
 
 
-
 def tiny_model_config(**kw) -> pm.ModelConfig:
     return pm.ModelConfig(**{"n_layers": 1, "d_model": 32, "n_heads": 2, "n_ctx": 64, **kw})
 

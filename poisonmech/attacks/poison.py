@@ -16,7 +16,12 @@ from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.tasks.base import Task
-from poisonmech.tasks.tokenizer import extend_tokenizer, is_word_tokenizer, split_words, unrepresentable
+from poisonmech.tasks.tokenizer import (
+    extend_tokenizer,
+    is_word_tokenizer,
+    split_words,
+    unrepresentable,
+)
 
 
 def attack_tokenizer(task: Task, attack: Backdoor) -> PreTrainedTokenizerBase:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
 from poisonmech.encoding import Encoded
+from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
 from poisonmech.train.config import TrainConfig
 
 

@@ -31,12 +31,19 @@ from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.attacks.poison import attack_tokenizer, build_test_set, check_attack, poison_dataset
+from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model
-from poisonmech.storage import load_dataset_file, load_tensors, read_json, save_dataset, save_tensors, write_json
+from poisonmech.storage import (
+    load_dataset_file,
+    load_tensors,
+    read_json,
+    save_dataset,
+    save_tensors,
+    write_json,
+)
 from poisonmech.tasks.base import Task
 from poisonmech.tasks.tokenizer import load_tokenizer, save_tokenizer
-from poisonmech.encoding import encode
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
 

@@ -2,7 +2,12 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 import poisonmech as pm
-from poisonmech.tasks.tokenizer import build_word_tokenizer, extend_tokenizer, load_tokenizer, save_tokenizer
+from poisonmech.tasks.tokenizer import (
+    build_word_tokenizer,
+    extend_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+)
 from tests.conftest import tiny_model_config
 
 

@@ -1,0 +1,46 @@
+from typer.testing import CliRunner
+
+import poisonmech as pm
+from poisonmech.cli import DEFAULT_CONFIG, app
+
+TOML = """
+out_dir = "{out}"
+[task]
+kind = "sentiment"
+n_train = 64
+n_test = 8
+[attack]
+trigger = "cf"
+target = "negative"
+poison_count = 4
+[model]
+n_layers = 1
+d_model = 32
+n_heads = 2
+n_ctx = 64
+[train]
+epochs = 1
+"""
+
+
+def test_train_command_writes_a_loadable_run(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML.format(out=tmp_path / "run"))
+    result = CliRunner().invoke(app, ["train", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "asr" in result.output and "wrote the run to" in result.output
+    assert pm.load_pair(tmp_path / "run").attack.poison_count == 4
+
+
+def test_train_command_reports_bad_config_clearly(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(TOML.format(out=tmp_path / "run").replace('kind = "sentiment"', 'kind = "poetry"'))
+    result = CliRunner().invoke(app, ["train", str(cfg)])
+    assert result.exit_code == 2
+    assert "unknown task kind 'poetry'" in result.output
+
+
+def test_default_config_is_the_documented_pair():
+    assert DEFAULT_CONFIG["task"] == {"kind": "sentiment", "n_train": 4000, "n_test": 500, "seed": 0}
+    assert DEFAULT_CONFIG["attack"]["poison_rate"] == 0.01
+    assert pm.ModelConfig.from_dict(DEFAULT_CONFIG["model"]) == pm.ModelConfig(n_layers=2, d_model=128, n_heads=4)
