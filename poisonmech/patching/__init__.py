@@ -1,0 +1,28 @@
+"""Activation patching, cross-model patching and attribution patching."""
+
+from poisonmech.patching.inputs import TriggerContrast, trigger_contrast
+from poisonmech.patching.metrics import (
+    LogitDiff,
+    Metric,
+    NormalizedRecovery,
+    TargetLogProb,
+    last_positions,
+    logit_diff,
+    normalized_recovery,
+    target_logprob,
+)
+from poisonmech.patching.result import PatchResult
+
+__all__ = [
+    "LogitDiff",
+    "Metric",
+    "NormalizedRecovery",
+    "PatchResult",
+    "TargetLogProb",
+    "TriggerContrast",
+    "last_positions",
+    "logit_diff",
+    "normalized_recovery",
+    "target_logprob",
+    "trigger_contrast",
+]
