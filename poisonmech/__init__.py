@@ -7,6 +7,7 @@
     pair.metrics
 """
 
+from poisonmech import patching
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
@@ -28,6 +29,7 @@ __all__ = [
     "evaluate",
     "load_pair",
     "make_task",
+    "patching",
     "poison_dataset",
     "train_pair",
     "wrap_hf_model",

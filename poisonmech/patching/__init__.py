@@ -1,5 +1,8 @@
 """Activation patching, cross-model patching and attribution patching."""
 
+from poisonmech.patching.activation import activation_patch, cross_model_patch
+from poisonmech.patching.attribution import attribution_patch
+from poisonmech.patching.engine import SITES
 from poisonmech.patching.inputs import TriggerContrast, trigger_contrast
 from poisonmech.patching.metrics import (
     LogitDiff,
@@ -14,6 +17,10 @@ from poisonmech.patching.metrics import (
 from poisonmech.patching.result import PatchResult
 
 __all__ = [
+    "SITES",
+    "activation_patch",
+    "attribution_patch",
+    "cross_model_patch",
     "LogitDiff",
     "Metric",
     "NormalizedRecovery",
