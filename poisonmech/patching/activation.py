@@ -206,7 +206,7 @@ def _hooked_values(model, site: str, by_position: bool, base_tokens: Tensor, bas
         for lo in range(0, len(cells), per_chunk):
             chunk = cells[lo:lo + per_chunk]
 
-            def hook(act, hook, chunk=chunk):
+            def hook(act, hook, chunk=chunk, src_act=src_act):
                 act = act.clone()
                 for c, (p, h) in enumerate(chunk):
                     rows = slice(c * n, (c + 1) * n)
