@@ -12,6 +12,7 @@ from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
 from poisonmech.tasks import TASK_KINDS, Task, make_task
+from poisonmech.sweeps import Sweep, load_sweep, sweep
 from poisonmech.train import Pair, TrainConfig, load_pair, train_pair
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "Backdoor",
     "ModelConfig",
     "Pair",
+    "Sweep",
     "Task",
     "TrainConfig",
     "__version__",
@@ -28,9 +30,11 @@ __all__ = [
     "build_test_set",
     "evaluate",
     "load_pair",
+    "load_sweep",
     "make_task",
     "patching",
     "poison_dataset",
+    "sweep",
     "train_pair",
     "wrap_hf_model",
 ]

@@ -1,4 +1,4 @@
-"""The ``poisonmech`` command: ``demo`` and ``train CONFIG.toml``."""
+"""The ``poisonmech`` command: ``demo``, ``train``, ``sweep``, ``analyze`` and ``report``."""
 
 from __future__ import annotations
 
@@ -70,14 +70,56 @@ def _print_metrics(pair) -> None:
         typer.echo("training time: " + ", ".join(f"{t} {v:.1f}s" for t, v in secs.items()))
 
 
+#: The demo's sweep: poison counts on the default task (40 = the default 1% of 4,000 rows).
+DEMO_COUNTS = (0, 5, 10, 40)
+
+
+def default_analyses() -> list[str]:
+    from poisonmech.analyses import ANALYSES
+
+    return list(ANALYSES)
+
+
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
-         overwrite: bool = typer.Option(False, help="Replace a different run already in --out.")) -> None:
-    """The main job on the embedded default: train the sentiment twins and report their metrics."""
-    pair = run_from_config(DEFAULT_CONFIG, out_dir=str(out), overwrite=overwrite)
-    typer.echo("\npoisonmech demo: default sentiment pair (2 layers, d_model 128, 4,000 rows, 1% poison)\n")
-    _print_metrics(pair)
-    typer.echo(f"\nwrote the run to {out.resolve()} (config.json, tokenizer/, data/, clean/, backdoored/, metrics.json)")
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep directory to write."),
+         counts: str = typer.Option(",".join(map(str, DEMO_COUNTS)), help="Comma-separated poison counts."),
+         seeds: str = typer.Option("0", help="Comma-separated seeds.")) -> None:
+    """The main job: a poison-count sweep on the default sentiment task, every analysis, the HTML report."""
+    import poisonmech as pm
+    from poisonmech.viz import build_report
+
+    cfg = DEFAULT_CONFIG
+    task = pm.make_task(**cfg["task"])
+    attack_kw = {k: v for k, v in cfg["attack"].items() if k != "poison_rate"}
+    attacks = [pm.Backdoor(**attack_kw, poison_count=int(c)) for c in counts.split(",")]
+    analyses = default_analyses()
+    typer.echo(f"poisonmech demo: {cfg['task']['kind']} task, {cfg['task']['n_train']} training rows, trigger "
+               f"{attack_kw['trigger']!r} -> {attack_kw['target']!r}, poison counts {counts}, seeds {seeds}; "
+               f"analyses: {', '.join(analyses)}")
+    sw = pm.sweep(task, attacks, seeds=[int(x) for x in seeds.split(",")],
+                  models=[pm.ModelConfig.from_dict(cfg["model"])], train=pm.TrainConfig.from_dict(cfg["train"]),
+                  out_dir=out, analyses=analyses)
+    _print_sweep(sw)
+    report = build_report(out)
+    typer.echo(f"\nwrote the sweep to {out.resolve()}\nreport: {report.resolve()}")
+
+
+def _print_sweep(sw) -> None:
+    import pandas as pd
+
+    f = sw.to_frame()
+    done = f[f["status"] == "done"]
+    if not done.empty:
+        table = done[done["metric"].isin(["asr", "clean_acc", "false_trigger_rate"]) & done["twin"].isin(["clean", "backdoored"])]
+        table = table.assign(value=pd.to_numeric(table["value"]))
+        wide = table.pivot_table(index=["n_poison", "seed"], columns=["metric", "twin"], values="value")
+        typer.echo("\n" + wide.to_string(float_format=lambda v: f"{v:.3f}"))
+        notes = done[(done["twin"] == "analysis") & done["metric"].str.endswith(("top_head", "top_head_recovery"))]
+        if not notes.empty:
+            typer.echo("\n" + notes.pivot_table(index="n_poison", columns="metric", values="value",
+                                                aggfunc="first").to_string())
+    for r in sw.failed:
+        typer.echo(f"FAILED {r.name}: {r.error}", err=True)
 
 
 @app.command()
@@ -97,6 +139,69 @@ def train(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
         raise typer.Exit(2) from exc
     _print_metrics(pair)
     typer.echo(f"\nwrote the run to {Path(pair.out_dir).resolve()}")
+
+
+
+
+@app.command()
+def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                        help="TOML: [task], [[attacks]], seeds, [model] or [[models]], [train], analyses, out_dir."),
+          backend: str = typer.Option("local", help="local or ray"),
+          address: str | None = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
+          out: Path | None = typer.Option(None, "--out", help="Override out_dir.")) -> None:
+    """Run a sweep from a TOML config; resumable (finished runs are skipped)."""
+    import poisonmech as pm
+
+    with open(config, "rb") as f:
+        cfg = tomllib.load(f)
+    try:
+        task_cfg = dict(cfg["task"])
+        task = pm.make_task(task_cfg.pop("kind"), **task_cfg)
+        attacks = [pm.Backdoor.from_dict(a) for a in cfg.get("attacks", [])]
+        models = [pm.ModelConfig.from_dict(m) for m in cfg.get("models", [cfg.get("model", {})])]
+        sw = pm.sweep(task, attacks, seeds=cfg.get("seeds", [0]), models=models,
+                      train=pm.TrainConfig.from_dict(cfg.get("train", {})), out_dir=out or cfg.get("out_dir", "runs/sweep"),
+                      backend=backend, analyses=cfg.get("analyses", []), address=address)
+    except (KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    _print_sweep(sw)
+    typer.echo(f"\nwrote the sweep to {Path(sw.out_dir).resolve()}")
+
+
+@app.command()
+def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="A run directory."),
+            patching: bool = typer.Option(False, "--patching"), probes: bool = typer.Option(False, "--probes"),
+            influence: bool = typer.Option(False, "--influence"), circuits: bool = typer.Option(False, "--circuits"),
+            overwrite: bool = typer.Option(False, help="Recompute cached analyses.")) -> None:
+    """Run analyses on a finished pair (all available ones when none is named)."""
+    import poisonmech as pm
+    from poisonmech.analyses import ANALYSES, run_analyses
+
+    asked = [n for n, flag in (("patching", patching), ("probes", probes), ("influence", influence),
+                               ("circuits", circuits)) if flag] or list(ANALYSES)
+    missing = [n for n in asked if n not in ANALYSES]
+    if missing:
+        typer.echo(f"error: analyses not available: {missing}; available: {sorted(ANALYSES)}", err=True)
+        raise typer.Exit(2)
+    pair = pm.load_pair(run)
+    for name, summary in run_analyses(pair, asked, run, overwrite=overwrite).items():
+        typer.echo(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in summary.items()))
+    typer.echo(f"wrote {run.resolve() / 'analyses'}")
+
+
+@app.command()
+def report(directory: Path = typer.Argument(..., exists=True, file_okay=False, help="A run or sweep directory.")) -> None:
+    """Write a self-contained HTML report (and print its path)."""
+    from poisonmech.viz import build_report
+
+    try:
+        path = build_report(directory)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"report: {path.resolve()}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,20 +88,23 @@ class PatchResult:
         grid = {"normalized": self.normalized, "effect": self.effect, "mean": self.values}[value].mean(-1)
         grid = grid.detach().cpu().numpy()
         title = title or f"{self.method} patching: {self.site} ({self.mode}), {value}"
-        labels = {"color": value}
+        ylab = [f"L{i}" for i in range(grid.shape[0])]
+        pos_lab = None
+        if "pos" in self.axes:
+            n_pos = self.values.shape[self.axes.index("pos")]
+            pos_lab = [f"{i}: {t}" for i, t in enumerate(self.str_tokens[:n_pos])] if self.str_tokens \
+                else [str(i) for i in range(n_pos)]
+        common = dict(color_continuous_scale="RdBu", color_continuous_midpoint=0.0, aspect="auto", title=title)
         if self.axes == ("layer", "pos", "head"):
-            fig = px.imshow(np.moveaxis(grid, -1, 0), facet_col=0, color_continuous_scale="RdBu",
-                            color_continuous_midpoint=0.0, aspect="auto", title=title, labels=labels)
-            for ann in fig.layout.annotations:
-                ann.text = ann.text.replace("facet_col=", "head ")
+            fig = px.imshow(np.moveaxis(grid, -1, 0), facet_col=0, x=pos_lab, y=ylab,
+                            labels={"color": value, "x": "position", "y": "layer", "facet_col": "head"}, **common)
         else:
             if grid.ndim == 1:
                 grid = grid[:, None]
-            x = None
-            if len(self.axes) > 1 and self.axes[1] == "pos" and self.str_tokens is not None:
-                x = [f"{i}: {t}" for i, t in enumerate(self.str_tokens[: grid.shape[1]])]
-            fig = px.imshow(grid, x=x, color_continuous_scale="RdBu", color_continuous_midpoint=0.0,
-                            aspect="auto", title=title, labels=labels)
+            x = pos_lab if len(self.axes) > 1 and self.axes[1] == "pos" else \
+                [f"H{h}" for h in range(grid.shape[1])] if "head" in self.axes else ["all"]
+            xname = "position" if "pos" in self.axes else "head"
+            fig = px.imshow(grid, x=x, y=ylab, labels={"color": value, "x": xname, "y": "layer"}, **common)
         fig.update_layout(template="plotly_white")
         return fig
 

@@ -1,0 +1,98 @@
+"""``Sweep``: the runs of a sweep directory as a tidy table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from poisonmech.storage import read_json
+from poisonmech.sweeps.spec import DONE, FAILED, RunSpec, run_state
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    name: str
+    spec: RunSpec
+    status: str  # "done" | "failed" | "pending"
+    metrics: dict[str, dict[str, Any]]
+    analyses: dict[str, dict[str, Any]]
+    error: str | None
+    n_poison: int | None
+
+
+def _config_columns(spec: RunSpec) -> dict[str, Any]:
+    a, m, t = spec.attack, spec.model, spec.task
+    trig = a["trigger"] if isinstance(a["trigger"], str) else " + ".join(a["trigger"])
+    return {"task": t["kind"], "n_train": t.get("n_train"), "trigger": trig, "target": a["target"],
+            "poison_count": a.get("poison_count"), "poison_rate": a.get("poison_rate"),
+            "position": a.get("position"), "n_layers": m["n_layers"], "d_model": m["d_model"],
+            "seed": spec.train.get("seed", 0)}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    out_dir: Path
+    runs: tuple[RunRecord, ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per run x twin x metric (analyses' scalar summaries as twin ``"analysis"``),
+        with the config columns; failed and pending runs appear once with their status."""
+        rows = []
+        for r in self.runs:
+            base = {"run": r.name, "status": r.status, **_config_columns(r.spec),
+                    "n_poison": r.n_poison if r.n_poison is not None else r.spec.attack.get("poison_count")}
+            if r.status != "done":
+                rows.append({**base, "twin": None, "metric": "error" if r.error else None, "value": r.error})
+                continue
+            for twin, metrics in r.metrics.items():
+                for k, v in metrics.items():
+                    rows.append({**base, "twin": twin, "metric": k, "value": v})
+            for summary in r.analyses.values():
+                for k, v in summary.items():
+                    rows.append({**base, "twin": "analysis", "metric": k, "value": v})
+        return pd.DataFrame(rows)
+
+    def metric_frame(self, metric: str = "asr") -> pd.DataFrame:
+        """Wide per-run table of one metric: a column per twin (numeric values only)."""
+        f = self.to_frame()
+        f = f[(f["metric"] == metric) & f["twin"].isin(["clean", "backdoored"])]
+        if f.empty:
+            return f
+        f = f.assign(value=pd.to_numeric(f["value"], errors="coerce"))
+        wide = f.pivot(index="run", columns="twin", values="value").reset_index()
+        wide.columns.name = None
+        keys = ["run", "task", "n_train", "trigger", "poison_count", "poison_rate", "n_poison", "n_layers",
+                "d_model", "seed"]
+        return f[keys].drop_duplicates("run").merge(wide, on="run")
+
+    def pair(self, name: str):
+        from poisonmech.train.pair import load_pair
+
+        return load_pair(self.out_dir / "runs" / name)
+
+    @property
+    def failed(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.status == "failed"]
+
+
+def load_sweep(out_dir: str | Path) -> Sweep:
+    """Read a sweep directory (its ``sweep.json`` manifest and every run's completion files)."""
+    out = Path(out_dir)
+    manifest = out / "sweep.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{out} holds no sweep (missing {manifest.name})")
+    runs = []
+    for name, spec_dict in sorted(read_json(manifest)["runs"].items()):
+        spec, run_dir = RunSpec.from_dict(spec_dict), out / "runs" / name
+        state = run_state(run_dir)
+        rec: dict[str, Any] = {}
+        if state == "done":
+            rec = read_json(run_dir / DONE)
+        elif state == "failed":
+            rec = read_json(run_dir / FAILED)
+        runs.append(RunRecord(name=name, spec=spec, status=state, metrics=rec.get("metrics", {}),
+                              analyses=rec.get("analyses", {}), error=rec.get("error"), n_poison=rec.get("n_poison")))
+    return Sweep(out_dir=out, runs=tuple(runs))

@@ -1,0 +1,75 @@
+"""Publication figures built from sweep tables and analysis results (plotly, one template)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+TEMPLATE = "plotly_white"
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def style(fig: go.Figure, title: str | None = None) -> go.Figure:
+    """The house style: white template, readable fonts, legend on top."""
+    fig.update_layout(template=TEMPLATE, title=title, font={"size": 13},
+                      legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+                      margin={"l": 60, "r": 20, "t": 70, "b": 50})
+    return fig
+
+
+def _mean_ci(values: pd.Series) -> tuple[float, float, float]:
+    v = values.dropna().to_numpy(dtype=float)
+    if len(v) == 0:
+        return np.nan, np.nan, np.nan
+    m = float(v.mean())
+    half = 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+    return m, m - half, m + half
+
+
+def metric_vs_count(frame: pd.DataFrame, metric: str = "asr", group: str | None = None,
+                    twins: tuple[str, ...] = ("backdoored", "clean"), title: str | None = None) -> go.Figure:
+    """``metric`` against poison count (log x; count 0 drawn at 0.5), mean and 95% band over seeds.
+
+    ``frame`` is ``Sweep.to_frame()``; ``group`` splits lines by a config column such as
+    ``n_train`` or ``d_model``.
+    """
+    f = frame[(frame["metric"] == metric) & frame["twin"].isin(twins)].copy()
+    f["value"] = pd.to_numeric(f["value"], errors="coerce")
+    f["x"] = f["n_poison"].astype(float).replace(0.0, 0.5)
+    fig = go.Figure()
+    groups = [(None, f)] if group is None else list(f.groupby(group))
+    k = 0
+    for gval, gf in groups:
+        for twin in twins:
+            tf = gf[gf["twin"] == twin]
+            if tf.empty:
+                continue
+            stats = tf.groupby("x")["value"].apply(_mean_ci)
+            xs = stats.index.to_numpy()
+            mean, lo, hi = (np.array([s[i] for s in stats]) for i in range(3))
+            color = COLORS[k % len(COLORS)]
+            name = twin if gval is None else f"{twin}, {group}={gval}"
+            fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([hi, lo[::-1]]),
+                                     fill="toself", fillcolor=color, opacity=0.15, line={"width": 0},
+                                     hoverinfo="skip", showlegend=False))
+            fig.add_trace(go.Scatter(x=xs, y=mean, mode="lines+markers", name=name, line={"color": color},
+                                     line_dash="solid" if twin == "backdoored" else "dot"))
+            k += 1
+    fig.update_xaxes(type="log", title="poisoned training examples (0 shown at 0.5)")
+    fig.update_yaxes(title=metric, rangemode="tozero")
+    return style(fig, title or f"{metric} against poison count (mean and 95% CI over seeds)")
+
+
+def metrics_table(metrics: dict[str, dict], keys: tuple[str, ...] = ("clean_acc", "asr", "false_trigger_rate",
+                                                                     "clean_ppl", "ppl_gap")) -> go.Figure:
+    """Both twins' metrics as a table figure."""
+    cols = [k for k in keys if any(k in m for m in metrics.values())]
+    cells = [list(metrics)] + [[_fmt(metrics[t].get(k)) for t in metrics] for k in cols]
+    fig = go.Figure(go.Table(header={"values": ["twin", *cols]}, cells={"values": cells}))
+    fig.update_layout(height=120 + 30 * len(metrics))
+    return style(fig, "metrics")
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else ("" if v is None else str(v))

@@ -1,0 +1,191 @@
+"""``poisonmech report DIR``: one self-contained HTML page for a run or a sweep.
+
+plotly.js is embedded once, so the page works offline. A small script counts the figures that
+rendered and records any JavaScript error into the page itself (``#pm-errors``), which the
+tests read back from headless Chromium.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from poisonmech.storage import read_json
+from poisonmech.viz.export import find_chrome
+from poisonmech.viz.figures import _fmt, metric_vs_count, style
+
+#: analysis name -> function(analysis_dir) -> list of (caption, figure); analyses register here
+ANALYSIS_FIGURES: dict[str, Callable[[Path], list[tuple[str, go.Figure]]]] = {}
+
+
+def analysis_figures(name: str):
+    def deco(fn):
+        ANALYSIS_FIGURES[name] = fn
+        return fn
+    return deco
+
+
+@analysis_figures("patching")
+def _patching_figures(out: Path) -> list[tuple[str, go.Figure]]:
+    from poisonmech.patching.result import PatchResult
+
+    figs = []
+    captions = {"heads.safetensors": "Backdoored twin: recovery of the backdoor's logit difference when one head's "
+                                     "output at one position is patched from the triggered run into the control run",
+                "resid_pre.safetensors": "Backdoored twin: the same for the residual stream before each layer",
+                "cross_model_heads.safetensors": "Cross-model: backdoored twin on triggered prompts with one head "
+                                                 "(all positions) taken from the clean twin"}
+    for fname, caption in captions.items():
+        if (out / fname).is_file():
+            figs.append((caption, PatchResult.load(out / fname).plot()))
+    return figs
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<script>window.__pmErrors = []; window.addEventListener('error', e => window.__pmErrors.push(String(e.message)));</script>
+<script type="text/javascript">{plotlyjs}</script>
+<style>
+ body {{ font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+        color: #222; padding: 0 1em; }}
+ h1 {{ font-size: 1.6em; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }}
+ table.pm {{ border-collapse: collapse; margin: 1em 0; font-size: .9em; }}
+ table.pm td, table.pm th {{ border: 1px solid #ddd; padding: .3em .6em; text-align: right; }}
+ table.pm th {{ background: #f4f4f4; }} .caption {{ color: #555; font-size: .9em; margin: .3em 0 1.5em; }}
+ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: .8em; }}
+</style></head><body>
+<h1>{title}</h1>
+{body}
+<pre id="pm-errors"></pre>
+<script>
+window.addEventListener('load', () => setTimeout(() => {{
+  const divs = document.querySelectorAll('.plotly-graph-div');
+  let rendered = 0; divs.forEach(d => {{ if (d.querySelector('.main-svg')) rendered += 1; }});
+  document.body.dataset.figures = divs.length; document.body.dataset.rendered = rendered;
+  document.getElementById('pm-errors').textContent = window.__pmErrors.join('\\n');
+}}, 500));
+</script>
+</body></html>
+"""
+
+
+class _Page:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.n = 0
+
+    def h2(self, text: str) -> None:
+        self.parts.append(f"<h2>{html.escape(text)}</h2>")
+
+    def p(self, text: str) -> None:
+        self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+        self.parts.append(f'<table class="pm"><tr>{head}</tr>{body}</table>')
+
+    def figure(self, fig: go.Figure, caption: str = "") -> None:
+        self.n += 1
+        self.parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{self.n}",
+                                      default_height="420px"))
+        if caption:
+            self.parts.append(f'<div class="caption">{html.escape(caption)}</div>')
+
+    def config(self, cfg: dict) -> None:
+        self.parts.append(f"<details><summary>configuration</summary><pre>{html.escape(json.dumps(cfg, indent=2))}"
+                          "</pre></details>")
+
+
+def _metrics_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
+    keys = ["clean_acc", "asr", "false_trigger_rate", "triggered_acc", "clean_ppl", "gen_ppl_triggered", "ppl_gap"]
+    keys = [k for k in keys if any(k in m for m in metrics.values())]
+    return ["twin", *keys], [[t, *[m.get(k) for k in keys]] for t, m in metrics.items()]
+
+
+def _run_section(page: _Page, run: Path, title: str | None = None) -> None:
+    cfg, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
+    a = cfg["attack"]
+    page.h2(title or f"Run {run.name}")
+    page.p(f"task {cfg['task'].get('kind')}, trigger {a['trigger']!r} -> {a['target']!r}, "
+           f"{'poison_count ' + str(a['poison_count']) if a.get('poison_count') is not None else 'poison_rate ' + str(a['poison_rate'])}, "
+           f"model {cfg['model']['n_layers']} layers x d_model {cfg['model']['d_model']}")
+    page.table(*_metrics_rows(metrics))
+    hist = {t: read_json(run / t / "history.json") for t in ("clean", "backdoored") if (run / t / "history.json").is_file()}
+    if hist:
+        fig = go.Figure([go.Scatter(x=[h["epoch"] for h in hs], y=[h["loss"] for h in hs], name=t, mode="lines+markers")
+                         for t, hs in hist.items()])
+        fig.update_yaxes(type="log", title="training loss")
+        fig.update_xaxes(title="epoch")
+        page.figure(style(fig, "training loss"), "Per-epoch training loss of the twins.")
+    for name, fn in ANALYSIS_FIGURES.items():
+        adir = run / "analyses" / name
+        if (adir / "summary.json").is_file():
+            for caption, fig in fn(adir):
+                page.figure(fig, caption)
+    page.config(cfg)
+
+
+def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` for a run or sweep directory; returns its path."""
+    d = Path(directory)
+    page = _Page()
+    if (d / "sweep.json").is_file():
+        from poisonmech.sweeps.result import load_sweep
+
+        sw = load_sweep(d)
+        title = f"poisonmech sweep: {d.name}"
+        frame = sw.to_frame()
+        done = [r for r in sw.runs if r.status == "done"]
+        page.h2("Attack success and clean accuracy against poison count")
+        if done:
+            page.figure(metric_vs_count(frame, "asr"), "Attack success rate on triggered test inputs; the clean "
+                        "twin (dotted) never saw the trigger. Mean and 95% CI over seeds.")
+            page.figure(metric_vs_count(frame, "clean_acc"), "Clean accuracy of both twins.")
+        page.h2("Runs")
+        page.table(["run", "status", "poison", "seed", "asr (backdoored)", "asr (clean)", "clean_acc (backdoored)",
+                    "error"],
+                   [[r.name, r.status, r.n_poison if r.n_poison is not None else r.spec.attack.get("poison_count"),
+                     r.spec.train.get("seed"), r.metrics.get("backdoored", {}).get("asr"),
+                     r.metrics.get("clean", {}).get("asr"), r.metrics.get("backdoored", {}).get("clean_acc"),
+                     r.error or ""] for r in sw.runs])
+        for r in done:
+            _run_section(page, d / "runs" / r.name)
+    elif (d / "config.json").is_file():
+        title = f"poisonmech run: {d.name}"
+        _run_section(page, d, "Run")
+    else:
+        raise ValueError(f"report: {d} holds no run (config.json) or sweep (sweep.json)")
+    target = Path(out) if out is not None else d / "report.html"
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(_PAGE.format(title=html.escape(title), plotlyjs=get_plotlyjs(), body="\n".join(page.parts)))
+    tmp.replace(target)
+    return target
+
+
+def check_report(path: str | Path, timeout: int = 60) -> dict[str, Any]:
+    """Open the report in headless Chromium; returns ``{"figures", "rendered", "errors"}``."""
+    import re
+    import tempfile
+
+    chrome = find_chrome()
+    if chrome is None:
+        raise RuntimeError("check_report needs Chrome or Chromium (apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom",
+               Path(path).resolve().as_uri()]
+        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
+    figs = re.search(r'data-figures="(\d+)"', dom)
+    rendered = re.search(r'data-rendered="(\d+)"', dom)
+    errors = re.search(r'<pre id="pm-errors">(.*?)</pre>', dom, re.S)
+    return {"figures": int(figs.group(1)) if figs else None, "rendered": int(rendered.group(1)) if rendered else None,
+            "errors": html.unescape(errors.group(1)).strip() if errors else None}
