@@ -1,0 +1,106 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+
+import poisonmech as pm
+from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+
+SWEEP_SCRIPT = textwrap.dedent("""
+    import sys
+    import poisonmech as pm
+    sys.path.insert(0, {root!r})
+    from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+    pm.sweep(tiny_task(n_train=320), [pm.Backdoor(trigger="cf", poison_count=k) for k in (0, 4, 8)], seeds=[0],
+             models=[tiny_model_config()], train=tiny_train_config(epochs=4), out_dir=sys.argv[1],
+             max_workers=1, threads_per_run=1, progress=False)
+""")
+
+
+def _tiny_sweep(out, counts=(0, 4, 8), n_train=96, epochs=2, **kw):
+    return pm.sweep(tiny_task(n_train=n_train), [pm.Backdoor(trigger="cf", poison_count=k) for k in counts],
+                    seeds=[0], models=[tiny_model_config()], train=tiny_train_config(epochs=epochs), out_dir=out,
+                    max_workers=1, threads_per_run=1, progress=False, **kw)
+
+
+def _numbers(sw) -> pd.DataFrame:
+    f = sw.to_frame()
+    return f[f["status"] == "done"].sort_values(["run", "twin", "metric"]).reset_index(drop=True)
+
+
+def test_failed_runs_are_recorded_and_the_rest_go_on(tmp_path):
+    sw = _tiny_sweep(tmp_path / "s", counts=(0, 4, 500))
+    assert [r.status for r in sw.runs].count("done") == 2
+    [bad] = sw.failed
+    assert "larger than the training set" in bad.error
+    frame = sw.to_frame()
+    assert {"run", "task", "trigger", "poison_count", "n_train", "d_model", "seed", "twin", "metric", "value"} <= set(frame.columns)
+    done_marker = tmp_path / "s" / "runs" / sw.runs[0].name / "DONE.json"
+    stamp = done_marker.stat().st_mtime_ns
+    again = _tiny_sweep(tmp_path / "s", counts=(0, 4, 500))  # finished runs are skipped, the failure retried
+    assert done_marker.stat().st_mtime_ns == stamp
+    assert len(again.failed) == 1
+    wide = again.metric_frame("asr")
+    assert set(wide.columns) >= {"backdoored", "clean", "poison_count"} and len(wide) == 2
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = tmp_path / "run_sweep.py"
+    script.write_text(SWEEP_SCRIPT.format(root=root))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=root)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("runs/*/DONE.json")):
+        time.sleep(0.2)
+    time.sleep(0.3)  # into the next run
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(out.glob("runs/*/DONE.json"))) < 3, "the sweep finished before it could be killed"
+    resumed = _tiny_sweep(out, n_train=320, epochs=4)
+    reference = _tiny_sweep(tmp_path / "clean_run", n_train=320, epochs=4)
+    assert [r.status for r in resumed.runs] == ["done"] * 3
+    pd.testing.assert_frame_equal(_numbers(resumed), _numbers(reference))
+
+
+def test_ray_backend_gives_the_same_table_as_local(tmp_path):
+    pytest.importorskip("ray")
+    local = _tiny_sweep(tmp_path / "local", counts=(0, 4))
+    ray_sw = _tiny_sweep(tmp_path / "ray", counts=(0, 4), backend="ray")
+    pd.testing.assert_frame_equal(_numbers(local), _numbers(ray_sw))
+
+
+def test_bad_sweeps_are_refused(tmp_path):
+    task = tiny_task(n_train=32)
+    with pytest.raises(ValueError, match="attacks is empty"):
+        pm.sweep(task, [], out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="seeds is empty"):
+        pm.sweep(task, [pm.Backdoor(trigger="cf", poison_count=1)], seeds=[], out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pm.sweep(task, [pm.Backdoor(trigger="cf", poison_count=1)], backend="slurm", out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown analyses"):
+        pm.sweep(task, [pm.Backdoor(trigger="cf", poison_count=1)], analyses=["astrology"], out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="cannot reach the Ray cluster"):
+        pm.sweep(task, [pm.Backdoor(trigger="cf", poison_count=1)], models=[tiny_model_config()],
+                 train=tiny_train_config(epochs=1), backend="ray", address="127.0.0.1:1", out_dir=tmp_path / "b",
+                 progress=False)
+    with pytest.raises(FileNotFoundError, match="holds no sweep"):
+        pm.load_sweep(tmp_path / "nothing")
+
+
+def test_same_directory_with_a_different_config_is_refused(tmp_path):
+    import json
+
+    sw = _tiny_sweep(tmp_path / "s", counts=(0,))
+    manifest = tmp_path / "s" / "sweep.json"
+    data = json.loads(manifest.read_text())
+    name = sw.runs[0].name
+    data["runs"][name]["train"]["lr"] = 0.5
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="same directory but different configs"):
+        _tiny_sweep(tmp_path / "s", counts=(0,))
