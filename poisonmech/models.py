@@ -7,6 +7,8 @@ as it was).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -111,7 +113,8 @@ def build_model(config: ModelConfig, d_vocab: int, *, seed: int,
         attn_only=config.attn_only, positional_embedding_type=config.positional_embedding_type,
         seed=seed, default_prepend_bos=True,
     )
-    bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer, device=device)
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to device"
+        bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer, device=device)
     return bridge.eval()
 
 
@@ -141,8 +144,9 @@ def wrap_hf_model(model: torch.nn.Module, *, tokenizer: PreTrainedTokenizerBase 
 
     hf_config = model.config
     arch = (getattr(hf_config, "architectures", None) or [type(model).__name__])[0]
-    bridge = build_bridge_from_module(model.to(device), arch, hf_config=hf_config, tokenizer=tokenizer,
-                                      device=device)
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to device"
+        bridge = build_bridge_from_module(model.to(device), arch, hf_config=hf_config, tokenizer=tokenizer,
+                                          device=device)
     return bridge.eval()
 
 

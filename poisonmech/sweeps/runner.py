@@ -28,7 +28,8 @@ from poisonmech.sweeps.spec import DONE, FAILED, RunSpec, run_state
 BACKENDS = ("local", "ray")
 
 
-def run_one(spec_dict: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
+def run_one(spec_dict: dict[str, Any], run_dir: str, threads: int | None = None,
+            clean_cache: str | None = None) -> dict[str, Any]:
     """Train (or resume) one pair, run its analyses, and mark it done. Safe to call in a worker."""
     import torch
 
@@ -43,7 +44,8 @@ def run_one(spec_dict: dict[str, Any], run_dir: str, threads: int | None = None)
         task_kw = dict(spec.task)
         task = pm.make_task(task_kw.pop("kind"), **task_kw)
         pair = pm.train_pair(task, pm.Backdoor.from_dict(spec.attack), model=pm.ModelConfig.from_dict(spec.model),
-                             train=pm.TrainConfig.from_dict(spec.train), out_dir=out, progress=False)
+                             train=pm.TrainConfig.from_dict(spec.train), out_dir=out, progress=False,
+                             clean_cache=clean_cache)
         analyses = run_analyses(pair, spec.analyses, out) if spec.analyses else {}
         record = {"status": "done", "spec": spec.to_dict(), "metrics": pair.metrics, "analyses": analyses,
                   "n_poison": int(sum(pair.train_data["is_poison"]))}
@@ -149,7 +151,7 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
     workers = max(1, min(len(pending) or 1, max_workers or max(1, cores // 2)))
     threads = threads_per_run or max(1, cores // workers)
     bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="sweep", disable=not progress)
-    jobs = [(s.to_dict(), str(out / "runs" / s.name), threads) for s in pending]
+    jobs = [(s.to_dict(), str(out / "runs" / s.name), threads, str(out / "clean_cache")) for s in pending]
     if backend == "ray":
         _run_ray(jobs, address, threads, bar)
     elif workers == 1:

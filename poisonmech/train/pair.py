@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -130,7 +131,8 @@ def _prepare_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> bool
 
 
 def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, train: TrainConfig | None = None,
-               out_dir: str | Path | None = None, *, overwrite: bool = False, progress: bool = True) -> Pair:
+               out_dir: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
+               clean_cache: str | Path | None = None) -> Pair:
     """Train the clean and backdoored twins of ``task`` under ``attack``.
 
     Both twins start from the same weights (seeded by ``train.seed``), see their rows in the
@@ -139,6 +141,10 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     saved (see the module docstring), an interrupted run resumes from its last finished epoch,
     and a finished run with the same config is loaded instead of retrained; a folder holding
     a different run is refused unless ``overwrite=True``. Both twins are evaluated at the end.
+
+    ``clean_cache``: a folder shared by many runs (a sweep's). The clean twin depends only on
+    the task, the vocabulary, the model and training configs (never on the poison), so runs
+    that differ only in poison count or seed of the poison train it once and copy it.
     """
     model = model or ModelConfig()
     train = train or TrainConfig()
@@ -183,6 +189,9 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
             raise RuntimeError("twins were built with different initial weights; the model builder is not deterministic")
         tdir = out / twin if out is not None else None
         final = tdir / "model.safetensors" if tdir is not None else None
+        cached = _clean_cache_dir(clean_cache, config, tokenizer) if twin == "clean" and tdir is not None else None
+        if cached is not None and (cached / "model.safetensors").is_file() and not final.is_file():
+            shutil.copytree(cached, tdir, dirs_exist_ok=True)
         if final is not None and final.is_file():
             m.load_state_dict(load_tensors(final, device=train.device))
             history[twin] = read_json(tdir / "history.json")
@@ -195,6 +204,13 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
                 save_tensors(final, m.state_dict())
                 write_json(tdir / "history.json", history[twin])
                 (tdir / "resume.safetensors").unlink(missing_ok=True)
+                if cached is not None and not cached.exists():  # publish atomically: copy, then rename
+                    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                    shutil.copytree(tdir, tmp, dirs_exist_ok=True)
+                    try:
+                        tmp.rename(cached)
+                    except OSError:  # another run published it first
+                        shutil.rmtree(tmp, ignore_errors=True)
         m.eval()
         twins[twin] = m
         checkpoints[twin] = list_checkpoints(tdir) if tdir is not None else []
@@ -205,6 +221,18 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
                 model_config=model, train_config=train, tokenizer=tokenizer, train_data=train_data,
                 test_data=test_data, metrics=metrics, out_dir=out, checkpoints=checkpoints, history=history)
+
+
+def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer) -> Path | None:
+    """Where the clean twin of this config lives in a shared cache (keyed by what it depends on)."""
+    if cache is None:
+        return None
+    key = {"task": config["task"], "model": config["model"], "train": config["train"],
+           "vocab": sorted(tokenizer.get_vocab().items())}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache) / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _save_task_meta(out: Path, task: Task) -> None:

@@ -166,3 +166,17 @@ def test_the_lr_schedule_warms_up_and_decays():
     cfg = pm.TrainConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.0)
     lrs = [cfg.lr_at(s, 100) for s in range(100)]
     assert lrs[0] < lrs[9] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_clean_cache_trains_the_clean_twin_once(tmp_path):
+    task = tiny_task(n_train=64)
+    kw = dict(model=tiny_model_config(), train=tiny_train_config(epochs=1), progress=False, clean_cache=tmp_path / "cache")
+    a = pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=2), out_dir=tmp_path / "a", **kw)
+    b = pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=6), out_dir=tmp_path / "b", **kw)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert b.history["clean"] == a.history["clean"]  # copied, not retrained (the timing would differ)
+    sa, sb = a.clean.state_dict(), b.clean.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    alone = pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=6), out_dir=tmp_path / "c",
+                          model=tiny_model_config(), train=tiny_train_config(epochs=1), progress=False)
+    assert alone.metrics == b.metrics
