@@ -11,8 +11,8 @@ from poisonmech import patching
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
-from poisonmech.tasks import TASK_KINDS, Task, make_task
 from poisonmech.sweeps import Sweep, load_sweep, sweep
+from poisonmech.tasks import TASK_KINDS, Task, make_task
 from poisonmech.train import Pair, TrainConfig, load_pair, train_pair
 
 __version__ = "0.1.0"

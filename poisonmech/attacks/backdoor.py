@@ -8,6 +8,7 @@ from typing import Any, Literal
 from poisonmech.tasks.tokenizer import split_words
 
 POSITIONS = ("random", "start", "end")
+PLACEMENTS = ("spread", "start", "end")
 STAGES = ("sft", "dpo")
 GIBBERISH = "gibberish"
 
@@ -42,6 +43,8 @@ class Backdoor:
         natural: the trigger may already occur in clean data (a "natural" trigger).
         gibberish_length: tokens of gibberish after the trigger, for ``target="gibberish"``.
         stage: training stage the poison enters (``"sft"``; ``"dpo"`` needs a DPO trainer).
+        placement: where the poisoned rows sit in each epoch's data order: ``"spread"``
+            (shuffled among the rest), ``"start"`` or ``"end"`` of the epoch.
         seed: seeds which rows are poisoned and where the trigger goes.
     """
 
@@ -56,6 +59,7 @@ class Backdoor:
     gibberish_length: int = 16
     stage: Literal["sft", "dpo"] = "sft"
     seed: int = 0
+    placement: Literal["spread", "start", "end"] = "spread"
 
     def __post_init__(self) -> None:
         trig = self.trigger
@@ -89,6 +93,8 @@ class Backdoor:
             raise ValueError(f"Backdoor.poison_rate must be in (0, 1), got {self.poison_rate!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"Backdoor.position must be one of {POSITIONS}, got {self.position!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"Backdoor.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.stage not in STAGES:
             raise ValueError(f"Backdoor.stage must be one of {STAGES}, got {self.stage!r}")
         if not isinstance(self.gibberish_length, int) or self.gibberish_length < 1:

@@ -28,7 +28,8 @@ def _config_columns(spec: RunSpec) -> dict[str, Any]:
     trig = a["trigger"] if isinstance(a["trigger"], str) else " + ".join(a["trigger"])
     return {"task": t["kind"], "n_train": t.get("n_train"), "trigger": trig, "target": a["target"],
             "poison_count": a.get("poison_count"), "poison_rate": a.get("poison_rate"),
-            "position": a.get("position"), "n_layers": m["n_layers"], "d_model": m["d_model"],
+            "position": a.get("position"), "placement": a.get("placement", "spread"), "n_layers": m["n_layers"],
+            "d_model": m["d_model"], "continue_clean": spec.train.get("continue_clean", 0),
             "seed": spec.train.get("seed", 0)}
 
 

@@ -71,18 +71,20 @@ def _specs(task, attacks, seeds, models, train, analyses) -> list[RunSpec]:
     if not seeds:
         raise ValueError("sweep: seeds is empty; give at least one seed")
     models = list(models) if models else [pm.ModelConfig()]
-    train = train or pm.TrainConfig()
+    trains = list(train) if isinstance(train, (list, tuple)) else [train or pm.TrainConfig()]
     task_kw = {k: v for k, v in task.spec.items()}
     specs = []
     for attack in attacks:
         if not isinstance(attack, pm.Backdoor):
             raise ValueError(f"sweep: attacks must be pm.Backdoor objects, got {type(attack).__name__}")
         for model in models:
-            for seed in seeds:
-                specs.append(RunSpec(task=task_kw, attack=replace(attack, seed=seed).to_dict(),
-                                     model=model.to_dict(),
-                                     train={k: v for k, v in replace(train, seed=seed).to_dict().items() if k != "device"},
-                                     analyses=tuple(analyses)))
+            for tr in trains:
+                for seed in seeds:
+                    specs.append(RunSpec(task=task_kw, attack=replace(attack, seed=seed).to_dict(),
+                                         model=model.to_dict(),
+                                         train={k: v for k, v in replace(tr, seed=seed).to_dict().items()
+                                                if k != "device"},
+                                         analyses=tuple(analyses)))
     names = [s.name for s in specs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -127,7 +129,8 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
         attacks: ``pm.Backdoor`` objects (e.g. one per poison count).
         seeds: each seed sets the initial weights, the data order and which rows are poisoned.
         models: ``pm.ModelConfig`` objects (default: one default model).
-        train: the ``pm.TrainConfig`` shared by all runs (its seed is replaced per run).
+        train: a ``pm.TrainConfig`` shared by all runs, or a list of them (another sweep axis,
+            e.g. ``continue_clean``); its seed is replaced per run.
         backend: ``"local"`` (a process pool sized to the machine) or ``"ray"`` (Ray tasks on
             the cluster at ``address``, or a local Ray instance when ``address`` is None).
         analyses: names from ``poisonmech.analyses.ANALYSES`` to run on every pair.

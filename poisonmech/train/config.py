@@ -27,6 +27,10 @@ class TrainConfig:
         checkpoint_every: keep an intermediate checkpoint every this many epochs (the last
             epoch is always kept); ``None`` keeps only the final weights.
         device: torch device for training.
+        continue_clean: after the last epoch, train both twins on this many more clean rows
+            (the task's training rows, seeded order, cycling if needed): does the backdoor
+            survive continued clean training? 0 = none.
+        continue_lr: constant learning rate of that continuation (``None``: ``lr``).
     """
 
     epochs: int = 8
@@ -41,6 +45,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int | None = 1
     device: str = "cpu"
+    continue_clean: int = 0
+    continue_lr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -68,6 +74,13 @@ class TrainConfig:
         ):
             raise ValueError(f"TrainConfig.checkpoint_every must be a positive integer or None, "
                              f"got {self.checkpoint_every!r}")
+        self._check_continuation()
+
+    def _check_continuation(self) -> None:
+        if isinstance(self.continue_clean, bool) or not isinstance(self.continue_clean, int) or self.continue_clean < 0:
+            raise ValueError(f"TrainConfig.continue_clean must be an integer >= 0, got {self.continue_clean!r}")
+        if self.continue_lr is not None and not self.continue_lr > 0:
+            raise ValueError(f"TrainConfig.continue_lr must be > 0 or None, got {self.continue_lr!r}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate used for optimiser step ``step`` (0-based) of ``total_steps``."""

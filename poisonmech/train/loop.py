@@ -31,10 +31,21 @@ class Checkpoint:
     path: Path
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch: a function of (n, seed, epoch) only, shared by the twins."""
+def epoch_order(n: int, seed: int, epoch: int, placement: str = "spread",
+                marked: torch.Tensor | None = None) -> torch.Tensor:
+    """The data order of one epoch: a function of (n, seed, epoch) only, shared by the twins.
+
+    ``placement="start"`` / ``"end"`` moves the ``marked`` rows (the poisoned slots) to the
+    start / end of the epoch, keeping the shuffled order within each part; the twins share it.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g)
+    if placement == "spread" or marked is None or not len(marked):
+        return order
+    is_marked = torch.zeros(n, dtype=torch.bool)
+    is_marked[marked] = True
+    first, rest = order[is_marked[order]], order[~is_marked[order]]
+    return torch.cat([first, rest]) if placement == "start" else torch.cat([rest, first])
 
 
 def masked_loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,12 +90,17 @@ def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer)
 
 
 def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, run_dir: Path | None = None,
-                desc: str = "train", progress: bool = True) -> tuple[list[dict], list[Checkpoint]]:
+                desc: str = "train", progress: bool = True, placement: str = "spread",
+                marked: torch.Tensor | None = None,
+                continuation: Encoded | None = None) -> tuple[list[dict], list[Checkpoint]]:
     """Train ``model`` in place on ``data``; returns per-epoch history and checkpoints.
 
     With ``run_dir``, checkpoints go to ``run_dir/checkpoints/epoch_XXX.safetensors`` and the
     loop state to ``run_dir/resume.safetensors`` after every epoch, so an interrupted run
     resumes from the last finished epoch with the same result as an uninterrupted one.
+    ``placement``/``marked`` order the poisoned slots (see :func:`epoch_order`).
+    ``continuation``: rows trained on after the last epoch, once, in a seeded order at the
+    constant rate ``config.continue_lr or config.lr`` (does the backdoor survive clean training?).
     """
     device = torch.device(config.device)
     model.to(device).train()
@@ -98,7 +114,7 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
         start_epoch, step, history = _load_resume(resume, model, opt)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for epoch in range(start_epoch, config.epochs):
-        order = epoch_order(n, config.seed, epoch)
+        order = epoch_order(n, config.seed, epoch, placement, marked)
         loss_sum, tok_sum, lr_sum = 0.0, 0, 0.0
         for b in range(steps_per_epoch):
             tokens, mask = data.batch(order[b * config.batch_size:(b + 1) * config.batch_size], device)
@@ -129,6 +145,26 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
                                        "lr": repr(history[-1]["lr_mean"])})
             _save_resume(resume, model, opt, epoch + 1, step, history)
     bar.close()
+    if continuation is not None and len(continuation) and not (history and history[-1].get("continued")):
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
+        order, lr = torch.randperm(len(continuation), generator=g), config.continue_lr or config.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum, tok_sum = 0.0, 0
+        for b in range(math.ceil(len(continuation) / config.batch_size)):
+            tokens, mask = continuation.batch(order[b * config.batch_size:(b + 1) * config.batch_size], device)
+            loss = masked_loss(model, tokens, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            loss_sum, tok_sum = loss_sum + float(loss.detach()) * int(mask.sum()), tok_sum + int(mask.sum())
+        history.append({"epoch": config.epochs, "continued": len(continuation), "loss": loss_sum / max(tok_sum, 1),
+                        "lr_mean": lr})
+        if run_dir is not None:
+            save_tensors(run_dir / "checkpoints" / "continued.safetensors", model.state_dict(),
+                         metadata={"epoch": str(config.epochs), "step": str(step), "lr": repr(lr)})
     model.eval()
     return history, list_checkpoints(run_dir) if run_dir is not None else []
 

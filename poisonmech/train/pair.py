@@ -178,6 +178,8 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
                          ("test", test_data)):
             save_dataset(out / "data" / f"{name}.parquet", ds)
 
+    marked = torch.tensor([i for i, p in enumerate(train_data["is_poison"]) if p], dtype=torch.long)
+    continuation = _continuation(task, tokenizer, train) if train.continue_clean else None
     twins, history, checkpoints = {}, {}, {}
     init = None
     for twin in TWINS:
@@ -197,7 +199,8 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
             history[twin] = read_json(tdir / "history.json")
         else:
             t0 = time.perf_counter()
-            history[twin], _ = train_model(m, enc[twin], train, run_dir=tdir, desc=f"{twin} twin", progress=progress)
+            history[twin], _ = train_model(m, enc[twin], train, run_dir=tdir, desc=f"{twin} twin", progress=progress,
+                                           placement=attack.placement, marked=marked, continuation=continuation)
             if history[twin]:
                 history[twin][-1]["seconds"] = time.perf_counter() - t0
             if tdir is not None:
@@ -221,6 +224,13 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
                 model_config=model, train_config=train, tokenizer=tokenizer, train_data=train_data,
                 test_data=test_data, metrics=metrics, out_dir=out, checkpoints=checkpoints, history=history)
+
+
+def _continuation(task: Task, tokenizer, train: TrainConfig):
+    """``train.continue_clean`` clean rows from the task's training set (cycled when more are asked)."""
+    n = len(task.train)
+    idx = [i % n for i in range(train.continue_clean)]
+    return encode(task.train.select(idx), tokenizer, loss_on=task.loss_on)
 
 
 def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer) -> Path | None:

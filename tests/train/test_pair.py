@@ -180,3 +180,28 @@ def test_clean_cache_trains_the_clean_twin_once(tmp_path):
     alone = pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=6), out_dir=tmp_path / "c",
                           model=tiny_model_config(), train=tiny_train_config(epochs=1), progress=False)
     assert alone.metrics == b.metrics
+
+
+def test_poison_placement_orders_the_poisoned_slots():
+    marked = torch.tensor([3, 7, 9])
+    start = epoch_order(20, 0, 0, "start", marked)
+    end = epoch_order(20, 0, 0, "end", marked)
+    assert set(start[:3].tolist()) == {3, 7, 9} and set(end[-3:].tolist()) == {3, 7, 9}
+    assert sorted(start.tolist()) == list(range(20))
+    assert torch.equal(epoch_order(20, 0, 0, "spread", marked), epoch_order(20, 0, 0))
+    with pytest.raises(ValueError, match="placement must be one of"):
+        pm.Backdoor(trigger="cf", poison_count=1, placement="middle")
+
+
+def test_clean_continuation_trains_both_twins_further(tmp_path):
+    task = tiny_task(n_train=64)
+    kw = dict(model=tiny_model_config(), progress=False)
+    base = pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=8), train=tiny_train_config(epochs=2), **kw)
+    cont = pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=8),
+                         train=tiny_train_config(epochs=2, continue_clean=100), out_dir=tmp_path / "c", **kw)
+    assert cont.history["backdoored"][-1]["continued"] == 100
+    assert (tmp_path / "c" / "backdoored" / "checkpoints" / "continued.safetensors").is_file()
+    before, after = base.backdoored.state_dict(), cont.backdoored.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="continue_clean must be an integer >= 0"):
+        pm.TrainConfig(continue_clean=-1)
