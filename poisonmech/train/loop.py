@@ -54,6 +54,20 @@ def masked_loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor
     return F.cross_entropy(logits[:, :-1][mask].float(), tokens[:, 1:][mask])
 
 
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, mask: torch.Tensor,
+          lr: float, grad_clip: float | None) -> float:
+    """One optimiser step at learning rate ``lr``; returns the batch's mean loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = masked_loss(model, tokens, mask)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -119,22 +133,15 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
         for b in range(steps_per_epoch):
             tokens, mask = data.batch(order[b * config.batch_size:(b + 1) * config.batch_size], device)
             lr = config.lr_at(step, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = masked_loss(model, tokens, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
+            loss = _step(model, opt, tokens, mask, lr, config.grad_clip)
             k = int(mask.sum())
-            loss_sum += float(loss.detach()) * k
+            loss_sum += loss * k
             tok_sum += k
             lr_sum += lr
             step += 1
             bar.update(1)
             if b % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         history.append({"epoch": epoch + 1, "step": step, "loss": loss_sum / max(tok_sum, 1),
                         "lr_mean": lr_sum / steps_per_epoch})
         if run_dir is not None:
@@ -148,18 +155,11 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
     if continuation is not None and len(continuation) and not (history and history[-1].get("continued")):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
         order, lr = torch.randperm(len(continuation), generator=g), config.continue_lr or config.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
         loss_sum, tok_sum = 0.0, 0
         for b in range(math.ceil(len(continuation) / config.batch_size)):
             tokens, mask = continuation.batch(order[b * config.batch_size:(b + 1) * config.batch_size], device)
-            loss = masked_loss(model, tokens, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            loss_sum, tok_sum = loss_sum + float(loss.detach()) * int(mask.sum()), tok_sum + int(mask.sum())
+            loss = _step(model, opt, tokens, mask, lr, config.grad_clip)
+            loss_sum, tok_sum = loss_sum + loss * int(mask.sum()), tok_sum + int(mask.sum())
         history.append({"epoch": config.epochs, "continued": len(continuation), "loss": loss_sum / max(tok_sum, 1),
                         "lr_mean": lr})
         if run_dir is not None:
