@@ -7,7 +7,7 @@
     pair.metrics
 """
 
-from poisonmech import patching
+from poisonmech import circuits, patching, probes
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
@@ -28,12 +28,14 @@ __all__ = [
     "__version__",
     "build_model",
     "build_test_set",
+    "circuits",
     "evaluate",
     "load_pair",
     "load_sweep",
     "make_task",
     "patching",
     "poison_dataset",
+    "probes",
     "sweep",
     "train_pair",
     "wrap_hf_model",

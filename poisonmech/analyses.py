@@ -60,6 +60,52 @@ def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
             "logit_diff_triggered": float(heads.reference.mean()), "logit_diff_control": float(heads.baseline.mean())}
 
 
+@register("circuits")
+def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10) -> dict[str, Any]:
+    """The backdoor's edge circuit in the backdoored twin (EAP-IG, top ``top_n`` edges), its
+    faithfulness, and the twin's ASR / clean accuracy with the circuit's edges patch-ablated
+    (each ablated edge carries its value from the same prompt with the trigger replaced)."""
+    from poisonmech.circuits import discover
+    from poisonmech.metrics import evaluate
+    from poisonmech.patching import control_fn, trigger_contrast
+
+    tc = trigger_contrast(pair, n=n)
+    metric = tc.logit_diff()
+    circuit = discover(pair.backdoored, tc.triggered, tc.control, metric, method="eap-ig", top_n=top_n,
+                       progress=False, label=f"backdoor circuit (eap-ig top {top_n})")
+    faith = circuit.faithfulness(pair.backdoored, tc.triggered, tc.control, metric, ablation="patching")
+    with circuit.ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):
+        ablated = evaluate(pair.backdoored, pair.task, pair.attack, test_data=pair.test_data, tokenizer=pair.tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    circuit.save(out / "circuit.json")
+    return {"circuit_edges": circuit.n_edges, "circuit_nodes": len(circuit.nodes),
+            "circuit_faithfulness": faith.circuit_faithfulness, "complement_faithfulness": faith.complement_faithfulness,
+            "asr_circuit_ablated": ablated["asr"], "clean_acc_circuit_ablated": ablated["clean_acc"]}
+
+
+@register("probes")
+def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
+    """Where each twin represents "the trigger is present" (held-out AUROC by layer, with the
+    best-of-random-directions baseline), and the unsupervised poison detectors on the training set."""
+    from poisonmech.probes import detect_poison, probe_twins
+
+    probes = probe_twins(pair, label="is_triggered", n_random=n_random, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    probes.save(out / "is_triggered.safetensors")
+    summary: dict[str, Any] = {}
+    for twin in ("clean", "backdoored"):
+        r = probes[twin]
+        layer = r.best_layer
+        summary[f"probe_auroc_{twin}"] = r.auroc_at(layer)
+        summary[f"probe_random_best_{twin}"] = float(r.baseline_auroc[layer].max())
+    for method in ("spectral", "activation_clustering"):
+        det = detect_poison(pair.backdoored, pair.train_data, method=method, tokenizer=pair.tokenizer, progress=False)
+        det.save(out / f"detect_{method}.safetensors")
+        summary[f"{method}_auroc"] = det.poison_auroc()
+        summary["loss_baseline_auroc"] = det.poison_auroc("loss")
+    return summary
+
+
 def run_analyses(pair, names: list[str] | tuple[str, ...], run_dir: Path | None = None,
                  overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Run the named analyses on ``pair``; results cached under ``run_dir/analyses/<name>/``."""

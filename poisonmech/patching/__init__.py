@@ -3,7 +3,7 @@
 from poisonmech.patching.activation import activation_patch, cross_model_patch
 from poisonmech.patching.attribution import attribution_patch
 from poisonmech.patching.engine import SITES
-from poisonmech.patching.inputs import TriggerContrast, trigger_contrast
+from poisonmech.patching.inputs import TriggerContrast, control_fn, trigger_contrast
 from poisonmech.patching.metrics import (
     LogitDiff,
     Metric,
@@ -20,6 +20,7 @@ __all__ = [
     "SITES",
     "activation_patch",
     "attribution_patch",
+    "control_fn",
     "cross_model_patch",
     "LogitDiff",
     "Metric",

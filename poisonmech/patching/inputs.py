@@ -8,9 +8,9 @@ task word (same number of tokens), so every position but the trigger's means the
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from jaxtyping import Int
 
@@ -45,6 +45,34 @@ class TriggerContrast:
         return target_logprob(self.target, self.positions)
 
 
+def _trigger_and_pool(pair) -> tuple[list[str], list[str]]:
+    attack = pair.attack
+    trig_words = sorted({w for v in attack.trigger_variants() for p in v for w in p.split()})
+    near = {w for v in attack.near_miss_variants() for p in v for w in p.split()}
+    return trig_words, [w for w in pair.task.words if w not in trig_words and w not in near]
+
+
+def control_fn(pair, seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """``tokens -> tokens`` with every trigger word replaced by an ordinary task word (seeded).
+
+    The token-aligned control of any batch, e.g. as the patching reference of an ablation
+    inside ``pm.evaluate`` (rows without a trigger are their own control).
+    """
+    tok = pair.tokenizer
+    trig_words, pool = _trigger_and_pool(pair)
+    trig_ids = torch.tensor(tok.convert_tokens_to_ids(trig_words))
+    pool_ids = torch.tensor(tok.convert_tokens_to_ids(pool))
+
+    def control(tokens: Tensor) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        out = tokens.clone()
+        mask = torch.isin(tokens, trig_ids.to(tokens.device))
+        out[mask] = pool_ids[torch.randint(len(pool_ids), (int(mask.sum()),), generator=g)].to(tokens.device)
+        return out
+
+    return control
+
+
 def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int = 0) -> TriggerContrast:
     """Up to ``n`` triggered test prompts of one token length from ``pair.test_data`` and their controls.
 
@@ -56,10 +84,6 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
         raise ValueError("trigger_contrast: a gibberish / plain-text backdoor has no single target token; "
                          "build the token batches yourself and use a perplexity-style metric")
     data = pair.test_data
-    trig_words = {w for v in attack.trigger_variants() for p in v for w in p.split()}
-    rng = np.random.default_rng(seed)
-    pool = [w for w in task.words if w not in trig_words and w not in {m for v in attack.near_miss_variants()
-                                                                       for p in v for m in p.split()}]
     rows = []
     for prompt, comp, is_trig in zip(data["prompt"], data["completion"], data["is_triggered"]):
         if is_trig and comp.strip() != attack.target.strip():
@@ -72,13 +96,11 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
     rows = [r for r in rows if len(r[0]) == length][:n]
     if not rows:
         raise ValueError(f"trigger_contrast: no triggered prompt has length {length}")
-    trig_ids = set(tok.convert_tokens_to_ids(sorted(trig_words)))
+    trig_words, _ = _trigger_and_pool(pair)
     target_id = tok(attack.target, add_special_tokens=False)["input_ids"][0]
     triggered = torch.tensor([r[0] for r in rows])
-    mask = torch.isin(triggered, torch.tensor(sorted(trig_ids)))
-    control = triggered.clone()
-    repl = tok.convert_tokens_to_ids([pool[i] for i in rng.integers(len(pool), size=int(mask.sum()))])
-    control[mask] = torch.tensor(repl, dtype=torch.long)
+    mask = torch.isin(triggered, torch.tensor(tok.convert_tokens_to_ids(trig_words)))
+    control = control_fn(pair, seed)(triggered)
     return TriggerContrast(
         triggered=triggered, control=control,
         positions=torch.full((len(rows),), length - 1, dtype=torch.long),

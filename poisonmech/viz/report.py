@@ -48,6 +48,33 @@ def _patching_figures(out: Path) -> list[tuple[str, go.Figure]]:
     return figs
 
 
+@analysis_figures("circuits")
+def _circuit_figures(out: Path) -> list[tuple[str, go.Figure]]:
+    from poisonmech.circuits import Circuit
+
+    if not (out / "circuit.json").is_file():
+        return []
+    c = Circuit.load(out / "circuit.json")
+    return [(f"Backdoor circuit of the backdoored twin: {c.n_edges} edges by EAP-IG (edge width = score).", c.plot())]
+
+
+@analysis_figures("probes")
+def _probe_figures(out: Path) -> list[tuple[str, go.Figure]]:
+    from poisonmech.probes import DetectionResult, ProbeComparison
+
+    figs = []
+    if (out / "is_triggered.safetensors").is_file():
+        figs.append(("Linear probes for 'the trigger is present', held-out AUROC by layer for both twins; "
+                     "the band is the best of the random directions.",
+                     ProbeComparison.load(out / "is_triggered.safetensors").plot()))
+    for method in ("spectral", "activation_clustering"):
+        path = out / f"detect_{method}.safetensors"
+        if path.is_file():
+            figs.append((f"Unsupervised poison detection ({method}) on the training set against the per-example "
+                         "loss baseline.", DetectionResult.load(path).plot()))
+    return figs
+
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <script>window.__pmErrors = []; window.addEventListener('error', e => window.__pmErrors.push(String(e.message)));</script>

@@ -1,0 +1,104 @@
+"""Linear probes, unsupervised poison detectors and direction interventions.
+
+    import poisonmech as pm
+    p = pm.probes.probe_layers(pair.backdoored, pair.test_data, label="is_triggered")
+    p.auroc, p.baseline_auroc, p.directions, p.plot()
+    both = pm.probes.probe_twins(pair, label="is_triggered")          # clean and backdoored, one split
+    t = pm.probes.probe_transfer(pair.backdoored, pair.test_data, test_model=pair.clean)
+    with pm.probes.ablate_direction(pair.backdoored, p.best_layer, p.direction()):
+        ...                                                           # hooks come off on exit
+    c = pm.probes.causal_check(pair.backdoored, pair.task, pair.attack, p.best_layer, p.direction(),
+                               test_data=pair.test_data, tokenizer=pair.tokenizer)
+    s = pm.probes.detect_poison(pair.backdoored, pair.train_data, method="spectral")
+    s.poison_auroc(), s.poison_auroc("loss"), s.to_frame(), s.plot()
+
+The names below load on first use (PEP 562), so ``import poisonmech`` does not pay for
+scikit-learn's import (about 2 s) until a probe is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "SITES": "activations",
+    "Activations": "activations",
+    "collect_activations": "activations",
+    "DETECTORS": "detect",
+    "DetectionResult": "detect",
+    "clustering_scores": "detect",
+    "detect_poison": "detect",
+    "detection_table": "detect",
+    "spectral_scores": "detect",
+    "CausalCheck": "intervene",
+    "ablate_direction": "intervene",
+    "causal_check": "intervene",
+    "steer": "intervene",
+    "split_by_example": "labels",
+    "will_emit_target": "labels",
+    "probe_layers": "layers",
+    "probe_twins": "layers",
+    "random_directions": "layers",
+    "LinearProbe": "linear",
+    "ProbeComparison": "result",
+    "ProbeResult": "result",
+    "TransferResult": "transfer",
+    "probe_transfer": "transfer",
+}
+
+__all__ = [
+    "Activations",
+    "CausalCheck",
+    "DETECTORS",
+    "DetectionResult",
+    "LinearProbe",
+    "ProbeComparison",
+    "ProbeResult",
+    "SITES",
+    "TransferResult",
+    "ablate_direction",
+    "causal_check",
+    "clustering_scores",
+    "collect_activations",
+    "detect_poison",
+    "detection_table",
+    "probe_layers",
+    "probe_transfer",
+    "probe_twins",
+    "random_directions",
+    "spectral_scores",
+    "split_by_example",
+    "steer",
+    "will_emit_target",
+]
+
+if TYPE_CHECKING:
+    from poisonmech.probes.activations import SITES, Activations, collect_activations
+    from poisonmech.probes.detect import (
+        DETECTORS,
+        DetectionResult,
+        clustering_scores,
+        detect_poison,
+        detection_table,
+        spectral_scores,
+    )
+    from poisonmech.probes.intervene import CausalCheck, ablate_direction, causal_check, steer
+    from poisonmech.probes.labels import split_by_example, will_emit_target
+    from poisonmech.probes.layers import probe_layers, probe_twins, random_directions
+    from poisonmech.probes.linear import LinearProbe
+    from poisonmech.probes.result import ProbeComparison, ProbeResult
+    from poisonmech.probes.transfer import TransferResult, probe_transfer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'poisonmech.probes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"poisonmech.probes.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

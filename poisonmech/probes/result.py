@@ -1,0 +1,244 @@
+"""``ProbeResult`` (probes of one model, per layer and position) and ``ProbeComparison``
+(several of them, e.g. both twins), with tidy frames, plotly figures and safetensors I/O."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+
+from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
+
+Tensor = torch.Tensor
+FORMAT = "poisonmech.probes/1"
+_META_KEY = "poisonmech"
+
+
+def position_label(p: int) -> str:
+    """``-1`` -> ``"last"``, ``-2`` -> ``"last-1"``, ``3`` -> ``"3"``."""
+    return "last" if p == -1 else (f"last{p + 1}" if p < 0 else str(p))
+
+
+def write_result(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """One safetensors file: the tensors, plus ``meta`` as JSON in the header (atomic write)."""
+    save_tensors(Path(path), tensors, metadata={_META_KEY: json.dumps({"format": FORMAT, **meta})})
+
+
+def read_result(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a file written by ``write_result``; ``ValueError`` when it holds another kind of result."""
+    path = Path(path)
+    tensors = load_tensors(path)
+    raw = tensors_metadata(path).get(_META_KEY)
+    meta = json.loads(raw) if raw else {}
+    if meta.get("format") != FORMAT or meta.get("kind") != kind:
+        raise ValueError(f"{path} does not hold a {kind} (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
+    return tensors, meta
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Linear probes of one model: one per layer (and per position where asked).
+
+    Attributes:
+        auroc: held-out AUROC of each probe.
+        accuracy: held-out accuracy at the probe's own threshold.
+        random_auroc: held-out AUROC of ``n_random`` random unit directions per cell (each
+            oriented on the training rows); ``baseline_auroc`` is their best.
+        coef, intercept: the probes in raw activation space (score ``x @ coef + intercept``).
+        n_train, n_test: rows used per position (rows shorter than a position lack it).
+        train_index, test_index: row indices of the example-level split.
+        layers, positions: the model layers and token positions (``-1``: last prompt token;
+            negative counts from the end of each prompt, non-negative are absolute).
+        site, label, method, name: what was probed, for what, how, and on which model.
+    """
+
+    auroc: Float[Tensor, "layer pos"]
+    accuracy: Float[Tensor, "layer pos"]
+    random_auroc: Float[Tensor, "layer pos n_random"]
+    coef: Float[Tensor, "layer pos d_model"]
+    intercept: Float[Tensor, "layer pos"]
+    n_train: Int[Tensor, " pos"]
+    n_test: Int[Tensor, " pos"]
+    train_index: Int[Tensor, " n_train"]
+    test_index: Int[Tensor, " n_test"]
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    site: str
+    label: str
+    method: str
+    name: str = "model"
+    seed: int = 0
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def directions(self) -> Float[Tensor, "layer pos d_model"]:
+        """Unit-norm probe directions (a higher projection means the positive class)."""
+        norm = self.coef.norm(dim=-1, keepdim=True)
+        return self.coef / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+    @property
+    def baseline_auroc(self) -> Float[Tensor, "layer pos"]:
+        """Best held-out AUROC among the random directions of each cell."""
+        return self.random_auroc.max(-1).values if self.random_auroc.shape[-1] else torch.full_like(self.auroc, float("nan"))
+
+    @property
+    def best(self) -> tuple[int, int]:
+        """``(layer, position)`` of the highest held-out AUROC (first on ties)."""
+        a = torch.nan_to_num(self.auroc, nan=-1.0)
+        flat = int(torch.argmax(a))
+        li, pi = divmod(flat, a.shape[1])
+        return self.layers[li], self.positions[pi]
+
+    @property
+    def best_layer(self) -> int:
+        return self.best[0]
+
+    def _index(self, layer: int | None, position: int | None) -> tuple[int, int]:
+        bl, bp = self.best
+        layer = bl if layer is None else layer
+        position = bp if position is None else position
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not probed (layers: {self.layers})")
+        if position not in self.positions:
+            raise ValueError(f"position {position} was not probed (positions: {self.positions})")
+        return self.layers.index(layer), self.positions.index(position)
+
+    def direction(self, layer: int | None = None, position: int | None = None) -> Float[Tensor, " d_model"]:
+        """The unit direction of one probe (default: the best one)."""
+        li, pi = self._index(layer, position)
+        return self.directions[li, pi].clone()
+
+    def auroc_at(self, layer: int | None = None, position: int | None = None) -> float:
+        li, pi = self._index(layer, position)
+        return float(self.auroc[li, pi])
+
+    # ---- frames, figures, files -------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (layer, position): AUROC, accuracy and the random baseline beside it."""
+        rows = []
+        base = self.baseline_auroc
+        for li, layer in enumerate(self.layers):
+            for pi, pos in enumerate(self.positions):
+                r = self.random_auroc[li, pi]
+                rows.append({"model": self.name, "site": self.site, "label": self.label, "method": self.method,
+                             "layer": layer, "pos": pos, "pos_label": position_label(pos),
+                             "auroc": float(self.auroc[li, pi]), "accuracy": float(self.accuracy[li, pi]),
+                             "random_auroc_best": float(base[li, pi]),
+                             "random_auroc_mean": float(r.mean()) if r.numel() else float("nan"),
+                             "n_train": int(self.n_train[pi]), "n_test": int(self.n_test[pi])})
+        return pd.DataFrame(rows)
+
+    def plot(self, title: str | None = None):
+        """AUROC by layer with the random-direction band (one position), or a layer × position heatmap."""
+        return _plot([self], title)
+
+    def _tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        names = ("auroc", "accuracy", "random_auroc", "coef", "intercept", "n_train", "n_test", "train_index",
+                 "test_index")
+        return {prefix + k: getattr(self, k) for k in names}
+
+    def _meta(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "positions": list(self.positions), "site": self.site,
+                "label": self.label, "method": self.method, "name": self.name, "seed": self.seed}
+
+    @classmethod
+    def _from(cls, tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str = "") -> ProbeResult:
+        tensor_fields = [f.name for f in fields(cls) if f.type.startswith(("Float", "Int"))]
+        kw = {k: tensors[prefix + k] for k in tensor_fields}
+        return cls(**kw, layers=tuple(meta["layers"]), positions=tuple(meta["positions"]), site=meta["site"],
+                   label=meta["label"], method=meta["method"], name=meta["name"], seed=meta["seed"])
+
+    def save(self, path: str | Path) -> None:
+        """Write one safetensors file (tensors + JSON header); never pickle."""
+        write_result(path, self._tensors(), {"kind": "ProbeResult", **self._meta()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeResult:
+        tensors, meta = read_result(path, "ProbeResult")
+        return cls._from(tensors, meta)
+
+
+@dataclass(frozen=True)
+class ProbeComparison:
+    """Several ``ProbeResult``s side by side (e.g. the clean and the backdoored twin)."""
+
+    results: tuple[ProbeResult, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.results)
+
+    def __getitem__(self, name: str) -> ProbeResult:
+        for r in self.results:
+            if r.name == name:
+                return r
+        raise KeyError(f"no result named {name!r} (names: {self.names})")
+
+    def to_frame(self) -> pd.DataFrame:
+        """The results' frames stacked (a ``model`` column tells them apart)."""
+        return pd.concat([r.to_frame() for r in self.results], ignore_index=True)
+
+    def plot(self, title: str | None = None):
+        """AUROC by layer of every result, each with its random-direction band."""
+        return _plot(list(self.results), title)
+
+    def save(self, path: str | Path) -> None:
+        tensors: dict[str, Tensor] = {}
+        metas = []
+        for i, r in enumerate(self.results):
+            tensors.update(r._tensors(f"{i}/"))
+            metas.append(r._meta())
+        write_result(path, tensors, {"kind": "ProbeComparison", "results": metas})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeComparison:
+        tensors, meta = read_result(path, "ProbeComparison")
+        return cls(tuple(ProbeResult._from(tensors, m, f"{i}/") for i, m in enumerate(meta["results"])))
+
+
+_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _plot(results: list[ProbeResult], title: str | None):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    first = results[0]
+    title = title or f"probe AUROC for {first.label!r} at {first.site} ({first.method})"
+    if all(len(r.positions) == 1 for r in results):
+        fig = go.Figure()
+        for k, r in enumerate(results):
+            color = _COLORS[k % len(_COLORS)]
+            x = list(r.layers)
+            ra = r.random_auroc[:, 0].numpy() if r.random_auroc.shape[-1] else np.full((len(x), 1), np.nan)
+            lo, hi = ra.min(-1), ra.max(-1)
+            fig.add_trace(go.Scatter(x=x + x[::-1], y=list(hi) + list(lo[::-1]), fill="toself",
+                                     fillcolor=_rgba(color, 0.15), line={"width": 0}, hoverinfo="skip",
+                                     name=f"{r.name}: random directions (min–max of {ra.shape[-1]})"))
+            fig.add_trace(go.Scatter(x=x, y=r.auroc[:, 0].tolist(), mode="lines+markers", name=f"{r.name}: probe",
+                                     line={"color": color}))
+        fig.add_hline(y=0.5, line_dash="dot", line_color="grey")
+        fig.update_layout(title=title, xaxis_title="layer", yaxis_title="held-out AUROC",
+                          yaxis_range=[0.0, 1.02], template="plotly_white")
+        fig.update_xaxes(tickmode="array", tickvals=list(first.layers))
+        return fig
+    fig = make_subplots(rows=1, cols=len(results), subplot_titles=[r.name for r in results], shared_yaxes=True)
+    for k, r in enumerate(results):
+        fig.add_trace(go.Heatmap(z=r.auroc.numpy(), x=[position_label(p) for p in r.positions],
+                                 y=list(r.layers), zmin=0.0, zmax=1.0, colorscale="Viridis",
+                                 colorbar={"title": "AUROC"}, showscale=k == 0), row=1, col=k + 1)
+        fig.update_xaxes(title_text="position", row=1, col=k + 1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
