@@ -1,6 +1,6 @@
 """The backdoor circuit of the default sentiment pair, and what ablating it does to ASR and accuracy.
 
-On the backdoored twin of ``runs/demo`` (``poisonmech demo --out runs/demo``), the circuit is
+On the backdoored twin of ``runs/default_pair`` (``poisonmech train (the default pair)``), the circuit is
 discovered with EAP-IG on ``trigger_contrast(pair, 32)`` (clean = triggered prompts, corrupted
 = the same prompts with the trigger swapped for a task word, metric = target minus true-answer
 logit) and kept as its ``--top-n`` best edges. Then, under ``circuit.ablate(..., part="circuit")``
@@ -20,7 +20,7 @@ Prints the circuit, its faithfulness, one line per (ablation, edges) with ``asr`
 ASR down by >= 80% (relative) with clean accuracy down by <= 5 points, and random edges of
 the same kinds doing far less. Also compares EAP, EAP-IG and ACDC circuits.
 
-Run: ``.venv/bin/python benchmarks/circuit_default_pair.py [--run runs/demo] [--top-n 10] [--seeds 5]``
+Run: ``.venv/bin/python benchmarks/circuit_default_pair.py [--run runs/default_pair] [--top-n 10] [--seeds 5]``
 (uses one intra-op thread: many small forwards; about 3 minutes on 2 busy CPU cores).
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +35,7 @@ import torch
 
 import poisonmech as pm
 import poisonmech.circuits as pc
+from poisonmech.cli import default_pair
 from poisonmech.patching import trigger_contrast
 from poisonmech.patching.inputs import control_fn
 
@@ -53,7 +53,7 @@ def clean_prompt_batches(pair) -> list[torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--run", default="runs/default_pair")
     ap.add_argument("--top-n", type=int, default=10)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=5)
@@ -61,9 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    if not (Path(args.run) / "metrics.json").is_file():
-        raise SystemExit(f"{args.run} holds no finished pair; run `.venv/bin/poisonmech demo --out {args.run}` first")
-    pair = pm.load_pair(args.run)
+    pair = default_pair(args.run)
     model = pair.backdoored
     tc = trigger_contrast(pair, 32)
     metric = tc.logit_diff()

@@ -6,7 +6,7 @@ same per-example logit-difference metric: a full head x position sweep of ``z`` 
 resid_pre x position sweep. Prints wall times, the speedups, the largest disagreement, and
 the Pearson correlation of attribution patching with exact patching per site.
 
-Run: ``.venv/bin/python benchmarks/patching_vs_transformer_lens.py [--run runs/demo] [--n 32]``
+Run: ``.venv/bin/python benchmarks/patching_vs_transformer_lens.py [--run runs/default_pair] [--n 32]``
 (trains the default pair into --run first if it is not there).
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from transformer_lens import patching as tlp
 
 import poisonmech as pm
+from poisonmech.cli import default_pair
 from poisonmech.patching import activation_patch, attribution_patch, trigger_contrast
 
 
@@ -34,14 +34,12 @@ def best_of(fn, repeats: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--run", default="runs/default_pair")
     ap.add_argument("--n", type=int, default=32, help="examples per sweep")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    if not (Path(args.run) / "metrics.json").is_file():
-        from poisonmech.cli import DEFAULT_CONFIG, run_from_config
-        run_from_config(DEFAULT_CONFIG, out_dir=args.run, progress=False)
+    default_pair(args.run, progress=False)
     pair = pm.load_pair(args.run, device=args.device)
     tc = trigger_contrast(pair, n=args.n)
     model = pair.backdoored.eval()

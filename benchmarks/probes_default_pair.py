@@ -1,6 +1,6 @@
 """Probes, direction ablation and unsupervised poison detection on the default sentiment pair.
 
-Loads the pair written by ``poisonmech demo --out runs/demo`` (2 layers, d_model 128, 4,000
+Loads the pair written by ``poisonmech train (the default pair)`` (2 layers, d_model 128, 4,000
 training rows, 1% = 40 poisoned with ``cf`` -> ``negative``) and prints:
 
 - ``probe_*``: the held-out AUROC of an ``is_triggered`` linear probe (L2 logistic, last
@@ -17,7 +17,7 @@ training rows, 1% = 40 poisoned with ``cf`` -> ``negative``) and prints:
   then a small grid of sites and layers. Choosing the best cell of that grid looks at the
   poison flags, so it is an optimistic upper bound, not a detector setting.
 
-Run: ``.venv/bin/python benchmarks/probes_default_pair.py [--run runs/demo]``. The script sets
+Run: ``.venv/bin/python benchmarks/probes_default_pair.py [--run runs/default_pair]``. The script sets
 torch to one thread (this is a script, not the library): on a small shared machine the tiny
 model runs many times faster that way.
 """
@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-import poisonmech as pm
 import poisonmech.probes as pp
+from poisonmech.cli import default_pair
 
 
 def fmt(x: float) -> str:
@@ -42,13 +42,13 @@ def fmt(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/demo", help="run directory of the default pair")
+    ap.add_argument("--run", default="runs/default_pair", help="run directory of the default pair")
     ap.add_argument("--n-random", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    pair = pm.load_pair(args.run)
+    pair = default_pair(args.run)
     n_poison = int(sum(pair.train_data["is_poison"]))
     print(f"pair: {args.run}  train rows {len(pair.train_data)}, poisoned {n_poison} "
           f"({n_poison / len(pair.train_data):.1%}); test rows {len(pair.test_data)}")

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 #: The embedded default run: the sentiment pair of the README (2 layers, d_model 128,
 #: 4,000 training rows, 1% poison, the trigger word at a random position).
 DEFAULT_CONFIG: dict[str, Any] = {
-    "out_dir": "runs/demo",
+    "out_dir": "runs/default_pair",
     "task": {"kind": "sentiment", "n_train": 4000, "n_test": 500, "seed": 0},
     "attack": {"trigger": "cf", "target": "negative", "poison_rate": 0.01, "position": "random"},
     "model": {"n_layers": 2, "d_model": 128, "n_heads": 4},
@@ -27,6 +27,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 _SECTIONS = ("out_dir", "task", "attack", "model", "train", "overwrite")
+
+
+def default_pair(run_dir: str | Path = "runs/default_pair", progress: bool = True):
+    """The embedded default pair, trained into ``run_dir`` on first use and loaded after."""
+    from poisonmech.train.pair import load_pair
+
+    if (Path(run_dir) / "metrics.json").is_file():
+        return load_pair(run_dir)
+    return run_from_config(DEFAULT_CONFIG, out_dir=str(run_dir), progress=progress)
 
 
 def run_from_config(config: dict[str, Any], *, out_dir: str | None = None, overwrite: bool | None = None,
