@@ -78,13 +78,15 @@ def _grid(site: str, by_position: bool, n_layers: int, n_pos: int, n_heads: int)
 
 
 # ---------------------------------------------------------------------- fast-path entries
-def _entry(e: Engine, site: str, layer: int, pos: int | None, base: RunCache, src: RunCache
-           ) -> tuple[int, str, int, Tensor]:
+def _entry(e: Engine, site: str, layer: int, pos: int | None, base: RunCache, src: RunCache,
+           start: int | None = None) -> tuple[int, str, int, Tensor]:
     """The patched residual stream where the cell's forward resumes: ``(layer, stage, start, x [C N suffix d])``.
 
     ``pos=None`` patches every position. Head sites give one cell per head (C = n_heads).
+    ``start`` (at most ``pos``) lets cells of nearby positions share one suffix: positions
+    between ``start`` and ``pos`` are unchanged and recomputed to the same values.
     """
-    s = 0 if pos is None else pos
+    s = (0 if pos is None else pos) if start is None else start
 
     def replaced(b: Tensor, a: Tensor) -> Tensor:  # base with the patched positions from src
         out = b.clone()
@@ -139,25 +141,38 @@ _LOCAL = ("resid_mid", "resid_post", "attn_out", "mlp_out", "attn_head", "q", "p
 
 
 def _fast_values(e: Engine, site: str, by_position: bool, base: RunCache, src: RunCache, metric: Callable,
-                 n: int, max_rows: int, bar, baseline: Tensor) -> Tensor:
+                 n: int, max_rows: int, bar, baseline: Tensor, groups_per_layer: int = 4) -> Tensor:
     L, T, H = e.n_layers, base["resid_pre"][0].shape[1], e.n_heads
     axes, shape = _grid(site, by_position, L, T, H)
     out = torch.zeros(*shape, n)
     positional = isinstance(metric, PositionalMetric)
     read = set(metric.positions.tolist()) if positional else set(range(T))
     for layer in range(L):
-        for pos in (range(T) if by_position else [None]):
+        if not by_position:
+            todo: list[int | None] = [None]
+        else:
             # Cells that cannot reach a position the metric reads keep the baseline exactly:
             # causal attention hides later positions, and a last-layer local patch elsewhere.
-            if pos is not None and (pos > max(read) or (layer == L - 1 and site in _LOCAL and pos not in read)):
-                out[layer, pos] = baseline.cpu()
-                bar.update(1)
-                continue
-            stage_layer, stage, s, x = _entry(e, site, layer, pos, base, src)
-            n_cells = x.shape[0]
+            todo = []
+            for pos in range(T):
+                if pos > max(read) or (layer == L - 1 and site in _LOCAL and pos not in read):
+                    out[layer, pos] = baseline.cpu()
+                    bar.update(1)
+                else:
+                    todo.append(pos)
+        # a few groups of neighbouring positions per layer, each one stacked pass from its first
+        # position: fewer, larger passes (per-pass overhead) for a little recomputed prefix
+        size = max(1, -(-len(todo) // groups_per_layer))
+        for g in range(0, len(todo), size):
+            group = todo[g:g + size]
+            start = None if group[0] is None else group[0]
+            entries = [_entry(e, site, layer, pos, base, src, start=start) for pos in group]
+            stage_layer, stage, s, _ = entries[0]
+            per_cell = entries[0][3].shape[0]
+            x = torch.cat([ent[3] for ent in entries])  # [cells N suffix d]
             per_chunk = max(1, max_rows // max(1, n * max(1, x.shape[2])))
             vals = []
-            for lo in range(0, n_cells, per_chunk):
+            for lo in range(0, x.shape[0], per_chunk):
                 xc = x[lo:lo + per_chunk]
                 c = xc.shape[0]
                 flat = xc.reshape(c * n, *xc.shape[2:])
@@ -168,17 +183,11 @@ def _fast_values(e: Engine, site: str, by_position: bool, base: RunCache, src: R
                 else:
                     logits = e.resume(flat, stage_layer, stage, s, base, c, None).reshape(c, n, T, -1)
                     vals.append(torch.stack([metric_values(metric, logits[i], n) for i in range(c)]).cpu())
-            v = torch.cat(vals)  # [cells n]
-            if site in HEAD_SITES:
-                if by_position:
-                    out[layer, pos] = v
-                else:
-                    out[layer] = v
-            elif by_position:
-                out[layer, pos] = v[0]
-            else:
-                out[layer] = v[0]
-            bar.update(1)
+            v = torch.cat(vals).reshape(len(group), per_cell, n)
+            for k, pos in enumerate(group):
+                cell = (layer,) if pos is None else (layer, pos)
+                out[cell] = v[k] if site in HEAD_SITES else v[k, 0]
+                bar.update(1)
     return out
 
 
