@@ -23,8 +23,10 @@ def register(name: str):
     return deco
 
 
-def _top(result, value: str = "normalized") -> tuple[str, float]:
+def _top(result, value: str = "recovery") -> tuple[str, float]:
     frame = result.to_frame()
+    if frame[value].isna().all():  # the two runs agree: nothing to recover; rank by raw effect
+        value = "effect"
     row = frame.loc[frame[value].abs().idxmax()]
     label = ".".join(f"{a}{int(row[a])}" for a in result.axes if a in row)
     return label, float(row[value])
@@ -98,6 +100,8 @@ def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
         layer = r.best_layer
         summary[f"probe_auroc_{twin}"] = r.auroc_at(layer)
         summary[f"probe_random_best_{twin}"] = float(r.baseline_auroc[layer].max())
+    if not any(pair.train_data["is_poison"]):  # the clean control: nothing to detect
+        return summary
     for method in ("spectral", "activation_clustering"):
         det = detect_poison(pair.backdoored, pair.train_data, method=method, tokenizer=pair.tokenizer, progress=False)
         det.save(out / f"detect_{method}.safetensors")

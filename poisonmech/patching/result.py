@@ -52,10 +52,22 @@ class PatchResult:
 
     @property
     def normalized(self) -> Tensor:
-        """Per example, ``(patched - baseline) / (reference - baseline)``: 0 = nothing moved, 1 = full recovery."""
+        """Per example, ``(patched - baseline) / (reference - baseline)``: 0 = nothing moved, 1 = full recovery.
+
+        NaN for examples whose two runs agree (``|reference - baseline| < 1e-6``): nothing to recover.
+        """
         den = self.reference - self.baseline
-        den = torch.where(den.abs() < 1e-12, torch.full_like(den, 1e-12), den)
-        return (self.values - self.baseline) / den
+        tiny = den.abs() < 1e-6
+        return torch.where(tiny, torch.full_like(den, float("nan")), self.values - self.baseline) / \
+            torch.where(tiny, torch.ones_like(den), den)
+
+    @property
+    def recovery(self) -> Tensor:
+        """Per cell, mean effect over the mean gap ``mean(patched - baseline) / mean(reference - baseline)``:
+        the robust summary of ``normalized`` (NaN when the runs agree on average)."""
+        gap = float((self.reference - self.baseline).mean())
+        eff = (self.values - self.baseline).mean(-1)
+        return eff / gap if abs(gap) > 1e-6 else torch.full_like(eff, float("nan"))
 
     def to_frame(self, per_example: bool = False) -> pd.DataFrame:
         """Tidy frame: one row per cell (``mean``, ``sem``, ``effect``, ``normalized``), or per cell × example."""
@@ -78,14 +90,18 @@ class PatchResult:
         frame["mean"] = flat.mean(1).numpy()
         frame["sem"] = self.sem.reshape(-1).cpu().numpy()
         frame["effect"] = eff.mean(1)
-        frame["normalized"] = norm.mean(1)
+        frame["normalized"] = np.nanmean(norm, 1) if np.isfinite(norm).any() else np.nan
+        frame["recovery"] = self.recovery.reshape(-1).detach().cpu().numpy()
         return frame
 
-    def plot(self, value: str = "normalized", title: str | None = None):
+    def plot(self, value: str = "recovery", title: str | None = None):
         """Heatmap: layer × pos (token labels), layer × head, or one panel per head."""
         import plotly.express as px
 
-        grid = {"normalized": self.normalized, "effect": self.effect, "mean": self.values}[value].mean(-1)
+        if value not in ("normalized", "recovery", "effect", "mean"):
+            raise ValueError(f"plot: value must be one of ('normalized', 'recovery', 'effect', 'mean'), got {value!r}")
+        grid = self.recovery if value == "recovery" else \
+            {"normalized": self.normalized, "effect": self.effect, "mean": self.values}[value].nanmean(-1)
         grid = grid.detach().cpu().numpy()
         title = title or f"{self.method} patching: {self.site} ({self.mode}), {value}"
         ylab = [f"L{i}" for i in range(grid.shape[0])]

@@ -117,7 +117,9 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
     constant rate ``config.continue_lr or config.lr`` (does the backdoor survive clean training?).
     """
     device = torch.device(config.device)
-    model.to(device).train()
+    if next(model.parameters()).device != device:  # a bridge's .to() prints; only move when needed
+        model.to(device)
+    model.train()
     opt = _optimizer(model, config)
     n = len(data)
     steps_per_epoch = math.ceil(n / config.batch_size)
