@@ -72,4 +72,8 @@ def metrics_table(metrics: dict[str, dict], keys: tuple[str, ...] = ("clean_acc"
 
 
 def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, (int, float)) else ("" if v is None else str(v))
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.3f}" if isinstance(v, float) else str(v)

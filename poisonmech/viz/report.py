@@ -170,7 +170,8 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
         sw = load_sweep(d)
         title = f"poisonmech sweep: {d.name}"
         frame = sw.to_frame()
-        done = [r for r in sw.runs if r.status == "done"]
+        runs = sorted(sw.runs, key=lambda r: (r.n_poison if r.n_poison is not None else -1, r.spec.train.get("seed", 0)))
+        done = [r for r in runs if r.status == "done"]
         page.h2("Attack success and clean accuracy against poison count")
         if done:
             page.figure(metric_vs_count(frame, "asr"), "Attack success rate on triggered test inputs; the clean "
@@ -182,7 +183,7 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
                    [[r.name, r.status, r.n_poison if r.n_poison is not None else r.spec.attack.get("poison_count"),
                      r.spec.train.get("seed"), r.metrics.get("backdoored", {}).get("asr"),
                      r.metrics.get("clean", {}).get("asr"), r.metrics.get("backdoored", {}).get("clean_acc"),
-                     r.error or ""] for r in sw.runs])
+                     r.error or ""] for r in runs])
         for r in done:
             _run_section(page, d / "runs" / r.name)
     elif (d / "config.json").is_file():
