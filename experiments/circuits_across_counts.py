@@ -55,9 +55,10 @@ def main() -> None:
         i, j = labels.index(row["a"]), labels.index(row["b"])
         mat[i, j] = mat[j, i] = row["edge_jaccard"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("edge overlap (Jaccard) of the circuits",
-                                                        "ASR: intact vs circuit ablated"))
+                                                        "ASR: intact vs circuit ablated"),
+                        horizontal_spacing=0.22)
     fig.add_heatmap(z=mat, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues", row=1, col=1,
-                    colorbar={"x": 0.45, "len": 0.9})
+                    colorbar={"x": 0.40, "len": 0.8, "thickness": 12, "title": "Jaccard"})
     x = table["n_poison"].astype(float).replace(0.0, 0.5)
     fig.add_scatter(x=x, y=table["asr"], name="intact", mode="lines+markers", row=1, col=2)
     fig.add_scatter(x=x, y=table["asr_circuit_ablated"], name="circuit patch-ablated", mode="lines+markers",
@@ -65,6 +66,7 @@ def main() -> None:
     fig.update_xaxes(type="log", title_text="poisoned training examples (0 at 0.5)", row=1, col=2)
     fig.update_yaxes(title_text="attack success rate", range=[0, 1.05], row=1, col=2)
     style(fig, "Backdoor circuits across poison counts (backdoored twin, EAP-IG top 10 edges)")
+    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0.6}, margin={"b": 90})
     for f in save_figure(fig, out / "circuits_across_counts", formats=("html", "png")):
         print("wrote", f)
 
