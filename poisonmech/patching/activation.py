@@ -136,6 +136,13 @@ def _entry(e: Engine, site: str, layer: int, pos: int | None, base: RunCache, sr
     return layer, "mid", s, base["resid_mid"][layer][:, s:][None] + delta
 
 
+def _base_sites(site: str) -> tuple[str, ...]:
+    """What the engine reads of the run patched into: the resume state plus the site's own inputs."""
+    extra = {"resid_mid": ("resid_mid", "attn_out"), "attn_out": ("resid_mid", "attn_out"), "mlp_out": ("mlp_out",)}
+    heads = ("q", "attn_head", "pattern", "resid_mid")
+    return ("resid_pre", "k", "v", "resid_post") + (heads if site in HEAD_SITES else extra.get(site, ()))
+
+
 # sites whose patch at one position changes the residual stream at that position only
 _LOCAL = ("resid_mid", "resid_post", "attn_out", "mlp_out", "attn_head", "q", "pattern")
 
@@ -245,7 +252,7 @@ def _patch(model, base_tokens: Tensor, src_tokens: Tensor, metric: Callable, sit
     n = base_tokens.shape[0]
     src_model = src_model if src_model is not None else model
     with eval_mode(model), eval_mode(src_model):
-        base, src = collect(model, base_tokens), collect(src_model, src_tokens)
+        base, src = collect(model, base_tokens, _base_sites(site)), collect(src_model, src_tokens, (site,))
         baseline = metric_values(metric, base.logits, n)
         reference = metric_values(metric, src.logits, n)
         L, T, H = model.cfg.n_layers, base_tokens.shape[1], model.cfg.n_heads
