@@ -7,7 +7,7 @@
     pair.metrics
 """
 
-from poisonmech import circuits, patching, probes
+from poisonmech import circuits, patching, probes, viz
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
@@ -38,5 +38,6 @@ __all__ = [
     "probes",
     "sweep",
     "train_pair",
+    "viz",
     "wrap_hf_model",
 ]
