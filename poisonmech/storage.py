@@ -1,4 +1,4 @@
-"""Atomic, pickle-free persistence: JSON, safetensors and parquet.
+"""Atomic persistence in open formats only: JSON, safetensors and parquet.
 
 Every write goes to a temporary file in the target's folder and is moved into place with
 ``os.replace``, so an interrupted run never leaves a half-written file under the real name.

@@ -143,7 +143,7 @@ class CausalCheck:
         return fig
 
     def save(self, path: str | Path) -> None:
-        """Write a JSON file (the check holds no tensors); atomic, never pickle."""
+        """Write a JSON file (the check holds no tensors); atomic."""
         write_json(Path(path), {"format": FORMAT, "kind": "CausalCheck", "before": self.before,
                                 "after": list(self.after), "settings": list(self.settings),
                                 "layers": list(self.layers), "site": self.site})

@@ -155,7 +155,7 @@ class ProbeResult:
                    label=meta["label"], method=meta["method"], name=meta["name"], seed=meta["seed"])
 
     def save(self, path: str | Path) -> None:
-        """Write one safetensors file (tensors + JSON header); never pickle."""
+        """Write one safetensors file (tensors + JSON header)."""
         write_result(path, self._tensors(), {"kind": "ProbeResult", **self._meta()})
 
     @classmethod

@@ -79,7 +79,7 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
 
 def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int,
                  step: int, history: list[dict]) -> None:
-    """Model + AdamW state in one safetensors file (no pickles), with the loop position."""
+    """Model + AdamW state in one safetensors file, with the loop position."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     state = opt.state_dict()
     for idx, st in state["state"].items():

@@ -1,6 +1,6 @@
 """``train_pair``: the clean and backdoored twins, and their run directory on disk.
 
-Run directory layout (safetensors + JSON + parquet; never pickle)::
+Run directory layout (safetensors + JSON + parquet only)::
 
     config.json                 task / attack / model / train settings (the run's identity)
     task.json                   the task's template, loss target, labels and words
