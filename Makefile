@@ -11,7 +11,6 @@ $(BIN)/python:
 
 # torch is installed first and pinned: 2.13.0 is the local CPU build; anything else pulls GBs.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
