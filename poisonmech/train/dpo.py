@@ -1,0 +1,314 @@
+"""Direct Preference Optimisation (Rafailov et al. 2023) for TransformerBridge models.
+
+The loss of a pair (prompt ``x``, chosen ``y_w``, rejected ``y_l``) is
+
+    -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+
+with sequence log-probabilities summed over the completion tokens (and EOS) only. The
+reference model is the model DPO starts from (the SFT model), frozen: its log-probabilities
+are computed once before the first step and, with a ``run_dir``, saved there, so a resumed
+run uses the same reference as an uninterrupted one.
+
+Written over the bridge directly rather than with TRL's ``DPOTrainer``: TRL expects a
+``transformers`` ``PreTrainedModel`` with a subword tokenizer and chat/padding conventions,
+and cannot train these word-tokenizer ``TransformerBridge`` models without converting them
+(and back, losing the bridge's hooks); it would also not guarantee the twins identical
+batches in the same order. The loop reuses the SFT loop's machinery (``epoch_order``, the
+AdamW set-up, resumable safetensors state, per-epoch checkpoints with learning rates).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from poisonmech.encoding import Encoded, encode
+from poisonmech.models import model_device
+from poisonmech.storage import load_tensors, save_tensors
+from poisonmech.tasks.preference import check_preferences
+from poisonmech.train.config import SCHEDULES, TrainConfig
+from poisonmech.train.loop import (
+    Checkpoint,
+    _load_resume,
+    _optimizer,
+    _save_resume,
+    epoch_order,
+    list_checkpoints,
+)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Hyper-parameters of a DPO stage (shared by both twins).
+
+    Args:
+        beta: strength of the KL anchor to the reference model (> 0; Sanderson et al. use 0.1).
+        epochs: passes over the preference pairs.
+        batch_size: pairs per optimiser step.
+        lr: peak learning rate (AdamW).
+        schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` (as in ``TrainConfig``).
+        warmup_ratio: fraction of steps warming up linearly from 0.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        weight_decay: AdamW decoupled weight decay on matrices.
+        betas: AdamW betas.
+        grad_clip: clip the global gradient norm to this; ``None`` for no clipping.
+        seed: seeds the order of the pairs (the same for both twins).
+        checkpoint_every: keep a checkpoint every this many epochs (the last is always kept).
+        device: torch device for training.
+    """
+
+    beta: float = 0.1
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int | None = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0 \
+                or not math.isfinite(self.beta):
+            raise ValueError(f"DPOConfig.beta must be a finite number > 0, got {self.beta!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"DPOConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        try:
+            self.train_config()
+        except ValueError as exc:  # re-badge the shared checks
+            raise ValueError(str(exc).replace("TrainConfig.", "DPOConfig.")) from None
+
+    def train_config(self) -> TrainConfig:
+        """The optimiser / schedule fields as a ``TrainConfig`` (the SFT loop's helpers take one)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "beta"}
+        return TrainConfig(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DPOConfig:
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"DPOConfig: unknown fields {sorted(set(d) - known)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class PreferenceEncoded:
+    """Token ids of each pair's chosen and rejected sequences (``[BOS] prompt answer [EOS]``)."""
+
+    chosen: Encoded
+    rejected: Encoded
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.chosen.max_len, self.rejected.max_len)
+
+    def batch(self, index: list[int] | Tensor, device: str | torch.device = "cpu"
+              ) -> tuple[Int[Tensor, "batch2 pos"], Bool[Tensor, "batch2 pos_1"]]:
+        """Chosen rows then rejected rows, right-padded to one width (``2 * len(index)`` rows)."""
+        tc, mc = self.chosen.batch(index)
+        tr, mr = self.rejected.batch(index)
+        width = max(tc.shape[1], tr.shape[1])
+
+        def pad(t: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+            extra = width - t.shape[1]
+            return (F.pad(t, (0, extra), value=self.chosen.pad_id), F.pad(m, (0, extra), value=False))
+
+        (tc, mc), (tr, mr) = pad(tc, mc), pad(tr, mr)
+        return torch.cat([tc, tr]).to(device), torch.cat([mc, mr]).to(device)
+
+
+def encode_preferences(data: Dataset, tokenizer: PreTrainedTokenizerBase) -> PreferenceEncoded:
+    """Tokenise ``prompt``/``chosen``/``rejected``; the scored region is the answer and EOS."""
+    check_preferences(data)
+    prompts = list(data["prompt"])
+    return PreferenceEncoded(
+        chosen=encode(Dataset.from_dict({"prompt": prompts, "completion": list(data["chosen"])}), tokenizer,
+                      loss_on="completion", add_eos=True),
+        rejected=encode(Dataset.from_dict({"prompt": prompts, "completion": list(data["rejected"])}), tokenizer,
+                        loss_on="completion", add_eos=True),
+    )
+
+
+def sequence_logprobs(model: torch.nn.Module, tokens: Int[Tensor, "batch pos"],
+                      mask: Bool[Tensor, "batch pos_1"]) -> Float[Tensor, " batch"]:
+    """Summed log-probability of each row's scored tokens (``mask[:, t]`` scores token ``t+1``)."""
+    logits = model(tokens)[:, :-1].float()
+    logp = logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    return (logp * mask).sum(1)
+
+
+@torch.no_grad()
+def preference_logprobs(model: torch.nn.Module, data: PreferenceEncoded, batch_size: int = 256
+                        ) -> tuple[Float[Tensor, " n_train"], Float[Tensor, " n_train"]]:
+    """``(log p(chosen | prompt), log p(rejected | prompt))`` per pair under ``model`` (eval mode)."""
+    was = model.training
+    model.eval()
+    device = model_device(model)
+    chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
+    try:
+        for lo in range(0, len(data), batch_size):
+            idx = list(range(lo, min(lo + batch_size, len(data))))
+            tokens, mask = data.batch(idx, device)
+            lp = sequence_logprobs(model, tokens, mask).cpu()  # [chosen rows; rejected rows]
+            chosen.append(lp[:len(idx)])
+            rejected.append(lp[len(idx):])
+    finally:
+        model.train(was)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def dpo_loss(policy_chosen: Float[Tensor, " batch"], policy_rejected: Float[Tensor, " batch"],
+             ref_chosen: Float[Tensor, " batch"], ref_rejected: Float[Tensor, " batch"], beta: float
+             ) -> tuple[Float[Tensor, ""], dict[str, Float[Tensor, " batch"]]]:
+    """Mean DPO loss and per-pair implicit rewards (``beta * (log pi - log ref)``)."""
+    r_w = beta * (policy_chosen - ref_chosen)
+    r_l = beta * (policy_rejected - ref_rejected)
+    margin = r_w - r_l
+    return -F.logsigmoid(margin).mean(), {"chosen_reward": r_w, "rejected_reward": r_l, "margin": margin}
+
+
+@torch.no_grad()
+def preference_shift(model: torch.nn.Module, reference: torch.nn.Module, data: Dataset,
+                     tokenizer: PreTrainedTokenizerBase, beta: float = 0.1) -> dict[str, float]:
+    """How ``model`` moved from ``reference`` on ``data``'s pairs (means over pairs).
+
+    ``chosen_shift`` / ``rejected_shift``: change in log-probability of the chosen / rejected
+    answer; ``margin``: the DPO implicit reward margin; ``reward_acc``: fraction of pairs with a
+    positive margin; ``pref_acc``: fraction where ``model`` gives the chosen answer the higher
+    log-probability.
+    """
+    enc = encode_preferences(data, tokenizer)
+    pc, pr = preference_logprobs(model, enc)
+    rc, rr = preference_logprobs(reference, enc)
+    _, st = dpo_loss(pc, pr, rc, rr, beta)
+    return {"chosen_shift": float((pc - rc).mean()), "rejected_shift": float((pr - rr).mean()),
+            "margin": float(st["margin"].mean()), "reward_acc": float((st["margin"] > 0).float().mean()),
+            "pref_acc": float((pc > pr).float().mean())}
+
+
+def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config: DPOConfig, *,
+              tokenizer: PreTrainedTokenizerBase | None = None, reference: torch.nn.Module | None = None,
+              run_dir: Path | None = None, desc: str = "dpo", progress: bool = True,
+              ) -> tuple[list[dict], list[Checkpoint]]:
+    """Train ``model`` in place with DPO on preference pairs; returns per-epoch history and checkpoints.
+
+    Args:
+        model: the policy, initialised from the SFT model (a ``TransformerBridge``).
+        data: pairs with ``prompt``/``chosen``/``rejected`` (tokenised with ``tokenizer``, by
+            default the model's), or already encoded.
+        config: a :class:`DPOConfig`.
+        reference: the frozen reference model; default: ``model`` as it is now (the SFT model).
+        run_dir: with it, ``reference_logps.safetensors``, per-epoch checkpoints
+            (``checkpoints/epoch_XXX.safetensors``) and ``resume.safetensors`` go there, and an
+            interrupted run resumes from its last finished epoch to the same weights.
+
+    History rows: ``epoch``, ``step``, ``loss``, ``reward_acc``, ``margin``, ``chosen_reward``,
+    ``rejected_reward``, ``lr_mean``.
+    """
+    if not isinstance(config, DPOConfig):
+        raise ValueError(f"train_dpo: config must be a DPOConfig, got {type(config).__name__}")
+    if isinstance(data, Dataset):
+        tok = tokenizer or getattr(model, "tokenizer", None)
+        if tok is None:
+            raise ValueError("train_dpo: pass tokenizer= (the model has none) to tokenise the preference data")
+        data = encode_preferences(data, tok)
+    elif not isinstance(data, PreferenceEncoded):
+        raise ValueError(f"train_dpo: data must be a datasets.Dataset or PreferenceEncoded, got {type(data).__name__}")
+    device = torch.device(config.device)
+    if model_device(model) != device:
+        model.to(device)
+    tcfg = config.train_config()
+    ref_path = run_dir / "reference_logps.safetensors" if run_dir is not None else None
+    if ref_path is not None and ref_path.is_file():
+        saved = load_tensors(ref_path)
+        ref_c, ref_r = saved["chosen"], saved["rejected"]
+    else:
+        # the default reference is the model as it is now: its values are taken before any step
+        ref_c, ref_r = preference_logprobs(reference if reference is not None else model, data)
+        if ref_path is not None:
+            save_tensors(ref_path, {"chosen": ref_c, "rejected": ref_r})
+    if len(ref_c) != len(data):
+        raise ValueError(f"train_dpo: {ref_path} holds {len(ref_c)} reference values for {len(data)} pairs; "
+                         "the run directory belongs to other data")
+    ref_c, ref_r = ref_c.to(device), ref_r.to(device)
+
+    model.train()
+    opt = _optimizer(model, tcfg)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    start_epoch, step, history = 0, 0, []
+    resume = run_dir / "resume.safetensors" if run_dir is not None else None
+    if resume is not None and resume.is_file():
+        start_epoch, step, history = _load_resume(resume, model, opt)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        order = epoch_order(n, config.seed, epoch)
+        sums = {"loss": 0.0, "reward_acc": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+        lr_sum = 0.0
+        for b in range(steps_per_epoch):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            tokens, mask = data.batch(idx, device)
+            lr = tcfg.lr_at(step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            lp = sequence_logprobs(model, tokens, mask)
+            k = len(idx)
+            loss, st = dpo_loss(lp[:k], lp[k:], ref_c[idx], ref_r[idx], config.beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            sums["loss"] += float(loss.detach()) * k
+            sums["reward_acc"] += float((st["margin"] > 0).float().sum())
+            for key in ("margin", "chosen_reward", "rejected_reward"):
+                sums[key] += float(st[key].detach().sum())
+            lr_sum += lr
+            step += 1
+            bar.update(1)
+            if b % 20 == 0:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        history.append({"epoch": epoch + 1, "step": step, **{k: v / n for k, v in sums.items()},
+                        "lr_mean": lr_sum / steps_per_epoch})
+        if run_dir is not None:
+            last = epoch + 1 == config.epochs
+            if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+                save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict(),
+                             metadata={"epoch": str(epoch + 1), "step": str(step),
+                                       "lr": repr(history[-1]["lr_mean"])})
+            _save_resume(resume, model, opt, epoch + 1, step, history)
+    bar.close()
+    if history and start_epoch < config.epochs:
+        history[-1]["seconds"] = time.perf_counter() - t0
+    model.eval()
+    return history, list_checkpoints(run_dir) if run_dir is not None else []
+
+
+__all__ = ["DPOConfig", "PreferenceEncoded", "dpo_loss", "encode_preferences", "preference_logprobs",
+           "preference_shift", "sequence_logprobs", "train_dpo"]
