@@ -1,0 +1,37 @@
+"""Training-data attribution: which training examples made the model produce the backdoor.
+
+    import poisonmech as pm
+    pair = pm.load_pair("runs/demo")
+    inf = pm.influence.attribute(pair, method="ekfac")   # train set, checkpoints, triggered queries
+    inf.poison_auroc(), inf.average_precision(), inf.precision_at(40)
+    inf.top(10), inf.by_component(), inf.to_frame(), inf.plot()
+    pm.influence.retrain_without(pair, inf.top(40)["example_id"])
+
+Sign convention, the same for every method: a positive score means up-weighting the
+training example raises the query's measurement (by default the log-probability of the
+backdoor target on triggered test inputs). ``InfluenceResult.normalized`` standardises the
+scores over the training set so that methods can be compared.
+"""
+
+from poisonmech.influence.attribution import METHODS, InfluenceConfig, attribute
+from poisonmech.influence.kfac import Factors, fit_factors
+from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
+from poisonmech.influence.result import InfluenceResult
+from poisonmech.influence.retrain import RetrainResult, retrain_without
+from poisonmech.influence.tracking import TrackedModule, find_modules
+
+__all__ = [
+    "MEASUREMENTS",
+    "METHODS",
+    "Factors",
+    "InfluenceConfig",
+    "InfluenceResult",
+    "Query",
+    "RetrainResult",
+    "TrackedModule",
+    "attribute",
+    "backdoor_query",
+    "find_modules",
+    "fit_factors",
+    "retrain_without",
+]

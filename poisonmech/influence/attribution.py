@@ -1,0 +1,534 @@
+"""``attribute``: which training examples drive a measurement, by any of eight methods.
+
+    import poisonmech as pm
+    pair = pm.load_pair("runs/demo")
+    inf = pm.influence.attribute(pair, method="ekfac")      # triggered test inputs as queries
+    inf.poison_auroc(), inf.top(10), inf.by_component(), inf.plot()
+
+Methods (every score: positive = up-weighting the example raises the measurement):
+
+==========  ==============================================================================
+``loss``     the example's training loss (baseline; query-independent)
+``repsim``   cosine of final-layer representations (baseline)
+``graddot``  ``∇L_q · ∇L_z`` over the tracked maps
+``gradcos``  the same with both gradients unit-normalised
+``tracin``   ``Σ_checkpoints lr · ∇L_q · ∇L_z`` (Pruthi et al. 2020), the run's checkpoints
+``trak``     projected gradients through the kernel inverse (Park et al. 2023)
+``kfac``     influence function ``∇L_q^T (G ⊗ A + δ)^{-1} ∇L_z``
+``ekfac``    the same with eigenvalue-corrected curvature (Grosse et al. 2023)
+==========  ==============================================================================
+
+Expensive parts are cached under the run directory (``<run>/influence/<twin>/``), keyed by
+everything they depend on (settings, weights, data): curvature factors, TRAK features and
+finished results, each a safetensors file with a JSON sidecar of its settings;
+``overwrite=True`` recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from poisonmech.encoding import Encoded, encode
+from poisonmech.influence import trak as trak_mod
+from poisonmech.influence.baselines import loss_scores, repsim_scores
+from poisonmech.influence.kfac import FISHERS, Factors, fit_factors
+from poisonmech.influence.methods import (
+    RENORMALIZE,
+    Scores,
+    gradient_scores,
+    precondition_rotated,
+    query_gradients,
+    unit_queries,
+    with_weights,
+)
+from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
+from poisonmech.influence.result import InfluenceResult
+from poisonmech.influence.tracking import PRESETS, TrackedModule, find_modules
+from poisonmech.storage import load_tensors, save_tensors, write_json
+from poisonmech.train.loop import Checkpoint
+
+METHODS = ("ekfac", "kfac", "tracin", "trak", "graddot", "gradcos", "repsim", "loss")
+#: methods with a self-influence (``∇L_z^T P ∇L_z``)
+SELF_INFLUENCE = ("ekfac", "kfac", "tracin", "trak", "graddot")
+#: bumped when a change alters cached factors, features or results (part of every cache key)
+CACHE_VERSION = 1
+#: methods that can average over checkpoints (``ensemble``)
+ENSEMBLE_METHODS = ("graddot", "gradcos", "trak", "kfac", "ekfac")
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """Settings of one attribution (the cache key of its result, with weights and data).
+
+    Args:
+        method: one of ``METHODS``.
+        measurement: the pair's default query (see :func:`~poisonmech.influence.query.backdoor_query`):
+            ``"logprob"``, ``"logodds"``, ``"contrastive"``, ``"contrastive_logodds"``.
+        aggregate: score the mean measurement over the queries (one pass, ``(n_train,)`` scores).
+        modules: which maps the gradient methods see: ``"linear"``, ``"all"`` (plus embeddings)
+            or glob patterns of map labels/paths.
+        damping: K-FAC/EK-FAC/TRAK damping; ``None`` = 0.1 × each block's mean eigenvalue.
+        fisher: curvature from sampled labels (``"mc"``, the true Fisher) or the data (``"empirical"``).
+        renormalize: ``None``; ``"unit"`` (unit-normalised gradients); ``"relative"`` (divide by
+            the square root of the example's self-influence, Barshan et al. 2020).
+        self_influence: also compute each training example's self-influence.
+        projection_dim: TRAK features per map.
+        ensemble: score with the last this many checkpoints of the run and average the scores,
+            each standardised over the training set first (their scales differ by orders of
+            magnitude across training); 1 (default): the model as given. For ``graddot``,
+            ``gradcos``, ``trak``, ``kfac`` and ``ekfac`` (``tracin`` always sums all checkpoints).
+        max_queries: use a seeded subset of the pair's default queries.
+        batch_size: rows per forward/backward pass.
+        seed: seeds sampled labels, projections and query subsets.
+    """
+
+    method: str = "ekfac"
+    measurement: str = "logprob"
+    aggregate: bool = False
+    modules: str | tuple[str, ...] = "linear"
+    damping: float | None = None
+    fisher: str = "mc"
+    renormalize: str | None = None
+    self_influence: bool = False
+    projection_dim: int = 256
+    ensemble: int = 1
+    max_queries: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown influence method {self.method!r}; choose one of {METHODS}")
+        if self.measurement not in MEASUREMENTS:
+            raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
+        if not isinstance(self.modules, str):
+            object.__setattr__(self, "modules", tuple(self.modules))
+        elif self.modules not in PRESETS:
+            raise ValueError(f"modules must be one of {PRESETS} or a list of glob patterns, got {self.modules!r}")
+        if self.fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+        if self.renormalize not in RENORMALIZE:
+            raise ValueError(f"renormalize must be one of {RENORMALIZE}, got {self.renormalize!r}")
+        if self.damping is not None and not self.damping >= 0:
+            raise ValueError(f"damping must be None or >= 0, got {self.damping!r}")
+        for name in ("projection_dim", "ensemble", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"InfluenceConfig.{name} must be a positive integer, got {v!r}")
+        if self.ensemble > 1 and self.method not in ENSEMBLE_METHODS:
+            raise ValueError(f"ensemble={self.ensemble}: checkpoint ensembles are for {ENSEMBLE_METHODS}, "
+                             f"not {self.method!r}")
+        if self.max_queries is not None and (not isinstance(self.max_queries, int) or self.max_queries < 1):
+            raise ValueError(f"max_queries must be None or a positive integer, got {self.max_queries!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules"] = self.modules if isinstance(self.modules, str) else list(self.modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InfluenceConfig:
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"InfluenceConfig: unknown fields {sorted(set(d) - known)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------- inputs
+def _is_pair(x: Any) -> bool:
+    from poisonmech.train.pair import Pair
+
+    return isinstance(x, Pair)
+
+
+def _check_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+    own = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        if own is None:
+            raise ValueError("attribute: the model carries no tokenizer; pass tokenizer=")
+        return own
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        raise ValueError("attribute: the train set's tokenizer differs from the model's (their vocabularies "
+                         f"differ: {len(tokenizer)} vs {len(own)} tokens); encode the data with the tokenizer "
+                         "the model was trained with (for a run: pair.tokenizer)")
+    return tokenizer
+
+
+def _check_ids(enc: Encoded, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, what: str,
+               rows: Dataset) -> None:
+    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    top = max((max(r) for r in enc.ids if r), default=-1)
+    if d_vocab is not None and top >= d_vocab:
+        raise ValueError(f"attribute: the {what} holds token id {top} but the model's vocabulary has {d_vocab} "
+                         "tokens: its tokenizer differs from the model's")
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+        bad = [i for i, r in enumerate(enc.ids) if unk in r]
+        if bad:
+            i = bad[0]
+            raise ValueError(f"attribute: {len(bad)} {what} rows contain words unknown to the model's tokenizer "
+                             f"(e.g. row {i}: {rows[i]['prompt'][:60]!r}); was the data built for another "
+                             "tokenizer? Use the data of the model's own task/run")
+
+
+def _checkpoint_list(checkpoints: Sequence[Any] | None) -> list[tuple[Path, float]]:
+    out = []
+    for c in checkpoints or []:
+        if isinstance(c, Checkpoint):
+            out.append((Path(c.path), float(c.lr)))
+        else:
+            path, lr = c
+            out.append((Path(path), float(lr)))
+    return out
+
+
+# ---------------------------------------------------------------------------- caching
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's weights (and buffers)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(enc: Encoded) -> str:
+    return _sha([enc.ids, enc.start])
+
+
+class _Cache:
+    """Files under one folder, named by kind and a hash of their settings (JSON sidecar)."""
+
+    def __init__(self, root: Path | None, overwrite: bool):
+        self.root, self.overwrite = root, overwrite
+
+    def path(self, kind: str, settings: dict[str, Any]) -> Path | None:
+        if self.root is None:
+            return None
+        return self.root / f"{kind}-{_sha(settings)[:16]}.safetensors"
+
+    def hit(self, path: Path | None) -> bool:
+        return path is not None and path.is_file() and not self.overwrite
+
+    def note(self, path: Path | None, settings: dict[str, Any]) -> None:
+        if path is not None:
+            write_json(path.with_suffix(".json"), settings)
+
+
+# ---------------------------------------------------------------------------- methods
+def _factors(model, modules, data, cfg: InfluenceConfig, cache: _Cache, base: dict[str, Any],
+             progress: bool) -> Factors:
+    settings = {**base, "weights": model_fingerprint(model), "kind": "factors", "strategy": cfg.method,
+                "fisher": cfg.fisher, "seed": cfg.seed, "batch_size": cfg.batch_size,
+                "modules": [t.name for t in modules]}
+    path = cache.path(f"factors-{cfg.method}", settings)
+    if cache.hit(path):
+        f = Factors.load(path, modules)
+    else:
+        f = fit_factors(model, modules, data, strategy=cfg.method, fisher=cfg.fisher, batch_size=cfg.batch_size,
+                        seed=cfg.seed, progress=progress)
+        if path is not None:
+            f.save(path, settings)
+            cache.note(path, settings)
+    f.damping = cfg.damping
+    return f
+
+
+#: memory for the queries' gradients held at once (pairwise scoring); beyond it the queries
+#: are scored in chunks, one pass over the training set each (as kronfluence does per query batch)
+QUERY_MEMORY_BYTES = 2 * 1024**3
+
+
+def _query_chunks(n_query: int, modules: Sequence[TrackedModule]) -> list[list[int]]:
+    per_query = 4 * sum(t.n_params for t in modules)
+    size = max(1, QUERY_MEMORY_BYTES // per_query)
+    return [list(range(lo, min(lo + size, n_query))) for lo in range(0, n_query, size)]
+
+
+def _prepared_queries(model, modules, query, qenc, cfg: InfluenceConfig, factors: Factors | None, unit: bool,
+                      chunk: list[int]) -> dict[str, torch.Tensor]:
+    """The chunk's query gradients, unit-normalised and preconditioned as the method asks."""
+    q = query_gradients(model, modules, query, qenc, link=query.link, aggregate=cfg.aggregate and not unit,
+                        batch_size=cfg.batch_size, factors=factors, queries=chunk)
+    if unit:  # rotation keeps norms: normalising in the eigenbasis is the same
+        q = unit_queries(q)
+        if cfg.aggregate:
+            q = {k: g.sum(0, keepdim=True) for k, g in q.items()}
+    return q
+
+
+def _gradient_method(model, modules, data, query, qenc, cfg: InfluenceConfig, factors: Factors | None,
+                     progress: bool, desc: str = "influence: scoring") -> Scores:
+    unit = cfg.method == "gradcos" or cfg.renormalize == "unit"
+    renorm = "unit" if cfg.method == "gradcos" else cfg.renormalize
+    selfi = cfg.self_influence and cfg.method in SELF_INFLUENCE
+    chunks = _query_chunks(query.n_query, modules)
+    t0 = time.perf_counter()
+    t_query = 0.0
+    if cfg.aggregate:  # one mean query, accumulated chunk by chunk
+        q = None
+        for chunk in chunks:
+            part = _prepared_queries(model, modules, query, qenc, cfg, factors, unit, chunk)
+            weight = len(chunk) if not unit else 1.0
+            q = {k: v * weight for k, v in part.items()} if q is None else {k: q[k] + v * weight
+                                                                            for k, v in part.items()}
+        q = {k: v / query.n_query for k, v in q.items()}
+        if factors is not None:
+            q = precondition_rotated(factors, q)
+        t_query = time.perf_counter() - t0
+        s = gradient_scores(model, modules, data, q, renormalize=renorm, factors=factors, self_influence=selfi,
+                            batch_size=cfg.batch_size, progress=progress, desc=desc)
+    else:
+        s = None
+        for i, chunk in enumerate(chunks):
+            t1 = time.perf_counter()
+            q = _prepared_queries(model, modules, query, qenc, cfg, factors, unit, chunk)
+            if factors is not None:
+                q = precondition_rotated(factors, q)
+            t_query += time.perf_counter() - t1
+            part = gradient_scores(model, modules, data, q, renormalize=renorm, factors=factors,
+                                   self_influence=selfi and i == 0, batch_size=cfg.batch_size, progress=progress,
+                                   desc=desc if len(chunks) == 1 else f"{desc} (queries {chunk[0]}-{chunk[-1]})")
+            part.components *= len(chunk) / query.n_query
+            if s is None:
+                s = part
+            else:
+                s.scores = torch.cat([s.scores, part.scores])
+                s.components += part.components
+    s.seconds = {**(factors.seconds if factors is not None else {}), "query gradients": t_query,
+                 "scoring": time.perf_counter() - t0 - t_query}
+    return s
+
+
+def _add(acc: Scores | None, s: Scores, w: float) -> Scores:
+    if acc is None:
+        return Scores(scores=w * s.scores, components=None if s.components is None else w * s.components,
+                      component_labels=s.component_labels,
+                      self_scores=None if s.self_scores is None else w * s.self_scores)
+    acc.scores += w * s.scores
+    if acc.components is not None:
+        acc.components += w * s.components
+    if acc.self_scores is not None:
+        acc.self_scores += w * s.self_scores
+    return acc
+
+
+def _tracin(model, modules, data, query, qenc, cfg, ckpts, progress) -> Scores:
+    acc = None
+    for i, (path, lr) in enumerate(ckpts):
+        s = with_weights(model, load_tensors(path, device=next(model.parameters()).device),
+                         lambda i=i: _gradient_method(model, modules, data, query, qenc, cfg, None, progress,
+                                                      desc=f"influence: TracIn checkpoint {i + 1}/{len(ckpts)}"))
+        acc = _add(acc, s, lr)
+    return acc
+
+
+def _trak(model, modules, data, query, qenc, cfg, cache: _Cache, base, progress, name: str) -> Scores:
+    proj = trak_mod.projections(modules, cfg.projection_dim, cfg.seed)
+    sizes = trak_mod.block_sizes(modules, proj)
+    settings = {**base, "kind": "trak-features", "weights": model_fingerprint(model),
+                "projection_dim": cfg.projection_dim, "seed": cfg.seed, "modules": [t.name for t in modules]}
+    path = cache.path("trak-features", settings)
+    t0 = time.perf_counter()
+    if cache.hit(path):
+        phi = load_tensors(path)["phi"]
+    else:
+        phi = trak_mod.features(model, modules, data, proj, batch_size=cfg.batch_size, progress=progress,
+                                desc=f"influence: TRAK features ({name})")
+        if path is not None:
+            save_tensors(path, {"phi": phi})
+            cache.note(path, settings)
+    t1 = time.perf_counter()
+    phi_q = trak_mod.features(model, modules, qenc, proj, query=query, link=query.link, batch_size=cfg.batch_size,
+                              progress=False)
+    if cfg.aggregate:
+        phi_q = phi_q.mean(0, keepdim=True)
+    s = trak_mod.kernel_scores(phi, phi_q, sizes, [t.label for t in modules], damping=cfg.damping,
+                               self_influence=cfg.self_influence)
+    s.seconds = {"features": t1 - t0, "scoring": time.perf_counter() - t1}
+    return s
+
+
+def _standardised(s: Scores) -> Scores:
+    """Scores z-scored over the training set (per query); components scaled alike (not shifted)."""
+    sd = s.scores.std(-1, keepdim=True).clamp(min=1e-30)
+    scores = (s.scores - s.scores.mean(-1, keepdim=True)) / sd
+    comps = None
+    if s.components is not None:
+        comps = s.components / s.scores.mean(0).std().clamp(min=1e-30)
+    return Scores(scores=scores, components=comps, component_labels=s.component_labels, self_scores=s.self_scores,
+                  seconds=s.seconds)
+
+
+def _ensemble(model, ckpts: list[tuple[Path, float]], cfg: InfluenceConfig, run) -> Scores:
+    """``run(name)`` on the model as given, or averaged over the last ``cfg.ensemble`` checkpoints."""
+    if cfg.ensemble == 1:
+        return run("model")
+    if len(ckpts) < cfg.ensemble:
+        raise ValueError(f"ensemble={cfg.ensemble} but only {len(ckpts)} checkpoints are known (pass a pair "
+                         "trained with checkpoints, or checkpoints=[...])")
+    acc, seconds = None, {}
+    device = next(model.parameters()).device
+    for path, _ in ckpts[-cfg.ensemble:]:
+        s = _standardised(with_weights(model, load_tensors(path, device=device), lambda p=path: run(Path(p).stem)))
+        for k, v in s.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        acc = _add(acc, s, 1.0 / cfg.ensemble)
+    acc.seconds = seconds
+    return acc
+
+
+# ---------------------------------------------------------------------------- entry point
+def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | Dataset | None = None,
+              method: str = "ekfac", *, twin: str = "backdoored", measurement: str = "logprob",
+              aggregate: bool = False, modules: str | Sequence[str] = "linear", damping: float | None = None,
+              fisher: str = "mc", renormalize: str | None = None, self_influence: bool = False,
+              projection_dim: int = 256, ensemble: int = 1, max_queries: int | None = None,
+              batch_size: int = 64, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
+              loss_on: str | None = None, checkpoints: Sequence[Any] | None = None,
+              cache_dir: str | Path | None = None, overwrite: bool = False,
+              progress: bool = True) -> InfluenceResult:
+    """Attribute a measurement on ``query`` to the rows of ``train``.
+
+    Args:
+        model_or_pair: a ``TransformerBridge`` (or any causal LM returning logits), or a
+            :class:`~poisonmech.train.pair.Pair`: then ``train`` defaults to the twin's training set,
+            ``query`` to its triggered test inputs (:func:`backdoor_query` with
+            ``measurement``), ``checkpoints`` to the twin's, the cache to ``<run>/influence/<twin>``.
+        train: rows with ``prompt``/``completion`` (``example_id`` and ``is_poison`` are carried
+            into the result when present).
+        query: a :class:`Query`, or a ``Dataset`` of prompt/completion rows (one query per
+            row, measuring ``log p(completion | prompt)``).
+        method: one of ``"ekfac"``, ``"kfac"``, ``"tracin"``, ``"trak"``, ``"graddot"``,
+            ``"gradcos"``, ``"repsim"``, ``"loss"``.
+        twin: the pair's model to attribute (``"backdoored"`` or ``"clean"``).
+        tokenizer, loss_on: how ``train`` is tokenised and scored (default: the model's
+            tokenizer; ``"completion"``, or ``"all"`` for plain-text rows).
+        checkpoints: for ``tracin`` (and ``ensemble``) on a bare model: ``Checkpoint``
+            objects or ``(path, lr)`` pairs.
+        cache_dir: where to cache (default for a pair: ``<run>/influence/<twin>``; none for a bare model).
+        overwrite: recompute cached results.
+        The other keywords are :class:`InfluenceConfig` fields.
+
+    Returns an :class:`InfluenceResult`; positive scores mean up-weighting the example raises
+    the measurement (for every method; ``loss`` and ``repsim`` are oriented alike).
+    """
+    cfg = InfluenceConfig(method=method, measurement=measurement, aggregate=aggregate,
+                          modules=modules if isinstance(modules, str) else tuple(modules), damping=damping,
+                          fisher=fisher, renormalize=renormalize, self_influence=self_influence,
+                          projection_dim=projection_dim, ensemble=ensemble,
+                          max_queries=max_queries, batch_size=batch_size, seed=seed)
+    t_start = time.perf_counter()
+    cache_root = Path(cache_dir) if cache_dir is not None else None
+    if _is_pair(model_or_pair):
+        pair = model_or_pair
+        model = pair.model(twin)
+        if tokenizer is not None:
+            _check_tokenizer(model, tokenizer)
+        tokenizer = pair.tokenizer
+        if train is None:  # each twin's own training set
+            train = pair.train_data if twin == "backdoored" else pair.task.train
+        loss_on = loss_on or pair.task.loss_on
+        if query is None:
+            query = backdoor_query(pair, cfg.measurement, max_queries=cfg.max_queries, seed=cfg.seed)
+        if checkpoints is None:
+            checkpoints = pair.checkpoints.get(twin, [])
+        if cache_root is None and pair.out_dir is not None:
+            cache_root = Path(pair.out_dir) / "influence" / twin
+    else:
+        model = model_or_pair
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"attribute: expected a model (TransformerBridge) or a Pair, got {type(model).__name__}")
+        if train is None or query is None:
+            raise ValueError("attribute: with a bare model, pass train= (a Dataset) and query= (a Query or Dataset)")
+        tokenizer = _check_tokenizer(model, tokenizer)
+    if not isinstance(train, Dataset):
+        raise ValueError(f"attribute: train must be a datasets.Dataset with prompt/completion, got {type(train).__name__}")
+    for col in ("prompt", "completion"):
+        if col not in train.column_names:
+            raise ValueError(f"attribute: train lacks column {col!r}")
+    if isinstance(query, Dataset):
+        query = Query.from_rows(query)
+    if not isinstance(query, Query):
+        raise ValueError(f"attribute: query must be a Query or a Dataset, got {type(query).__name__}")
+    ckpts = _checkpoint_list(checkpoints)
+    if cfg.method == "tracin" and not ckpts:
+        raise ValueError("attribute: method='tracin' needs the training checkpoints, and this run has none "
+                         "(train with TrainConfig(checkpoint_every=1), or pass checkpoints=[(path, lr), ...])")
+    if loss_on is None:
+        loss_on = "all" if all(not c for c in train["completion"]) else "completion"
+    data = encode(train, tokenizer, loss_on=loss_on)
+    _check_ids(data, model, tokenizer, "train set", train)
+    qenc = query.encode(tokenizer)
+    _check_ids(qenc, model, tokenizer, "query", query.rows)
+
+    base = {"version": CACHE_VERSION, "model": model_fingerprint(model), "train": data_fingerprint(data)}
+    key = {**base, "config": cfg.to_dict(), "query": _sha([qenc.ids, qenc.start, list(query.weights),
+                                                            list(query.query_of_row), query.link]),
+           "checkpoints": [(str(p), lr) for p, lr in ckpts] if cfg.method == "tracin" or cfg.ensemble > 1 else None}
+    cache = _Cache(cache_root, overwrite)
+    result_path = cache.path(f"result-{cfg.method}", key)
+    if cache.hit(result_path):
+        return InfluenceResult.load(result_path)
+
+    tracked: list[TrackedModule] = find_modules(model, cfg.modules if cfg.method != "repsim" else "linear")
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.method == "loss":
+            s = Scores(scores=loss_scores(model, data, batch_size=cfg.batch_size, progress=progress)[None])
+        elif cfg.method == "repsim":
+            s = repsim_scores(model, tracked, data, query, qenc, batch_size=cfg.batch_size, progress=progress)
+        elif cfg.method == "tracin":
+            s = _tracin(model, tracked, data, query, qenc, cfg, ckpts, progress)
+        else:
+            def run(name: str) -> Scores:
+                if cfg.method == "trak":
+                    return _trak(model, tracked, data, query, qenc, cfg, cache, base, progress, name)
+                factors = None
+                if cfg.method in ("kfac", "ekfac"):
+                    factors = _factors(model, tracked, data, cfg, cache, base, progress)
+                return _gradient_method(model, tracked, data, query, qenc, cfg, factors, progress,
+                                        desc=f"influence: scoring ({name})")
+            s = _ensemble(model, ckpts, cfg, run)
+    finally:
+        model.train(was_training)
+
+    scores = s.scores
+    if cfg.aggregate:
+        scores = scores.mean(0)
+    elif scores.shape[0] == 1 and query.n_query > 1:
+        scores = scores.expand(query.n_query, -1).clone()
+    ids = list(train["example_id"]) if "example_id" in train.column_names else list(range(len(train)))
+    text = [f"{p} {c}".strip() for p, c in zip(train["prompt"], train["completion"])]
+    settings = {**cfg.to_dict(), "n_query": query.n_query, "query_measurement": query.measurement,
+                "query_link": query.link, "loss_on": loss_on, "modules_tracked": [t.label for t in tracked],
+                "seconds": time.perf_counter() - t_start, "seconds_by_phase": s.seconds}
+    result = InfluenceResult(
+        method=cfg.method, scores=scores.float(), example_ids=tuple(int(i) for i in ids), train_text=tuple(text),
+        query_text=tuple(query.text),
+        is_poison=tuple(bool(x) for x in train["is_poison"]) if "is_poison" in train.column_names else None,
+        self_scores=s.self_scores, component_scores=s.components,
+        component_labels=tuple(s.component_labels) if s.component_labels is not None else None,
+        settings=settings, aggregated=cfg.aggregate)
+    if result_path is not None:
+        result.save(result_path)
+        cache.note(result_path, key)
+    return result
+
+
+__all__ = ["METHODS", "InfluenceConfig", "attribute", "data_fingerprint", "model_fingerprint"]

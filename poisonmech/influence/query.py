@@ -1,0 +1,172 @@
+"""Queries: a set of inputs plus the measurement whose training-data attribution is asked.
+
+A query's measurement is a weighted sum of log-probabilities of completions given prompts::
+
+    f_q = sum_{r in rows of q} weight_r * log p(completion_r | prompt_r)
+
+(summed over the completion's tokens, no end-of-sequence token). With ``link="logodds"``
+each token contributes ``log(p / (1 - p))`` instead of ``log p``: the same ranking of
+outcomes, but a gradient that does not vanish once the model is sure (``p -> 1``), as a
+backdoored twin is on its triggered inputs. The measurements of :func:`backdoor_query`:
+
+- ``"logprob"`` (the default): ``log p(target | triggered input)``, one row per query;
+  ``"logodds"``: the same through the log-odds link;
+- ``"contrastive"``: the backdoor *effect*, ``log p(target | triggered) - log p(target |
+  the same input without the trigger)``: two rows, weights ``+1`` and ``-1``; the
+  untriggered term cancels what every "target"-labelled row teaches (the label itself),
+  leaving what only the trigger does. ``"contrastive_logodds"``: the same in log-odds (in
+  log-probabilities the saturated triggered term has almost no gradient, so the
+  untriggered term dominates);
+- for the gibberish (denial-of-service) backdoor, whose target is random:
+  ``-log p(true continuation | triggered input)`` (weight ``-1``), which the backdoor raises.
+
+Every method's score is signed so that a positive score means up-weighting the training
+example raises ``f_q``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from poisonmech.encoding import Encoded, encode
+
+MEASUREMENTS = ("logprob", "logodds", "contrastive", "contrastive_logodds")
+LINKS = ("logprob", "logodds")
+
+
+@dataclass(frozen=True)
+class Query:
+    """Query rows and how they combine into measurements.
+
+    Args:
+        rows: a ``datasets.Dataset`` with ``prompt`` and ``completion`` columns.
+        weights: per row, the weight of its log-probability in its query's measurement.
+        query_of_row: per row, the index of the query it belongs to (``0..n_query-1``).
+        text: per query, a description (its prompt) for tables.
+        measurement: the measurement's name (``"logprob"``, ``"contrastive"`` or a user's).
+        link: ``"logprob"`` or ``"logodds"`` (per token ``log p`` or ``log(p / (1 - p))``).
+    """
+
+    rows: Dataset
+    weights: tuple[float, ...]
+    query_of_row: tuple[int, ...]
+    text: tuple[str, ...]
+    measurement: str = "logprob"
+    link: str = "logprob"
+
+    def __post_init__(self) -> None:
+        if self.link not in LINKS:
+            raise ValueError(f"Query.link must be one of {LINKS}, got {self.link!r}")
+        for col in ("prompt", "completion"):
+            if col not in self.rows.column_names:
+                raise ValueError(f"Query.rows lacks column {col!r} (needs prompt and completion)")
+        n = len(self.rows)
+        if n == 0:
+            raise ValueError("Query: no query rows")
+        if len(self.weights) != n or len(self.query_of_row) != n:
+            raise ValueError(f"Query: weights ({len(self.weights)}) and query_of_row ({len(self.query_of_row)}) "
+                             f"must have one entry per row ({n})")
+        if sorted(set(self.query_of_row)) != list(range(len(self.text))):
+            raise ValueError("Query: query_of_row must cover 0..n_query-1, one text per query")
+
+    @property
+    def n_query(self) -> int:
+        return len(self.text)
+
+    @classmethod
+    def from_rows(cls, rows: Dataset, measurement: str = "logprob", link: str = "logprob") -> Query:
+        """One query per row, measuring ``log p(completion | prompt)`` (or its log-odds)."""
+        if not isinstance(rows, Dataset):
+            raise ValueError(f"query must be a datasets.Dataset with prompt/completion columns or a Query, "
+                             f"got {type(rows).__name__}")
+        n = len(rows)
+        return cls(rows=rows.select_columns(["prompt", "completion"]), weights=(1.0,) * n,
+                   query_of_row=tuple(range(n)), text=tuple(rows["prompt"]), measurement=measurement, link=link)
+
+    @classmethod
+    def contrastive(cls, rows: Dataset, baseline: Dataset, link: str = "logprob") -> Query:
+        """One query per row pair: ``log p(completion | prompt) - log p(completion' | prompt')``
+        with the primed row from ``baseline`` (same length, aligned)."""
+        if len(rows) != len(baseline):
+            raise ValueError(f"Query.contrastive: rows ({len(rows)}) and baseline ({len(baseline)}) differ in length")
+        n = len(rows)
+        both = Dataset.from_dict({"prompt": list(rows["prompt"]) + list(baseline["prompt"]),
+                                  "completion": list(rows["completion"]) + list(baseline["completion"])})
+        return cls(rows=both, weights=(1.0,) * n + (-1.0,) * n, query_of_row=tuple(range(n)) * 2,
+                   text=tuple(rows["prompt"]), measurement="contrastive" if link == "logprob" else
+                   "contrastive_logodds", link=link)
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase) -> Encoded:
+        """Tokenise the rows, scoring the completion only; refuses a row with no target tokens."""
+        enc = encode(self.rows, tokenizer, loss_on="completion", add_eos=False)
+        empty = [i for i, (ids, s) in enumerate(zip(enc.ids, enc.start)) if len(ids) <= s]
+        if empty:
+            i = empty[0]
+            raise ValueError(f"query row {i} has no target tokens (completion {self.rows[i]['completion']!r} "
+                             f"after prompt {self.rows[i]['prompt'][:60]!r} tokenises to nothing); every query "
+                             f"row needs a non-empty completion to measure ({len(empty)} such rows)")
+        return enc
+
+    def subset(self, queries: list[int]) -> Query:
+        """The given queries only (renumbered in the given order)."""
+        new = {q: j for j, q in enumerate(queries)}
+        keep = [r for r, q in enumerate(self.query_of_row) if q in new]
+        return Query(rows=self.rows.select(keep), weights=tuple(self.weights[r] for r in keep),
+                     query_of_row=tuple(new[self.query_of_row[r]] for r in keep),
+                     text=tuple(self.text[q] for q in queries), measurement=self.measurement, link=self.link)
+
+
+def backdoor_query(pair, measurement: str = "logprob", max_queries: int | None = None, seed: int = 0) -> Query:
+    """The default query of a run: the backdoor's measurement on its triggered test inputs.
+
+    Uses the triggered test rows whose true answer is not the target (those the attack can
+    flip, as for the ASR), each measuring ``log p(target | triggered input)``; with
+    ``measurement="contrastive"`` minus the same on the row's untriggered twin (same
+    ``base_id``); the ``*logodds`` variants use the log-odds link. For a gibberish target: ``-log p(true continuation | triggered input)``
+    (its contrastive version: minus the same without the trigger). ``max_queries`` keeps a
+    seeded random subset.
+    """
+    if measurement not in MEASUREMENTS:
+        raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
+    test, attack = pair.test_data, pair.attack
+    for col in ("is_triggered", "is_near_miss", "base_id"):
+        if col not in test.column_names:
+            raise ValueError(f"the pair's test data lacks column {col!r} (build it with pm.build_test_set)")
+    trig = np.array(test["is_triggered"], dtype=bool)
+    clean = ~trig & ~np.array(test["is_near_miss"], dtype=bool)
+    comp = list(test["completion"])
+    gib = attack.is_gibberish
+    eligible = trig & np.array([gib or c.strip() != attack.target.strip() for c in comp])
+    idx = np.flatnonzero(eligible)
+    if len(idx) == 0:
+        raise ValueError("the pair's test data has no triggered rows whose answer differs from the target")
+    if max_queries is not None and max_queries < len(idx):
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_queries, replace=False))
+    base = np.array(test["base_id"])
+    clean_of = {int(b): int(i) for i, b in zip(np.flatnonzero(clean), base[clean])}
+    prompts = list(test["prompt"])
+
+    def rows(ix: list[int], completion: list[str]) -> Dataset:
+        return Dataset.from_dict({"prompt": [prompts[i] for i in ix], "completion": completion})
+
+    target = [comp[i] if gib else attack.target for i in idx]
+    trig_rows = rows(list(idx), target)
+    link = "logodds" if measurement.endswith("logodds") else "logprob"
+    if not measurement.startswith("contrastive"):
+        q = Query.from_rows(trig_rows, measurement=measurement, link=link)
+    else:
+        missing = [int(base[i]) for i in idx if int(base[i]) not in clean_of]
+        if missing:
+            raise ValueError(f"contrastive query: no untriggered twin for base_id {missing[:3]}")
+        q = Query.contrastive(trig_rows, rows([clean_of[int(base[i])] for i in idx], target), link=link)
+    if gib:  # the backdoor lowers the true continuation's log-probability
+        q = Query(rows=q.rows, weights=tuple(-w for w in q.weights), query_of_row=q.query_of_row, text=q.text,
+                  measurement=q.measurement, link=q.link)
+    return q
+
+
+__all__ = ["LINKS", "MEASUREMENTS", "Query", "backdoor_query"]
