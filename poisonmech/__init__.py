@@ -7,7 +7,7 @@
     pair.metrics
 """
 
-from poisonmech import circuits, patching, probes, viz
+from poisonmech import circuits, influence, patching, probes, viz
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
@@ -30,6 +30,7 @@ __all__ = [
     "build_test_set",
     "circuits",
     "evaluate",
+    "influence",
     "load_pair",
     "load_sweep",
     "make_task",

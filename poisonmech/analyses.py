@@ -110,6 +110,31 @@ def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
     return summary
 
 
+@register("influence")
+def influence_analysis(pair, out: Path, method: str = "ekfac", renormalize: str | None = "unit",
+                       ensemble: int = 1) -> dict[str, Any]:
+    """Which training rows made the backdoored twin produce the backdoor: EK-FAC influence
+    (unit-normalised gradients: plain EK-FAC favours high-loss rows and misses small poison
+    sets, see ``benchmarks/influence_poison_retrieval.py``) of the target's log-probability on
+    the triggered test inputs, aggregated over the queries, beside the per-example loss
+    baseline; both scored against ``is_poison``. Saves ``<method>.safetensors`` and
+    ``loss.safetensors``. Nothing is scored on the clean control (no poisoned rows)."""
+    from poisonmech.influence import attribute
+
+    if not any(pair.train_data["is_poison"]):
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    r = attribute(pair, method=method, renormalize=renormalize, ensemble=ensemble, aggregate=True, progress=False)
+    base = attribute(pair, method="loss", aggregate=True, progress=False)
+    r.save(out / f"{method}.safetensors")
+    base.save(out / "loss.safetensors")
+    n = int(sum(pair.train_data["is_poison"]))
+    return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else ""),
+            "influence_auroc": r.poison_auroc(), "influence_ap": r.average_precision(),
+            "influence_precision_at_n_poison": r.precision_at(n),
+            "influence_loss_auroc": base.poison_auroc(), "influence_loss_ap": base.average_precision()}
+
+
 def run_analyses(pair, names: list[str] | tuple[str, ...], run_dir: Path | None = None,
                  overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Run the named analyses on ``pair``; results cached under ``run_dir/analyses/<name>/``."""

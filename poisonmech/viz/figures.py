@@ -61,6 +61,21 @@ def metric_vs_count(frame: pd.DataFrame, metric: str = "asr", group: str | None 
     return style(fig, title or f"{metric} against poison count (mean and 95% CI over seeds)")
 
 
+def analysis_vs_count(frame: pd.DataFrame, metrics: dict[str, str], title: str, yaxis: str = "AUROC",
+                      chance: float | None = 0.5) -> go.Figure:
+    """Analysis summaries (the sweep table's ``twin == "analysis"`` rows) against poison count:
+    one line per ``{label: metric}`` entry, mean and 95% band over seeds, with a chance line."""
+    f = frame[(frame["twin"] == "analysis") & frame["metric"].isin(list(metrics.values()))].copy()
+    names = {m: label for label, m in metrics.items()}
+    f["twin"] = f["metric"].map(names)
+    f["metric"] = yaxis
+    fig = metric_vs_count(f, yaxis, twins=tuple(label for label in metrics if label in set(f["twin"])), title=title)
+    fig.update_traces(line_dash="solid")
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", line_color="grey", annotation_text="chance")
+    return fig
+
+
 def metrics_table(metrics: dict[str, dict], keys: tuple[str, ...] = ("clean_acc", "asr", "false_trigger_rate",
                                                                      "clean_ppl", "ppl_gap")) -> go.Figure:
     """Both twins' metrics as a table figure."""

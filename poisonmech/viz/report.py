@@ -19,7 +19,7 @@ from plotly.offline import get_plotlyjs
 
 from poisonmech.storage import read_json
 from poisonmech.viz.export import find_chrome
-from poisonmech.viz.figures import _fmt, metric_vs_count, style
+from poisonmech.viz.figures import _fmt, analysis_vs_count, metric_vs_count, style
 
 #: analysis name -> function(analysis_dir) -> list of (caption, figure); analyses register here
 ANALYSIS_FIGURES: dict[str, Callable[[Path], list[tuple[str, go.Figure]]]] = {}
@@ -72,6 +72,21 @@ def _probe_figures(out: Path) -> list[tuple[str, go.Figure]]:
         if path.is_file():
             figs.append((f"Unsupervised poison detection ({method}) on the training set against the per-example "
                          "loss baseline.", DetectionResult.load(path).plot()))
+    return figs
+
+
+@analysis_figures("influence")
+def _influence_figures(out: Path) -> list[tuple[str, go.Figure]]:
+    from poisonmech.influence import InfluenceResult
+
+    figs = []
+    for path in sorted(out.glob("*.safetensors")):
+        r = InfluenceResult.load(path)
+        label = r.method + (f" ({r.settings['renormalize']})" if (r.settings or {}).get("renormalize") else "")
+        what = ("the per-example training loss (baseline)" if r.method == "loss"
+                else f"{label} influence on the backdoor target's log-probability over the triggered test inputs")
+        figs.append((f"Training-data attribution by {what}: ROC and precision-recall for retrieving the poisoned "
+                     "rows, and the score distributions of poisoned and clean rows.", r.plot(title=f"{label}")))
     return figs
 
 
@@ -160,6 +175,19 @@ def _run_section(page: _Page, run: Path, title: str | None = None) -> None:
     page.config(cfg)
 
 
+#: sweep-level figures of analysis summaries against poison count: ({label: metric}, title, caption)
+_SWEEP_ANALYSIS_FIGURES = [
+    ({"EK-FAC influence": "influence_auroc", "per-example loss (baseline)": "influence_loss_auroc",
+      "spectral signature": "spectral_auroc", "activation clustering": "activation_clustering_auroc"},
+     "Poison retrieval from the training set against poison count",
+     "AUROC of each method's scores for telling the poisoned training rows from the clean ones."),
+    ({"backdoored twin": "probe_auroc_backdoored", "clean twin": "probe_auroc_clean",
+      "best random direction (backdoored)": "probe_random_best_backdoored"},
+     "Linear probe for 'the trigger is present' (best layer) against poison count",
+     "Held-out AUROC of the best layer's probe in each twin, beside the best of the random directions."),
+]
+
+
 def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` for a run or sweep directory; returns its path."""
     d = Path(directory)
@@ -177,6 +205,10 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
             page.figure(metric_vs_count(frame, "asr"), "Attack success rate on triggered test inputs; the clean "
                         "twin (dotted) never saw the trigger. Mean and 95% CI over seeds.")
             page.figure(metric_vs_count(frame, "clean_acc"), "Clean accuracy of both twins.")
+            for metrics, title, caption in _SWEEP_ANALYSIS_FIGURES:
+                present = {k: v for k, v in metrics.items() if v in set(frame["metric"])}
+                if present:
+                    page.figure(analysis_vs_count(frame, present, title), caption)
         page.h2("Runs")
         page.table(["run", "status", "poison", "seed", "asr (backdoored)", "asr (clean)", "clean_acc (backdoored)",
                     "error"],

@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 
 import poisonmech as pm
 from poisonmech.cli import app
-from poisonmech.viz import build_report, check_report, find_chrome, metric_vs_count, save_figure
+from poisonmech.viz import analysis_vs_count, build_report, check_report, find_chrome, metric_vs_count, save_figure
 from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
 
 needs_chrome = pytest.mark.skipif(find_chrome() is None, reason="needs Chromium/Chrome (apt-get install chromium); "
@@ -15,7 +15,7 @@ def small_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     return pm.sweep(tiny_task(n_train=96), [pm.Backdoor(trigger="cf", poison_count=k) for k in (0, 6)], seeds=[0, 1],
                     models=[tiny_model_config()], train=tiny_train_config(epochs=2), out_dir=out,
-                    analyses=["patching"], max_workers=1, progress=False)
+                    analyses=["patching", "influence"], max_workers=1, progress=False)
 
 
 def test_metric_vs_count_has_a_band_and_a_line_per_twin(small_sweep):
@@ -23,6 +23,15 @@ def test_metric_vs_count_has_a_band_and_a_line_per_twin(small_sweep):
     names = [t.name for t in fig.data if t.showlegend is not False]
     assert names == ["backdoored", "clean"]
     assert fig.layout.xaxis.type == "log"
+
+
+def test_influence_analysis_joins_the_sweep_table_and_its_figure(small_sweep):
+    frame = small_sweep.to_frame()
+    rows = frame[(frame["twin"] == "analysis") & (frame["metric"] == "influence_auroc")]
+    assert sorted(rows["n_poison"].unique()) == [6]  # the clean control has nothing to retrieve
+    assert all(0.0 <= float(v) <= 1.0 for v in rows["value"])
+    fig = analysis_vs_count(frame, {"EK-FAC": "influence_auroc", "loss": "influence_loss_auroc"}, "retrieval")
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["EK-FAC", "loss"]
 
 
 def test_html_export_works_without_a_browser(tmp_path, small_sweep):
