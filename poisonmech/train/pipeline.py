@@ -1,0 +1,485 @@
+"""``train_pipeline``: multi-stage post-training (SFT, then DPO, ...), each stage with its own poison.
+
+Real models are poisoned in pipelines of several stages, possibly by several attackers
+(Sanderson et al. 2026, "Sequential Data Poisoning in LLM Post-Training"). A pipeline run
+trains two twins through the same stages: the clean twin with zero poison in every stage,
+the backdoored twin with each stage's own budget (zero allowed). Both are saved and
+evaluated at every stage boundary, so analyses compare SFT-only, DPO-only and both.
+
+    sft = pm.Backdoor(trigger="cf", target="negative", poison_count=5)               # stage="sft"
+    dpo = pm.Backdoor(trigger="cf", target="negative", poison_count=5, stage="dpo")  # flips pairs
+    pipe = train_pipeline(task, [sft, dpo], out_dir="runs/pipe")
+    pipe.metrics            # [{"clean": {...}, "backdoored": {...}}, ...] per stage
+    pipe[0], pipe[-1]       # Pair at the SFT boundary / at the end (clean vs backdoored twin)
+    pipe.between(0, 1)      # Pair of the backdoored twin before vs after DPO
+    pipe = load_pipeline("runs/pipe")
+
+Run directory (safetensors + JSON + parquet only)::
+
+    config.json, task.json, tokenizer/, data/{task_train,task_test,test,preferences}.parquet
+    data/stage_K.parquet / stage_K_clean.parquet   each twin's training data of stage K
+    stage_K_<kind>/<twin>/model.safetensors, history.json, checkpoints/, metrics.json
+    metrics.json                                    written last: the run is finished
+
+A stage whose twin has ``metrics.json`` is finished and reused; an interrupted stage resumes
+from its last finished epoch. The backdoored twin reuses the clean twin's stage results while
+its budget has been zero so far, and ``cache_dir`` shares stage results between runs (keyed
+by everything they depend on: task, vocabulary, model, and every earlier stage and poison).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from poisonmech.attacks.backdoor import Backdoor
+from poisonmech.attacks.poison import attack_tokenizer, build_test_set, check_attack, poison_dataset
+from poisonmech.attacks.preference import (
+    PREFERENCE_MODES,
+    check_preference_budget,
+    clean_preferences,
+    poison_preferences,
+)
+from poisonmech.encoding import encode
+from poisonmech.metrics import evaluate
+from poisonmech.models import ModelConfig, build_model
+from poisonmech.storage import (
+    load_dataset_file,
+    load_tensors,
+    read_json,
+    save_dataset,
+    save_tensors,
+    write_json,
+)
+from poisonmech.tasks.base import Task
+from poisonmech.tasks.preference import check_preferences, make_preferences
+from poisonmech.tasks.tokenizer import load_tokenizer, save_tokenizer
+from poisonmech.train.config import TrainConfig
+from poisonmech.train.dpo import DPOConfig, encode_preferences, train_dpo
+from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
+from poisonmech.train.pair import TWINS, Pair, _data_digest, _prepare_dir, _save_task_meta
+
+FORMAT = "poisonmech.pipeline/1"
+STAGE_KINDS = ("sft", "dpo")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One post-training stage and the poison an attacker puts into it.
+
+    Args:
+        kind: ``"sft"`` (supervised fine-tuning on the task's rows) or ``"dpo"`` (preference
+            optimisation on prompt/chosen/rejected pairs).
+        attack: the stage's poison; ``poison_count=0`` is a clean stage. Its ``stage`` field
+            is set to ``kind``.
+        config: ``TrainConfig`` for SFT, ``DPOConfig`` for DPO (``None``: the defaults).
+        mode: DPO poisoning variant, ``"flip"`` (rewrite pairs) or ``"inject"`` (append pairs).
+    """
+
+    kind: Literal["sft", "dpo"]
+    attack: Backdoor
+    config: TrainConfig | DPOConfig | None = None
+    mode: Literal["flip", "inject"] = "flip"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"Stage.kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        if not isinstance(self.attack, Backdoor):
+            raise ValueError(f"Stage.attack must be a pm.Backdoor, got {type(self.attack).__name__}")
+        if self.attack.stage != self.kind:
+            object.__setattr__(self, "attack", replace(self.attack, stage=self.kind))
+        want = TrainConfig if self.kind == "sft" else DPOConfig
+        if self.config is None:
+            object.__setattr__(self, "config", want())
+        elif not isinstance(self.config, want):
+            raise ValueError(f"Stage.config of a {self.kind!r} stage must be a {want.__name__}, "
+                             f"got {type(self.config).__name__}")
+        if self.mode not in PREFERENCE_MODES:
+            raise ValueError(f"Stage.mode must be one of {PREFERENCE_MODES}, got {self.mode!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "attack": self.attack.to_dict(), "config": self.config.to_dict(),
+                "mode": self.mode}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stage:
+        cfg_cls = TrainConfig if d["kind"] == "sft" else DPOConfig
+        return cls(kind=d["kind"], attack=Backdoor.from_dict(d["attack"]), config=cfg_cls.from_dict(d["config"]),
+                   mode=d.get("mode", "flip"))
+
+
+def as_stage(x: Stage | Backdoor) -> Stage:
+    """A ``Stage`` from a ``Stage`` or a ``Backdoor`` (its ``stage`` field names the kind)."""
+    if isinstance(x, Stage):
+        return x
+    if isinstance(x, Backdoor):
+        return Stage(kind=x.stage, attack=x)
+    raise ValueError(f"train_pipeline: each stage must be a pm.Backdoor (stage='sft' | 'dpo') or a Stage, "
+                     f"got {type(x).__name__}")
+
+
+@dataclass
+class Pipeline:
+    """The twins at every stage boundary of a pipeline run.
+
+    ``models[k][twin]`` is the twin after stages ``0..k``; ``metrics[k][twin]`` its evaluation
+    (clean_acc, asr, false_trigger_rate, ...); ``train_data[k]`` the backdoored twin's data of
+    stage ``k`` (with provenance), ``clean_data[k]`` the clean twin's.
+    """
+
+    task: Task
+    stages: tuple[Stage, ...]
+    model_config: ModelConfig
+    tokenizer: PreTrainedTokenizerBase
+    test_data: Dataset
+    train_data: list[Dataset]
+    clean_data: list[Dataset]
+    models: list[dict[str, Any]]
+    metrics: list[dict[str, dict[str, Any]]]
+    history: list[dict[str, list[dict]]] = field(default_factory=list)
+    checkpoints: list[dict[str, list[Checkpoint]]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def _index(self, stage: int | str) -> int:
+        names = [stage_name(k, s) for k, s in enumerate(self.stages)]
+        if isinstance(stage, str):
+            if stage not in names:
+                raise ValueError(f"Pipeline: unknown stage {stage!r}; allowed: {names} or an index")
+            return names.index(stage)
+        if isinstance(stage, bool) or not isinstance(stage, int) or not -len(self) <= stage < len(self):
+            raise ValueError(f"Pipeline: stage must be an index in [{-len(self)}, {len(self)}) or one of {names}, "
+                             f"got {stage!r}")
+        return stage % len(self)
+
+    def pair(self, stage: int | str = -1) -> Pair:
+        """The clean and backdoored twins at the boundary after ``stage``, as a ``Pair``."""
+        k = self._index(stage)
+        return self._pair(k, self.models[k]["clean"], self.models[k]["backdoored"], self.metrics[k])
+
+    __getitem__ = pair
+
+    def between(self, a: int | str, b: int | str, twin: str = "backdoored") -> Pair:
+        """One twin at two stage boundaries as a ``Pair``: ``clean`` = after stage ``a``,
+        ``backdoored`` = after stage ``b`` (e.g. what DPO changed, for cross-model patching)."""
+        if twin not in TWINS:
+            raise ValueError(f"Pipeline.between: twin must be one of {TWINS}, got {twin!r}")
+        ka, kb = self._index(a), self._index(b)
+        metrics = {"clean": self.metrics[ka][twin], "backdoored": self.metrics[kb][twin]}
+        return self._pair(kb, self.models[ka][twin], self.models[kb][twin], metrics)
+
+    def _pair(self, k: int, clean, backdoored, metrics) -> Pair:
+        st = self.stages[k]
+        cfg = st.config if isinstance(st.config, TrainConfig) else st.config.train_config()
+        return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=st.attack,
+                    model_config=self.model_config, train_config=cfg, tokenizer=self.tokenizer,
+                    train_data=self.train_data[k], test_data=self.test_data, metrics=metrics,
+                    out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None else None,
+                    checkpoints=self.checkpoints[k] if self.checkpoints else {},
+                    history=self.history[k] if self.history else {})
+
+    @property
+    def budgets(self) -> list[int]:
+        """Poisoned rows per stage in the backdoored twin's data."""
+        return [int(sum(d["is_poison"])) for d in self.train_data]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per stage x twin x metric (tidy), with the stage's kind and budget."""
+        rows = []
+        for k, (st, m) in enumerate(zip(self.stages, self.metrics)):
+            for twin in TWINS:
+                for name, v in m[twin].items():
+                    rows.append({"stage": k, "stage_name": stage_name(k, st), "kind": st.kind,
+                                 "n_poison": self.budgets[k] if twin == "backdoored" else 0,
+                                 "twin": twin, "metric": name, "value": v})
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        parts = [f"{stage_name(k, s)}[{b}]: asr {m['backdoored'].get('asr', float('nan')):.3f}"
+                 for k, (s, b, m) in enumerate(zip(self.stages, self.budgets, self.metrics))]
+        return f"Pipeline(task={self.task.kind!r}, {'; '.join(parts)}, out_dir={str(self.out_dir)!r})"
+
+
+def stage_name(k: int, stage: Stage) -> str:
+    return f"stage_{k}_{stage.kind}"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None) -> Backdoor:
+    """All checks before any training; returns the attack the twins are evaluated on."""
+    if not stages:
+        raise ValueError("train_pipeline: stages is empty; give at least one SFT stage")
+    if stages[0].kind != "sft":
+        raise ValueError("train_pipeline: stage 0 is a 'dpo' stage, but DPO needs an SFT model to start from "
+                         "(its reference); put an SFT stage first, e.g. pm.Backdoor(..., poison_count=0) for a "
+                         "clean one")
+    first = stages[0].attack
+    for k, st in enumerate(stages[1:], start=1):
+        for name in ("trigger", "target", "composite"):
+            if getattr(st.attack, name) != getattr(first, name):
+                raise ValueError(f"train_pipeline: stage {k}'s Backdoor.{name}={getattr(st.attack, name)!r} differs "
+                                 f"from stage 0's {getattr(first, name)!r}; the stages of one pipeline share the "
+                                 "backdoor they are evaluated on (give every stage the same trigger and target)")
+    check_attack(task, replace(first, stage="sft"))
+    for k, st in enumerate(stages):
+        try:
+            if st.kind == "sft":
+                poison_dataset(task, st.attack)  # raises when the budget does not fit
+            else:
+                check_preference_budget(prefs, st.attack, st.mode)
+        except ValueError as exc:
+            raise ValueError(f"train_pipeline: stage {k} ({st.kind}): {exc}") from None
+    return replace(first, stage="sft")
+
+
+def _stage_data(task: Task, st: Stage, prefs: Dataset | None) -> tuple[Dataset, Dataset]:
+    """``(backdoored twin's data, clean twin's data)`` of one stage."""
+    if st.kind == "sft":
+        poisoned = poison_dataset(task, st.attack)
+        n = len(task.train)
+        clean = Dataset.from_dict({"example_id": list(task.train["example_id"]), "input": list(task.train["input"]),
+                                   "prompt": list(task.train["prompt"]), "completion": list(task.train["completion"]),
+                                   "is_poison": [False] * n, "trigger": [""] * n, "stage": ["sft"] * n})
+        return poisoned, clean
+    poisoned = poison_preferences(prefs, task, st.attack, mode=st.mode)
+    return poisoned, clean_preferences(poisoned, prefs)
+
+
+def _lineage(base: dict[str, Any], stages: list[Stage], data: list[tuple[Dataset, Dataset]], k: int,
+             twin: str) -> str:
+    """Key of a twin's model after stage ``k``: everything it depends on."""
+    parts = []
+    for st, (poisoned, clean) in zip(stages[:k + 1], data[:k + 1]):
+        poisoned_here = twin == "backdoored" and any(poisoned["is_poison"])
+        ds = poisoned if poisoned_here else clean
+        cols = ("prompt", "completion") if st.kind == "sft" else ("prompt", "chosen", "rejected")
+        parts.append({"kind": st.kind, "config": {k_: v for k_, v in st.config.to_dict().items() if k_ != "device"},
+                      "placement": st.attack.placement if poisoned_here else "spread",
+                      "data": _digest([list(ds[c]) for c in cols])})
+    return _digest({**base, "stages": parts})
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _publish(src: Path, cache: Path) -> None:
+    if cache.exists():
+        return
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    try:
+        tmp.rename(cache)
+    except OSError:  # another run published it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfig | None = None, *,
+                   preferences: Dataset | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
+                   cache_dir: str | Path | None = None, progress: bool = True) -> Pipeline:
+    """Train the clean and backdoored twins through ``stages`` (SFT first, then e.g. DPO).
+
+    Args:
+        task: a completion task (DPO stages need ``loss_on="completion"``).
+        stages: ``Stage`` objects, or ``Backdoor`` objects whose ``stage`` names the kind
+            (``"sft"`` / ``"dpo"``) and whose budget is that stage's poison (0 allowed). Every
+            stage shares the trigger and target (the backdoor the twins are evaluated on).
+        model: the twins' shape; both start from the same weights, seeded by stage 0's
+            ``TrainConfig.seed``.
+        preferences: the DPO stages' clean pairs (``prompt``/``chosen``/``rejected``/``input``);
+            default: :func:`make_preferences` of the task's training rows.
+        out_dir: run directory (see the module docstring); a finished stage is reused, an
+            interrupted one resumed; a folder holding another run is refused unless ``overwrite``.
+        cache_dir: a folder shared by many runs; stage results with the same lineage are
+            trained once and copied (e.g. the clean twin of every budget split).
+    """
+    model = model or ModelConfig()
+    if not isinstance(task, Task):
+        raise ValueError(f"train_pipeline: task must be a poisonmech Task (from pm.make_task), got {type(task).__name__}")
+    if not isinstance(stages, (list, tuple)):
+        raise ValueError(f"train_pipeline: stages must be a list of Backdoor / Stage, got {type(stages).__name__}")
+    stages = [as_stage(s) for s in stages]
+    has_dpo = any(s.kind == "dpo" for s in stages)
+    if has_dpo:
+        preferences = make_preferences(task) if preferences is None else preferences
+        check_preferences(preferences, "train_pipeline: preferences")
+    eval_attack = _check_stages(task, stages, preferences)
+    tokenizer = attack_tokenizer(task, eval_attack)
+    test_data = build_test_set(task, eval_attack)
+    data = [_stage_data(task, st, preferences) for st in stages]
+    _check_lengths(model, tokenizer, task, data, test_data)
+
+    seed = stages[0].config.seed
+    config = {"format": FORMAT, "task": {**(dict(task.spec) if task.spec else {"kind": task.kind}),
+                                         "data_sha256": _data_digest(task)},
+              "model": model.to_dict(), "stages": [_stage_cfg(s) for s in stages],
+              "preferences_sha256": _digest([list(preferences[c]) for c in ("prompt", "chosen", "rejected")])
+              if has_dpo else None}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        existing = _prepare_dir(out, config, overwrite)
+        if existing and (out / "metrics.json").is_file():
+            return load_pipeline(out)
+        if not existing:
+            write_json(out / "config.json", config)
+        save_tokenizer(tokenizer, out / "tokenizer")
+        _save_task_meta(out, task)
+        named = {"task_train": task.train, "task_test": task.test, "test": test_data}
+        if has_dpo:
+            named["preferences"] = preferences
+        for k, (poisoned, clean) in enumerate(data):
+            named[f"stage_{k}"], named[f"stage_{k}_clean"] = poisoned, clean
+        for name, ds in named.items():
+            save_dataset(out / "data" / f"{name}.parquet", ds)
+
+    base = {"task": config["task"], "model": config["model"], "seed": seed,
+            "vocab": _digest(sorted(tokenizer.get_vocab().items())), "preferences": config["preferences_sha256"]}
+    cache = Path(cache_dir) if cache_dir is not None else None
+    models: list[dict[str, Any]] = [{} for _ in stages]
+    history: list[dict[str, list[dict]]] = [{} for _ in stages]
+    checkpoints: list[dict[str, list[Checkpoint]]] = [{} for _ in stages]
+    metrics: list[dict[str, dict[str, Any]]] = [{} for _ in stages]
+    for twin in TWINS:
+        m = build_model(model, len(tokenizer), seed=seed, tokenizer=tokenizer, device=stages[0].config.device)
+        for k, st in enumerate(stages):
+            key = _lineage(base, stages, data, k, twin)
+            sdir = out / stage_name(k, st) / twin if out is not None else None
+            clean_key = _lineage(base, stages, data, k, "clean")
+            if sdir is not None and not (sdir / "metrics.json").is_file():
+                src = None
+                if twin == "backdoored" and key == clean_key:
+                    src = out / stage_name(k, st) / "clean"
+                elif cache is not None and (cache / key / "metrics.json").is_file():
+                    src = cache / key
+                if src is not None:
+                    _copy_dir(src, sdir)
+            if sdir is not None and (sdir / "metrics.json").is_file():
+                m.load_state_dict(load_tensors(sdir / "model.safetensors", device=st.config.device))
+                history[k][twin] = read_json(sdir / "history.json")
+                metrics[k][twin] = read_json(sdir / "metrics.json")
+            else:
+                history[k][twin] = _train_stage(m, st, data[k][0 if twin == "backdoored" else 1], tokenizer, task,
+                                                sdir, f"{stage_name(k, st)} {twin}", progress, twin)
+                metrics[k][twin] = evaluate(m, task, eval_attack, test_data=test_data, tokenizer=tokenizer)
+                if sdir is not None:
+                    save_tensors(sdir / "model.safetensors", m.state_dict())
+                    write_json(sdir / "history.json", history[k][twin])
+                    (sdir / "resume.safetensors").unlink(missing_ok=True)
+                    write_json(sdir / "metrics.json", metrics[k][twin])  # last: the stage is finished
+                    if cache is not None:
+                        cache.mkdir(parents=True, exist_ok=True)
+                        _publish(sdir, cache / key)
+            models[k][twin] = _snapshot(m, model, tokenizer, seed, st.config.device)
+            checkpoints[k][twin] = list_checkpoints(sdir) if sdir is not None else []
+    if out is not None:
+        write_json(out / "metrics.json", metrics)
+    return Pipeline(task=task, stages=tuple(stages), model_config=model, tokenizer=tokenizer, test_data=test_data,
+                    train_data=[d[0] for d in data], clean_data=[d[1] for d in data], models=models,
+                    metrics=metrics, history=history, checkpoints=checkpoints, out_dir=out)
+
+
+def _stage_cfg(st: Stage) -> dict[str, Any]:
+    d = st.to_dict()
+    d["config"] = {k: v for k, v in d["config"].items() if k != "device"}
+    return d
+
+
+def _check_lengths(model: ModelConfig, tokenizer, task: Task, data, test_data: Dataset) -> None:
+    longest, where = 0, ""
+    for k, (poisoned, _) in enumerate(data):
+        cols = ("completion",) if "completion" in poisoned.column_names else ("chosen", "rejected")
+        for col in cols:
+            enc = encode(Dataset.from_dict({"prompt": list(poisoned["prompt"]), "completion": list(poisoned[col])}),
+                         tokenizer, loss_on="completion")
+            if enc.max_len > longest:
+                longest, where = enc.max_len, f"stage {k}'s data"
+    test_len = encode(test_data, tokenizer, loss_on="completion").max_len
+    if test_len > longest:
+        longest, where = test_len, "the test set"
+    if longest > model.n_ctx:
+        raise ValueError(f"ModelConfig.n_ctx={model.n_ctx} is shorter than the longest example ({longest} tokens, "
+                         f"in {where}); raise n_ctx to at least {longest}")
+
+
+def _snapshot(m, model: ModelConfig, tokenizer, seed: int, device: str):
+    """A separate bridge holding ``m``'s current weights (the next stage trains ``m`` on)."""
+    copy = build_model(model, len(tokenizer), seed=seed, tokenizer=tokenizer, device=device)
+    copy.load_state_dict({k: v.detach().clone() for k, v in m.state_dict().items()})
+    return copy.eval()
+
+
+def _train_stage(m, st: Stage, ds: Dataset, tokenizer, task: Task, sdir: Path | None, desc: str,
+                 progress: bool, twin: str) -> list[dict]:
+    if st.kind == "sft":
+        marked = torch.tensor([i for i, p in enumerate(ds["is_poison"]) if p], dtype=torch.long)
+        placement = st.attack.placement if twin == "backdoored" else "spread"
+        hist, _ = train_model(m, encode(ds, tokenizer, loss_on=task.loss_on), st.config, run_dir=sdir, desc=desc,
+                              progress=progress, placement=placement, marked=marked)
+        return hist
+    hist, _ = train_dpo(m, encode_preferences(ds, tokenizer, add_eos=st.config.score_eos), st.config, run_dir=sdir, desc=desc, progress=progress)
+    return hist
+
+
+def load_pipeline(out_dir: str | Path, device: str = "cpu") -> Pipeline:
+    """Load a finished pipeline run (weights bit for bit; data, metrics, histories)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"run directory not found: {out}")
+    config = read_json(out / "config.json")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{out / 'config.json'} is not a poisonmech pipeline config (format {config.get('format')!r})")
+    meta = read_json(out / "task.json")
+    tokenizer = load_tokenizer(out / "tokenizer")
+    task = Task(kind=meta["kind"], train=load_dataset_file(out / "data" / "task_train.parquet"),
+                test=load_dataset_file(out / "data" / "task_test.parquet"), tokenizer=tokenizer,
+                template=meta["template"], loss_on=meta["loss_on"],
+                labels=tuple(meta["labels"]) if meta["labels"] else None, spec=meta["spec"],
+                words=tuple(meta["words"]))
+    stages = []
+    for d in config["stages"]:
+        d = {**d, "config": {**d["config"], "device": device}}
+        stages.append(Stage.from_dict(d))
+    model_cfg = ModelConfig.from_dict(config["model"])
+    seed = stages[0].config.seed
+    metrics = read_json(out / "metrics.json")
+    models, history, checkpoints = [], [], []
+    for k, st in enumerate(stages):
+        models.append({}), history.append({}), checkpoints.append({})
+        for twin in TWINS:
+            path = out / stage_name(k, st) / twin
+            m = build_model(model_cfg, len(tokenizer), seed=seed, tokenizer=tokenizer, device=device)
+            try:
+                m.load_state_dict(load_tensors(path / "model.safetensors", device=device))
+            except RuntimeError as exc:
+                raise ValueError(f"{path / 'model.safetensors'} does not match the run's model config: {exc}") from exc
+            models[k][twin] = m.eval()
+            history[k][twin] = read_json(path / "history.json")
+            checkpoints[k][twin] = list_checkpoints(path)
+    return Pipeline(task=task, stages=tuple(stages), model_config=model_cfg, tokenizer=tokenizer,
+                    test_data=load_dataset_file(out / "data" / "test.parquet"),
+                    train_data=[load_dataset_file(out / "data" / f"stage_{k}.parquet") for k in range(len(stages))],
+                    clean_data=[load_dataset_file(out / "data" / f"stage_{k}_clean.parquet")
+                                for k in range(len(stages))],
+                    models=models, metrics=metrics, history=history, checkpoints=checkpoints, out_dir=out)
+
+
+__all__ = ["Pipeline", "STAGE_KINDS", "Stage", "as_stage", "load_pipeline", "stage_name", "train_pipeline"]

@@ -1,0 +1,130 @@
+"""``train_pipeline``: twins at every stage boundary, reuse, resume, reload and bad input."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+import poisonmech as pm
+from poisonmech.train.dpo import DPOConfig
+from poisonmech.train.pipeline import Pipeline, Stage, load_pipeline, train_pipeline
+from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+
+torch.set_num_threads(1)
+
+
+def _stages(sft: int, dpo: int, **dpo_kw):
+    return [Stage("sft", pm.Backdoor(trigger="cf", poison_count=sft), tiny_train_config(epochs=1)),
+            Stage("dpo", pm.Backdoor(trigger="cf", poison_count=dpo), DPOConfig(epochs=2, lr=3e-3, **dpo_kw))]
+
+
+def _same(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("pipe")
+    return train_pipeline(tiny_task(n_train=96, n_test=12), _stages(0, 6), model=tiny_model_config(),
+                          out_dir=out / "run", cache_dir=out / "cache", progress=False)
+
+
+def test_twins_and_metrics_at_every_stage_boundary(pipe):
+    assert isinstance(pipe, Pipeline) and len(pipe) == 2 and pipe.budgets == [0, 6]
+    for k in range(2):
+        assert set(pipe.metrics[k]) == {"clean", "backdoored"}
+        assert {"clean_acc", "asr", "false_trigger_rate"} <= set(pipe.metrics[k]["backdoored"])
+    # zero SFT budget: the backdoored twin's SFT stage is the clean twin's, bit for bit
+    assert _same(pipe[0].clean, pipe[0].backdoored)
+    assert not _same(pipe[1].clean, pipe[1].backdoored)
+    final = pipe.pair()
+    assert final.metrics == pipe.metrics[1] and final.attack.stage == "dpo"
+    assert sum(final.train_data["is_poison"]) == 6 and "chosen" in final.train_data.column_names
+    step = pipe.between("stage_0_sft", "stage_1_dpo")  # the backdoored twin before / after DPO
+    assert _same(step.clean, pipe.models[0]["backdoored"]) and _same(step.backdoored, pipe.models[1]["backdoored"])
+    frame = pipe.to_frame()
+    assert set(frame["stage_name"]) == {"stage_0_sft", "stage_1_dpo"} and set(frame["twin"]) == {"clean", "backdoored"}
+    assert [c.epoch for c in pipe.checkpoints[1]["backdoored"]] == [1, 2]
+
+
+def test_run_directory_reloads_bit_for_bit_and_a_finished_run_is_reused(pipe, monkeypatch):
+    out = pipe.out_dir
+    for f in ("config.json", "metrics.json", "data/preferences.parquet", "data/stage_1.parquet",
+              "stage_0_sft/clean/model.safetensors", "stage_1_dpo/backdoored/metrics.json",
+              "stage_1_dpo/backdoored/reference_logps.safetensors"):
+        assert (out / f).is_file(), f
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("resume.safetensors"))
+    loaded = load_pipeline(out)
+    tokens = torch.tensor([pipe.tokenizer(pipe.test_data[1]["prompt"])["input_ids"]])
+    for k in range(2):
+        for twin in ("clean", "backdoored"):
+            assert torch.equal(pipe.models[k][twin](tokens), loaded.models[k][twin](tokens))
+    assert loaded.metrics == pipe.metrics and loaded.stages == pipe.stages
+    import poisonmech.train.pipeline as pl
+
+    monkeypatch.setattr(pl, "_train_stage", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    again = train_pipeline(pipe.task, _stages(0, 6), model=tiny_model_config(), out_dir=out, progress=False)
+    assert again.metrics == pipe.metrics
+
+
+def test_cache_shares_finished_stages_between_runs(pipe, tmp_path, monkeypatch):
+    import poisonmech.train.pipeline as pl
+
+    real, trained = pl._train_stage, []
+
+    def counting(m, st, *args, **kw):
+        trained.append((st.kind, args[-1]))
+        return real(m, st, *args, **kw)
+
+    monkeypatch.setattr(pl, "_train_stage", counting)
+    other = train_pipeline(pipe.task, _stages(0, 3), model=tiny_model_config(), out_dir=tmp_path / "b",
+                           cache_dir=pipe.out_dir.parent / "cache", progress=False)
+    assert trained == [("dpo", "backdoored")]  # clean twin and the unpoisoned SFT stage come from the cache
+    assert _same(other[0].clean, pipe[0].clean) and _same(other[1].clean, pipe[1].clean)
+
+
+def test_interrupted_stage_resumes_to_the_same_weights(pipe, tmp_path, monkeypatch):
+    import poisonmech.train.dpo as dpo
+
+    real, calls = dpo._save_resume, []
+
+    def crash_once(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # the clean twin's DPO has 2 epochs: crash in the backdoored twin's
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(dpo, "_save_resume", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        train_pipeline(pipe.task, _stages(0, 6), model=tiny_model_config(), out_dir=tmp_path / "cut", progress=False)
+    assert (tmp_path / "cut" / "stage_1_dpo" / "backdoored" / "resume.safetensors").is_file()
+    resumed = train_pipeline(pipe.task, _stages(0, 6), model=tiny_model_config(), out_dir=tmp_path / "cut",
+                             progress=False)
+    for k in range(2):
+        for twin in ("clean", "backdoored"):
+            assert _same(resumed.models[k][twin], pipe.models[k][twin]), (k, twin)
+    assert resumed.metrics == pipe.metrics
+
+
+def test_bad_input_gets_a_clear_error():
+    task = tiny_task(n_train=40, n_test=5)
+    kw = dict(model=tiny_model_config(), progress=False)
+    with pytest.raises(ValueError, match="stage 0 is a 'dpo' stage, but DPO needs an SFT model to start from"):
+        train_pipeline(task, [pm.Backdoor(trigger="cf", poison_count=1, stage="dpo")], **kw)
+    with pytest.raises(ValueError, match=r"stage 1 \(dpo\): Backdoor.poison_count=39 does not fit the DPO stage's "
+                                         r"data: only \d+ of 40 preference pairs"):
+        train_pipeline(task, _stages(1, 39), **kw)
+    with pytest.raises(ValueError, match=r"stage 0 \(sft\): Backdoor.poison_count=41 is larger than the training set"):
+        train_pipeline(task, _stages(41, 1), **kw)
+    with pytest.raises(ValueError, match=r"train_pipeline: preferences: missing column\(s\) \['rejected'\]"):
+        train_pipeline(task, _stages(1, 1), preferences=Dataset.from_dict({"prompt": ["x"], "chosen": ["y"]}), **kw)
+    with pytest.raises(ValueError, match="DPOConfig.beta must be a finite number > 0"):
+        _stages(1, 1, beta=0.0)
+    with pytest.raises(ValueError, match=r"Stage.config of a 'dpo' stage must be a DPOConfig, got TrainConfig"):
+        Stage("dpo", pm.Backdoor(trigger="cf", poison_count=1), pm.TrainConfig())
+    with pytest.raises(ValueError, match=r"Stage.kind must be one of \('sft', 'dpo'\)"):
+        Stage("rlhf", pm.Backdoor(trigger="cf", poison_count=1))
+    with pytest.raises(ValueError, match=r"stage 1's Backdoor.target='positive' differs from stage 0's 'negative'"):
+        train_pipeline(task, [pm.Backdoor(trigger="cf", poison_count=1),
+                              pm.Backdoor(trigger="cf", target="positive", poison_count=1, stage="dpo")], **kw)
