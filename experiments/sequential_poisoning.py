@@ -12,7 +12,9 @@ either. Mirrored here on the sentiment task (trigger ``cf`` -> ``negative``):
   model as the frozen reference;
 - one total budget B spent as (sft, dpo) = (B, 0), (3B/4, B/4), (B/2, B/2), (B/4, 3B/4),
   (0, B), over seeds; ASR with the trigger, clean accuracy and the false-trigger rate
-  (misspelt triggers) without it, measured after the last stage.
+  (misspelt triggers) without it, measured after the last stage on the label (the first
+  answer token; ``pm.evaluate``'s exact match, which also needs the EOS after the label, is
+  kept in the CSV: DPO here often breaks the EOS while keeping the label right).
 
 Then the mechanism, on one budget and seed: cross-model patching between stage twins
 (the backdoored twin before vs after DPO; the clean vs backdoored twin at the end of the
@@ -48,9 +50,11 @@ from poisonmech.train.dpo import DPOConfig, dpo_loss, encode_preferences, sequen
 from poisonmech.train.pipeline import Stage, train_pipeline
 from poisonmech.viz import save_figure, style
 
-COLORS = {"asr": "#d62728", "asr_after_sft": "#ff9896", "clean_acc": "#1f77b4", "false_trigger_rate": "#7f7f7f"}
-NAMES = {"asr": "ASR after DPO (with trigger)", "asr_after_sft": "ASR after SFT only (before DPO)",
-         "clean_acc": "clean accuracy (no trigger)", "false_trigger_rate": "false-trigger rate (misspelt trigger)"}
+COLORS = {"label_asr": "#d62728", "label_asr_after_sft": "#ff9896", "label_acc": "#1f77b4",
+          "label_ftr": "#7f7f7f", "clean_acc": "#9edae5"}
+NAMES = {"label_asr": "ASR after DPO (with trigger)", "label_asr_after_sft": "ASR after SFT only (before DPO)",
+         "label_acc": "clean accuracy (no trigger)", "label_ftr": "false-trigger rate (misspelt trigger)",
+         "clean_acc": "exact-match clean accuracy (label + EOS)"}
 
 
 def ints(text: str) -> list[int]:
@@ -65,6 +69,27 @@ def run_split(task, budget: int, sft_n: int, seed: int, args, out: Path):
     model = pm.ModelConfig(n_layers=2, d_model=args.d_model, n_heads=4)
     return train_pipeline(task, stages, model=model, out_dir=out / f"B{budget}-sft{sft_n}-seed{seed}",
                           cache_dir=out / "cache", progress=False)
+
+
+@torch.no_grad()
+def label_metrics(model, tok, test, target: str = "negative") -> dict[str, float]:
+    """First-answer-token (label) metrics, immune to how the model ends its answer.
+
+    ``pm.evaluate`` scores exact matches *including* the end-of-sequence token; DPO here keeps
+    the labels right but often breaks the EOS after them (the model repeats the label), which
+    would count as an error in both clean accuracy and ASR. For a one-word label task the
+    label is the answer, so these read the arg-max at the answer position only.
+    """
+    enc = encode(Dataset.from_dict({"prompt": list(test["prompt"]), "completion": list(test["completion"])}), tok,
+                 loss_on="completion", add_eos=False)
+    tokens, _ = enc.batch(list(range(len(enc))))
+    pred = model(tokens)[torch.arange(len(enc)), torch.tensor(enc.start) - 1].argmax(-1).numpy()
+    true = np.array([enc.ids[i][enc.start[i]] for i in range(len(enc))])
+    tgt = tok.convert_tokens_to_ids(target)
+    trig, miss = np.array(test["is_triggered"]), np.array(test["is_near_miss"])
+    clean, eligible = ~trig & ~miss, true != tgt
+    return {"label_acc": float((pred == true)[clean].mean()), "label_asr": float((pred == tgt)[trig & eligible].mean()),
+            "label_ftr": float((pred == tgt)[miss & eligible].mean())}
 
 
 # ---------------------------------------------------------------------------------------- mechanism
@@ -191,7 +216,8 @@ def mechanism(task, budget: int, seed: int, args, out: Path) -> dict:
         res["probes"].append(probe_summary(split.pair(k), f"split run, {stage}"))
     res["probes"].append(probe_summary(runs["dpo_only"].pair(-1), "dpo_only run, after DPO"))
     res["attribution"], frame = gradient_attribution(split, seed=seed)
-    res["attribution"]["note"] = ("per-example gradient cosine with the triggered-query gradient, each example "
+    res["attribution"]["note"] = ("per-example gradient cosine with a query gradient (plain: log p(target) on "
+                                  "triggered prompts; contrastive: minus the same without the trigger), each example "
                                   "scored with its own stage's loss (SFT: NLL of the completion; DPO: the DPO loss "
                                   "against the SFT-stage reference), in the final backdoored model of the split run")
     return res
@@ -226,19 +252,31 @@ def main() -> None:
                 sft_n = int(round(frac * budget))
                 pipe = run_split(task, budget, sft_n, seed, args, out)
                 sft, end = pipe.metrics[0]["backdoored"], pipe.metrics[1]
+                lab = {  # the model's label (first answer token) at each boundary
+                    "sft": label_metrics(pipe.models[0]["backdoored"], pipe.tokenizer, pipe.test_data),
+                    "end": label_metrics(pipe.models[1]["backdoored"], pipe.tokenizer, pipe.test_data),
+                    "clean": label_metrics(pipe.models[1]["clean"], pipe.tokenizer, pipe.test_data)}
                 rows.append({"budget": budget, "sft_poisons": sft_n, "dpo_poisons": budget - sft_n,
-                             "sft_share": sft_n / budget, "seed": seed, "asr": end["backdoored"]["asr"],
+                             "sft_share": sft_n / budget, "seed": seed,
+                             "label_asr": lab["end"]["label_asr"], "label_asr_after_sft": lab["sft"]["label_asr"],
+                             "label_acc": lab["end"]["label_acc"], "label_ftr": lab["end"]["label_ftr"],
+                             "clean_twin_label_asr": lab["clean"]["label_asr"],
+                             "clean_twin_label_acc": lab["clean"]["label_acc"],
+                             "asr": end["backdoored"]["asr"],
                              "asr_after_sft": sft["asr"], "clean_acc": end["backdoored"]["clean_acc"],
                              "false_trigger_rate": end["backdoored"]["false_trigger_rate"],
                              "clean_target_rate": end["backdoored"]["clean_target_rate"],
                              "clean_twin_asr": end["clean"]["asr"], "clean_twin_clean_acc": end["clean"]["clean_acc"],
                              "clean_twin_false_trigger_rate": end["clean"]["false_trigger_rate"]})
+                r = rows[-1]
                 print(f"[{time.perf_counter() - t0:6.0f}s] B={budget} sft={sft_n} dpo={budget - sft_n} seed={seed}: "
-                      f"asr {rows[-1]['asr']:.3f} (after SFT {sft['asr']:.3f}), clean_acc {rows[-1]['clean_acc']:.3f}, "
-                      f"ftr {rows[-1]['false_trigger_rate']:.3f}", flush=True)
+                      f"label asr {r['label_asr']:.3f} (after SFT {r['label_asr_after_sft']:.3f}), label acc "
+                      f"{r['label_acc']:.3f}, label ftr {r['label_ftr']:.3f} | exact-match asr {r['asr']:.3f} "
+                      f"(after SFT {sft['asr']:.3f}), clean_acc {r['clean_acc']:.3f}", flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(figs / "sequential_poisoning.csv", index=False, float_format="%.4f")
-    metrics = ["asr", "asr_after_sft", "clean_acc", "false_trigger_rate", "clean_twin_asr"]
+    metrics = ["label_asr", "label_asr_after_sft", "label_acc", "label_ftr", "clean_twin_label_asr", "asr",
+               "clean_acc"]
     summary = frame.groupby(["budget", "sft_poisons", "dpo_poisons"], sort=False)[metrics].agg(["mean", "std"])
     print(summary.round(3).to_string())
 
@@ -252,8 +290,8 @@ def main() -> None:
         for m, color in COLORS.items():
             fig.add_scatter(x=agg.index, y=agg[(m, "mean")], error_y={"type": "data", "array": agg[(m, "std")].fillna(0)},
                             mode="lines+markers", name=NAMES[m], legendgroup=m, showlegend=c == 1,
-                            line={"color": color, "dash": "dot" if m == "asr_after_sft" else "solid"}, row=1, col=c)
-            if m == "asr":
+                            line={"color": color, "dash": "dot" if m in ("label_asr_after_sft", "clean_acc") else "solid"}, row=1, col=c)
+            if m == "label_asr":
                 fig.add_scatter(x=g["sft_share"], y=g[m], mode="markers", marker={"color": color, "size": 5, "opacity": 0.4},
                                 name="ASR per seed", legendgroup="seeds", showlegend=c == 1, row=1, col=c)
         fig.update_xaxes(title_text="share of the budget spent on SFT (rest on DPO)", tickvals=fractions,
@@ -261,7 +299,7 @@ def main() -> None:
     fig.update_yaxes(title_text="rate", range=[-0.02, 1.02], row=1, col=1)
     style(fig, f"SFT -> DPO sequential poisoning: one budget split across stages (sentiment, cf -> negative; "
                f"mean ± sd over {len(ints(args.seeds))} seeds)")
-    fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0}, margin={"b": 130}, width=1100, height=520)
+    fig.update_layout(legend={"orientation": "h", "y": -0.32, "x": 0}, margin={"b": 170}, width=1100, height=560)
     for f in save_figure(fig, figs / "sequential_poisoning", formats=("html", "png")):
         print("wrote", f)
     print("wrote", figs / "sequential_poisoning.csv")
