@@ -12,16 +12,29 @@ from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
 from poisonmech.sweeps import Sweep, load_sweep, sweep
-from poisonmech.tasks import TASK_KINDS, Task, make_task
-from poisonmech.train import Pair, TrainConfig, load_pair, train_pair
+from poisonmech.tasks import TASK_KINDS, Task, make_preferences, make_task
+from poisonmech.train import (
+    DPOConfig,
+    Pair,
+    Pipeline,
+    Stage,
+    TrainConfig,
+    load_pair,
+    load_pipeline,
+    train_pair,
+    train_pipeline,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TASK_KINDS",
     "Backdoor",
+    "DPOConfig",
     "ModelConfig",
     "Pair",
+    "Pipeline",
+    "Stage",
     "Sweep",
     "Task",
     "TrainConfig",
@@ -32,13 +45,16 @@ __all__ = [
     "evaluate",
     "influence",
     "load_pair",
+    "load_pipeline",
     "load_sweep",
+    "make_preferences",
     "make_task",
     "patching",
     "poison_dataset",
     "probes",
     "sweep",
     "train_pair",
+    "train_pipeline",
     "viz",
     "wrap_hf_model",
 ]

@@ -8,6 +8,7 @@ from poisonmech.attacks.poison import (
     insert_trigger,
     poison_dataset,
 )
+from poisonmech.attacks.preference import clean_preferences, poison_preferences
 
 __all__ = [
     "GIBBERISH",
@@ -16,6 +17,8 @@ __all__ = [
     "attack_tokenizer",
     "build_test_set",
     "check_attack",
+    "clean_preferences",
     "insert_trigger",
     "poison_dataset",
+    "poison_preferences",
 ]

@@ -60,7 +60,8 @@ def check_attack(task: Task, attack: Backdoor) -> None:
                         f"Backdoor.trigger {' + '.join(' '.join(p) for p in v)!r} already occurs in the clean "
                         f"{split_name} data (e.g. {text[:80]!r}); pick another trigger or pass natural=True")
     if attack.stage != "sft":
-        raise ValueError(f"Backdoor.stage={attack.stage!r}: only 'sft' poisoning is implemented by train_pair")
+        raise ValueError(f"Backdoor.stage={attack.stage!r}: train_pair poisons SFT data only (stage='sft'); "
+                         "a DPO-stage attack goes into pm.train_pipeline(task, stages=[sft_attack, dpo_attack])")
 
 
 def insert_trigger(text: str, pieces: list[str], position: str, rng: np.random.Generator) -> str:
