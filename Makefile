@@ -13,6 +13,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# the peer the influence tests compare against; --no-deps: it declares torchvision (never
+	# imported), which would replace the pinned torch
+	$(BIN)/pip install --quiet --no-deps "kronfluence==1.0.1"
 	touch $(STAMP)
 
 install: $(STAMP)

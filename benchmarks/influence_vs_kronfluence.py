@@ -12,7 +12,7 @@ and the rank agreement of the two score sets.
 Both run single-threaded (``torch.set_num_threads(1)``, stated in the output): on a shared
 2-core machine threaded LAPACK/BLAS calls on small matrices spin and time erratically.
 
-    .venv/bin/python benchmarks/influence_vs_kronfluence.py [--run runs/demo] [--queries 250]
+    .venv/bin/python benchmarks/influence_vs_kronfluence.py [--run runs/default_pair] [--queries 250]
 
 kronfluence is an optional peer: ``pip install --no-deps kronfluence einconv opt-einsum``.
 """
@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import poisonmech as pm  # noqa: E402
+from poisonmech.cli import default_pair  # noqa: E402
 from poisonmech.encoding import encode  # noqa: E402
 from poisonmech.influence import attribute, backdoor_query  # noqa: E402
 from poisonmech.influence.peers import kronfluence_scores  # noqa: E402
@@ -57,16 +58,13 @@ def training_pass_seconds(pair) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/demo", help="a trained pair (trained by `poisonmech demo` if missing)")
+    ap.add_argument("--run", default="runs/default_pair", help="a trained pair (the default pair is trained if missing)")
     ap.add_argument("--queries", type=int, default=None, help="number of triggered queries (default: all eligible)")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
     torch.set_num_threads(1)
     run = Path(args.run)
-    if not (run / "metrics.json").is_file():
-        task = pm.make_task("sentiment", n_train=4000, n_test=500, seed=0)
-        pm.train_pair(task, pm.Backdoor(trigger="cf", target="negative", poison_rate=0.01), out_dir=run)
-    pair = pm.load_pair(run)
+    pair = default_pair(run)
     query = backdoor_query(pair, max_queries=args.queries)
     n_train = len(pair.train_data)
     print(f"run {run}: {n_train} training rows, {query.n_query} triggered queries, "
