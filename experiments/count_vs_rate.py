@@ -6,7 +6,7 @@ training-set sizes and two model widths on the default sentiment task. If the cu
 when plotted against the count (and spread apart against the rate), the count is what matters.
 
 Writes ``figures/count_vs_rate.{html,png}`` and ``figures/count_vs_rate.csv``.
-Run: ``.venv/bin/python experiments/count_vs_rate.py [--sizes 1000,4000] [--widths 64,128]
+Run: ``.venv/bin/python experiments/count_vs_rate.py [--sizes 1000,2000,4000] [--widths 64,128]
 [--counts 1,2,4,8,16] [--seeds 0,1]`` (the defaults take a few minutes per run on 2 CPU cores).
 """
 
@@ -30,7 +30,7 @@ def ints(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1000,4000")
+    ap.add_argument("--sizes", default="1000,2000,4000")
     ap.add_argument("--widths", default="64,128")
     ap.add_argument("--counts", default="1,2,4,8,16")
     ap.add_argument("--seeds", default="0,1")
