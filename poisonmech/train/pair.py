@@ -251,6 +251,27 @@ def _save_task_meta(out: Path, task: Task) -> None:
                                    "words": list(task.words)})
 
 
+def load_task_meta(out: Path) -> Task:
+    """The task saved in a run directory (``task.json``, ``tokenizer/``, ``data/task_*.parquet``)."""
+    meta = read_json(out / "task.json")
+    return Task(kind=meta["kind"], train=load_dataset_file(out / "data" / "task_train.parquet"),
+                test=load_dataset_file(out / "data" / "task_test.parquet"), tokenizer=load_tokenizer(out / "tokenizer"),
+                template=meta["template"], loss_on=meta["loss_on"],
+                labels=tuple(meta["labels"]) if meta["labels"] else None, spec=meta["spec"],
+                words=tuple(meta["words"]))
+
+
+def load_model(path: Path, model_cfg: ModelConfig, tokenizer, *, seed: int, device: str = "cpu"):
+    """A model of ``model_cfg`` with the weights in ``path`` (safetensors), in eval mode;
+    a ``ValueError`` naming the file when they do not fit the config."""
+    m = build_model(model_cfg, len(tokenizer), seed=seed, tokenizer=tokenizer, device=device)
+    try:
+        m.load_state_dict(load_tensors(path, device=device))
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not match the run's model config: {exc}") from exc
+    return m.eval()
+
+
 def load_pair(out_dir: str | Path, device: str = "cpu") -> Pair:
     """Load a finished run: the twins' logits match the trained ones bit for bit.
 
@@ -262,25 +283,15 @@ def load_pair(out_dir: str | Path, device: str = "cpu") -> Pair:
     config = read_json(out / "config.json")
     if config.get("format") != FORMAT:
         raise ValueError(f"{out / 'config.json'} is not a poisonmech pair config (format {config.get('format')!r})")
-    meta = read_json(out / "task.json")
-    tokenizer = load_tokenizer(out / "tokenizer")
-    task = Task(kind=meta["kind"], train=load_dataset_file(out / "data" / "task_train.parquet"),
-                test=load_dataset_file(out / "data" / "task_test.parquet"), tokenizer=tokenizer,
-                template=meta["template"], loss_on=meta["loss_on"],
-                labels=tuple(meta["labels"]) if meta["labels"] else None, spec=meta["spec"],
-                words=tuple(meta["words"]))
+    task = load_task_meta(out)
+    tokenizer = task.tokenizer
     attack = Backdoor.from_dict(config["attack"])
     model_cfg = ModelConfig.from_dict(config["model"])
     train_cfg = TrainConfig.from_dict({**config["train"], "device": device})
     twins, history, checkpoints = {}, {}, {}
     for twin in TWINS:
-        m = build_model(model_cfg, len(tokenizer), seed=train_cfg.seed, tokenizer=tokenizer, device=device)
-        state = load_tensors(out / twin / "model.safetensors", device=device)
-        try:
-            m.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"{out / twin / 'model.safetensors'} does not match the run's model config: {exc}") from exc
-        twins[twin] = m.eval()
+        twins[twin] = load_model(out / twin / "model.safetensors", model_cfg, tokenizer, seed=train_cfg.seed,
+                                 device=device)
         history[twin] = read_json(out / twin / "history.json")
         checkpoints[twin] = list_checkpoints(out / twin)
     return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,

@@ -63,11 +63,19 @@ from poisonmech.storage import (
 )
 from poisonmech.tasks.base import Task
 from poisonmech.tasks.preference import check_preferences, make_preferences
-from poisonmech.tasks.tokenizer import load_tokenizer, save_tokenizer
+from poisonmech.tasks.tokenizer import save_tokenizer
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.dpo import DPOConfig, encode_preferences, train_dpo
 from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
-from poisonmech.train.pair import TWINS, Pair, _data_digest, _prepare_dir, _save_task_meta
+from poisonmech.train.pair import (
+    TWINS,
+    Pair,
+    _data_digest,
+    _prepare_dir,
+    _save_task_meta,
+    load_model,
+    load_task_meta,
+)
 
 FORMAT = "poisonmech.pipeline/1"
 STAGE_KINDS = ("sft", "dpo")
@@ -447,13 +455,8 @@ def load_pipeline(out_dir: str | Path, device: str = "cpu") -> Pipeline:
     config = read_json(out / "config.json")
     if config.get("format") != FORMAT:
         raise ValueError(f"{out / 'config.json'} is not a poisonmech pipeline config (format {config.get('format')!r})")
-    meta = read_json(out / "task.json")
-    tokenizer = load_tokenizer(out / "tokenizer")
-    task = Task(kind=meta["kind"], train=load_dataset_file(out / "data" / "task_train.parquet"),
-                test=load_dataset_file(out / "data" / "task_test.parquet"), tokenizer=tokenizer,
-                template=meta["template"], loss_on=meta["loss_on"],
-                labels=tuple(meta["labels"]) if meta["labels"] else None, spec=meta["spec"],
-                words=tuple(meta["words"]))
+    task = load_task_meta(out)
+    tokenizer = task.tokenizer
     stages = []
     for d in config["stages"]:
         d = {**d, "config": {**d["config"], "device": device}}
@@ -466,12 +469,7 @@ def load_pipeline(out_dir: str | Path, device: str = "cpu") -> Pipeline:
         models.append({}), history.append({}), checkpoints.append({})
         for twin in TWINS:
             path = out / stage_name(k, st) / twin
-            m = build_model(model_cfg, len(tokenizer), seed=seed, tokenizer=tokenizer, device=device)
-            try:
-                m.load_state_dict(load_tensors(path / "model.safetensors", device=device))
-            except RuntimeError as exc:
-                raise ValueError(f"{path / 'model.safetensors'} does not match the run's model config: {exc}") from exc
-            models[k][twin] = m.eval()
+            models[k][twin] = load_model(path / "model.safetensors", model_cfg, tokenizer, seed=seed, device=device)
             history[k][twin] = read_json(path / "history.json")
             checkpoints[k][twin] = list_checkpoints(path)
     return Pipeline(task=task, stages=tuple(stages), model_config=model_cfg, tokenizer=tokenizer,
