@@ -32,6 +32,19 @@ def test_train_command_writes_a_loadable_run(tmp_path):
     assert pm.load_pair(tmp_path / "run").attack.poison_count == 4
 
 
+def test_analyze_command_runs_influence_and_caches_it(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML.format(out=tmp_path / "run"))
+    assert CliRunner().invoke(app, ["train", str(cfg)]).exit_code == 0
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "--influence"])
+    assert result.exit_code == 0, result.output
+    assert "influence_auroc=" in result.output and "influence_loss_auroc=" in result.output
+    out = tmp_path / "run" / "analyses" / "influence"
+    assert (out / "summary.json").is_file() and (out / "ekfac.safetensors").is_file()
+    r = pm.influence.InfluenceResult.load(out / "ekfac.safetensors")
+    assert r.settings["renormalize"] == "unit" and sum(r.is_poison) == 4
+
+
 def test_train_command_reports_bad_config_clearly(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text(TOML.format(out=tmp_path / "run").replace('kind = "sentiment"', 'kind = "poetry"'))
