@@ -67,7 +67,7 @@ def main() -> None:
     fig.update_xaxes(type="log", title_text="fraction of the training set poisoned", row=1, col=2)
     fig.update_yaxes(title_text="attack success rate (backdoored twin)", row=1, col=1)
     style(fig, "Backdoor success: poison count or poison rate? (mean ± sd over seeds)")
-    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0}, margin={"b": 110})
+    fig.update_layout(legend={"orientation": "h", "y": -0.3, "x": 0}, margin={"b": 160}, height=620)
     for f in save_figure(fig, out / "count_vs_rate", formats=("html", "png")):
         print("wrote", f)
 
