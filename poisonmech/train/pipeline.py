@@ -443,7 +443,8 @@ def _train_stage(m, st: Stage, ds: Dataset, tokenizer, task: Task, sdir: Path | 
         hist, _ = train_model(m, encode(ds, tokenizer, loss_on=task.loss_on), st.config, run_dir=sdir, desc=desc,
                               progress=progress, placement=placement, marked=marked)
         return hist
-    hist, _ = train_dpo(m, encode_preferences(ds, tokenizer, add_eos=st.config.score_eos), st.config, run_dir=sdir, desc=desc, progress=progress)
+    enc = encode_preferences(ds, tokenizer, add_eos=st.config.score_eos, chosen_eos=st.config.nll_weight > 0)
+    hist, _ = train_dpo(m, enc, st.config, run_dir=sdir, desc=desc, progress=progress)
     return hist
 
 

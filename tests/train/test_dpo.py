@@ -14,6 +14,7 @@ from poisonmech.train.dpo import (
     DPOConfig,
     dpo_loss,
     encode_preferences,
+    preference_logprobs,
     preference_shift,
     train_dpo,
 )
@@ -67,6 +68,31 @@ def test_dpo_loss_is_log2_when_the_policy_is_the_reference_and_falls_with_the_ma
     assert better.item() < math.log(2)
 
 
+def test_nll_term_keeps_the_chosen_answer_and_its_end_likely():
+    """DPO + NLL on the chosen answer and its EOS (``nll_weight``): the chosen sequences,
+    EOS included, stay more likely than under pure DPO from the same start, and the
+    preference still moves the right way."""
+    task = tiny_task(n_train=200, n_test=50)
+    sft = _sft_model(task)
+    train_prefs, held_out = make_preferences(task), make_preferences(task, split="test")
+    with_eos = encode_preferences(held_out, task.tokenizer, add_eos=True)
+    chosen_lp = {}
+    for w in (0.0, 1.0):
+        model = _copy(task, sft)
+        history, _ = train_dpo(model, train_prefs, DPOConfig(epochs=6, lr=3e-3, seed=0, nll_weight=w),
+                               tokenizer=task.tokenizer, reference=_copy(task, sft), progress=False)
+        assert ("nll" in history[-1]) == (w > 0)
+        chosen_lp[w] = float(preference_logprobs(model, with_eos)[0].mean())
+        shift = preference_shift(model, _copy(task, sft), held_out, task.tokenizer)
+        assert shift["chosen_shift"] - shift["rejected_shift"] > 1.0
+    assert chosen_lp[1.0] > chosen_lp[0.0] + 0.5
+    with pytest.raises(ValueError, match=r"DPOConfig.nll_weight must be a finite number >= 0"):
+        DPOConfig(nll_weight=-1.0)
+    with pytest.raises(ValueError, match=r"nll_weight > 0 needs the chosen answers with their EOS"):
+        train_dpo(_copy(task, sft), encode_preferences(train_prefs, task.tokenizer), DPOConfig(nll_weight=1.0),
+                  progress=False)
+
+
 def test_dpo_config_checks_beta_and_round_trips():
     for bad in (0, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"DPOConfig.beta must be a finite number > 0"):
@@ -77,6 +103,7 @@ def test_dpo_config_checks_beta_and_round_trips():
         DPOConfig.from_dict({"gamma": 1.0})
     cfg = DPOConfig(beta=0.5, lr=1e-4, betas=(0.9, 0.95))
     assert DPOConfig.from_dict(cfg.to_dict()) == cfg
+    assert DPOConfig.from_dict(DPOConfig(nll_weight=0.5).to_dict()).nll_weight == 0.5
 
 
 def test_preference_rows_missing_chosen_or_rejected_are_refused():
