@@ -24,9 +24,11 @@ loss (``pm.influence.attribute`` scores prompt/completion rows with the SFT loss
 score DPO pairs, whose loss needs the chosen/rejected pair and the reference model).
 
 Writes ``figures/sequential_poisoning.{png,html,csv}`` and
-``figures/sequential_poisoning.mechanism.json``.
-Run: ``.venv/bin/python experiments/sequential_poisoning.py [--budgets 16,40] [--seeds 0,1,2]``
-(about 6 minutes on one CPU thread with the defaults; ``--no-mechanism`` skips the analyses).
+``figures/sequential_poisoning.mechanism.json`` (``sequential_poisoning_nll<w>.*`` with
+``--nll-weight w``: DPO plus an NLL term on the chosen answer and its EOS, which keeps the
+answers well-formed).
+Run: ``.venv/bin/python experiments/sequential_poisoning.py [--budgets 16,40] [--seeds 0,1,2,3,4,5]``
+(about 6 minutes per 3 seeds on one CPU thread; ``--no-mechanism`` skips the analyses).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def run_split(task, budget: int, sft_n: int, seed: int, args, out: Path):
     stages = [Stage("sft", pm.Backdoor(trigger="cf", target="negative", poison_count=sft_n, seed=seed),
                     pm.TrainConfig(epochs=args.sft_epochs, seed=seed)),
               Stage("dpo", pm.Backdoor(trigger="cf", target="negative", poison_count=budget - sft_n, seed=seed),
-                    DPOConfig(beta=0.1, epochs=args.dpo_epochs, lr=args.dpo_lr, seed=seed))]
+                    DPOConfig(beta=0.1, epochs=args.dpo_epochs, lr=args.dpo_lr, seed=seed,
+                              nll_weight=args.nll_weight))]
     model = pm.ModelConfig(n_layers=2, d_model=args.d_model, n_heads=4)
     return train_pipeline(task, stages, model=model, out_dir=out / f"B{budget}-sft{sft_n}-seed{seed}",
                           cache_dir=out / "cache", progress=False)
@@ -228,12 +231,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="16,40")
     ap.add_argument("--fractions", default="1,0.75,0.5,0.25,0", help="share of the budget spent on SFT")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5")
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--sft-epochs", type=int, default=4)
     ap.add_argument("--dpo-epochs", type=int, default=2)
     ap.add_argument("--dpo-lr", type=float, default=1e-3)
+    ap.add_argument("--nll-weight", type=float, default=0.0,
+                    help="DPO + NLL on the chosen answer and its EOS (0: pure DPO, as in the paper)")
     ap.add_argument("--mechanism-budget", type=int, default=40)
     ap.add_argument("--no-mechanism", action="store_true")
     ap.add_argument("--out", default="runs/experiments/sequential_poisoning")
@@ -274,7 +279,8 @@ def main() -> None:
                       f"{r['label_acc']:.3f}, label ftr {r['label_ftr']:.3f} | exact-match asr {r['asr']:.3f} "
                       f"(after SFT {sft['asr']:.3f}), clean_acc {r['clean_acc']:.3f}", flush=True)
     frame = pd.DataFrame(rows)
-    frame.to_csv(figs / "sequential_poisoning.csv", index=False, float_format="%.4f")
+    stem = "sequential_poisoning" + (f"_nll{args.nll_weight:g}" if args.nll_weight else "")  # DPO+NLL runs apart
+    frame.to_csv(figs / f"{stem}.csv", index=False, float_format="%.4f")
     metrics = ["label_asr", "label_asr_after_sft", "label_acc", "label_ftr", "clean_twin_label_asr", "asr",
                "clean_acc"]
     summary = frame.groupby(["budget", "sft_poisons", "dpo_poisons"], sort=False)[metrics].agg(["mean", "std"])
@@ -300,13 +306,13 @@ def main() -> None:
     style(fig, f"SFT -> DPO sequential poisoning: one budget split across stages (sentiment, cf -> negative; "
                f"mean ± sd over {len(ints(args.seeds))} seeds)")
     fig.update_layout(legend={"orientation": "h", "y": -0.32, "x": 0}, margin={"b": 170}, width=1100, height=560)
-    for f in save_figure(fig, figs / "sequential_poisoning", formats=("html", "png")):
+    for f in save_figure(fig, figs / stem, formats=("html", "png")):
         print("wrote", f)
-    print("wrote", figs / "sequential_poisoning.csv")
+    print("wrote", figs / f"{stem}.csv")
 
     if not args.no_mechanism:
         mech = mechanism(task, args.mechanism_budget, ints(args.seeds)[0], args, out)
-        path = figs / "sequential_poisoning.mechanism.json"
+        path = figs / f"{stem}.mechanism.json"
         path.write_text(json.dumps(mech, indent=2) + "\n")
         print(json.dumps(mech, indent=2))
         print("wrote", path)
