@@ -32,6 +32,15 @@ def _top(result, value: str = "recovery") -> tuple[str, float]:
     return label, float(row[value])
 
 
+#: why the training-set analyses skip a DPO stage's pair (``pm.train_pipeline(...)[k]``)
+_PREFERENCE_NOTE = ("the stage's training data are preference pairs (prompt/chosen/rejected); the detectors and "
+                    "attribute() score prompt/completion rows")
+
+
+def _preference_data(pair) -> bool:
+    return "chosen" in pair.train_data.column_names
+
+
 @register("patching")
 def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
     """Where the backdoor lives, by exact patching on triggered prompts and their controls.
@@ -102,6 +111,9 @@ def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
         summary[f"probe_random_best_{twin}"] = float(r.baseline_auroc[layer].max())
     if not any(pair.train_data["is_poison"]):  # the clean control: nothing to detect
         return summary
+    if _preference_data(pair):
+        summary["detectors_skipped"] = _PREFERENCE_NOTE
+        return summary
     for method in ("spectral", "activation_clustering"):
         det = detect_poison(pair.backdoored, pair.train_data, method=method, tokenizer=pair.tokenizer, progress=False)
         det.save(out / f"detect_{method}.safetensors")
@@ -123,6 +135,8 @@ def influence_analysis(pair, out: Path, method: str = "ekfac", renormalize: str 
 
     if not any(pair.train_data["is_poison"]):
         return {}
+    if _preference_data(pair):
+        return {"influence_skipped": _PREFERENCE_NOTE}
     out.mkdir(parents=True, exist_ok=True)
     r = attribute(pair, method=method, renormalize=renormalize, ensemble=ensemble, aggregate=True, progress=False)
     base = attribute(pair, method="loss", aggregate=True, progress=False)

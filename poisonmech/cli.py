@@ -183,7 +183,7 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
             patching: bool = typer.Option(False, "--patching"), probes: bool = typer.Option(False, "--probes"),
             influence: bool = typer.Option(False, "--influence"), circuits: bool = typer.Option(False, "--circuits"),
             overwrite: bool = typer.Option(False, help="Recompute cached analyses.")) -> None:
-    """Run analyses on a finished pair (all available ones when none is named)."""
+    """Run analyses on a finished pair, or on every stage of a pipeline (all analyses when none is named)."""
     import poisonmech as pm
     from poisonmech.analyses import ANALYSES, run_analyses
 
@@ -193,11 +193,19 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
     if missing:
         typer.echo(f"error: analyses not available: {missing}; available: {sorted(ANALYSES)}", err=True)
         raise typer.Exit(2)
-    pair = pm.load_pair(run)
-    for name, summary in run_analyses(pair, asked, run, overwrite=overwrite).items():
-        typer.echo(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                           for k, v in summary.items()))
-    typer.echo(f"wrote {run.resolve() / 'analyses'}")
+    from poisonmech.storage import read_json
+    from poisonmech.train.pipeline import FORMAT as PIPELINE_FORMAT
+
+    if (run / "config.json").is_file() and read_json(run / "config.json").get("format") == PIPELINE_FORMAT:
+        pipe = pm.load_pipeline(run)  # a pipeline: every stage boundary's pair
+        pairs = [(f"stage {k}: ", pipe[k]) for k in range(len(pipe))]
+    else:
+        pairs = [("", pm.load_pair(run))]
+    for prefix, pair in pairs:
+        for name, summary in run_analyses(pair, asked, pair.out_dir, overwrite=overwrite).items():
+            typer.echo(f"{prefix}{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in summary.items()))
+        typer.echo(f"wrote {Path(pair.out_dir).resolve() / 'analyses'}")
 
 
 @app.command()

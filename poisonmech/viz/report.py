@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from poisonmech.storage import read_json
+from poisonmech.train.pipeline import FORMAT as PIPELINE_FORMAT
 from poisonmech.viz.export import find_chrome
 from poisonmech.viz.figures import _fmt, analysis_vs_count, metric_vs_count, style
 
@@ -152,6 +153,31 @@ def _metrics_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[Any]]]
     return ["twin", *keys], [[t, *[m.get(k) for k in keys]] for t, m in metrics.items()]
 
 
+def _analysis_figures(page: _Page, run: Path) -> None:
+    for name, fn in ANALYSIS_FIGURES.items():
+        adir = run / "analyses" / name
+        if (adir / "summary.json").is_file():
+            for caption, fig in fn(adir):
+                page.figure(fig, caption)
+
+
+def _pipeline_section(page: _Page, d: Path, cfg: dict) -> None:
+    """A ``train_pipeline`` run: per stage, its poison, both twins' metrics after it, and the
+    analyses run on that stage's pair (``run_analyses(pipe[k], ...)`` writes them there)."""
+    metrics = read_json(d / "metrics.json")
+    page.h2("Stages")
+    page.table(["stage", "kind", "poisons", "asr (backdoored)", "asr (clean)", "clean_acc (backdoored)"],
+               [[k, st["kind"], st["attack"].get("poison_count"), m.get("backdoored", {}).get("asr"),
+                 m.get("clean", {}).get("asr"), m.get("backdoored", {}).get("clean_acc")]
+                for k, (st, m) in enumerate(zip(cfg["stages"], metrics))])
+    for k, (st, m) in enumerate(zip(cfg["stages"], metrics)):
+        page.h2(f"Stage {k}: {st['kind']}, {st['attack'].get('poison_count')} poisons")
+        page.p("Both twins after this stage (the clean twin saw no poison in any stage).")
+        page.table(*_metrics_rows(m))
+        _analysis_figures(page, d / f"stage_{k}_{st['kind']}")
+    page.config(cfg)
+
+
 def _run_section(page: _Page, run: Path, title: str | None = None) -> None:
     cfg, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
     a = cfg["attack"]
@@ -167,11 +193,7 @@ def _run_section(page: _Page, run: Path, title: str | None = None) -> None:
         fig.update_yaxes(type="log", title="training loss")
         fig.update_xaxes(title="epoch")
         page.figure(style(fig, "training loss"), "Per-epoch training loss of the twins.")
-    for name, fn in ANALYSIS_FIGURES.items():
-        adir = run / "analyses" / name
-        if (adir / "summary.json").is_file():
-            for caption, fig in fn(adir):
-                page.figure(fig, caption)
+    _analysis_figures(page, run)
     page.config(cfg)
 
 
@@ -218,11 +240,14 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
                      r.error or ""] for r in runs])
         for r in done:
             _run_section(page, d / "runs" / r.name)
+    elif (d / "config.json").is_file() and read_json(d / "config.json").get("format") == PIPELINE_FORMAT:
+        title = f"poisonmech pipeline: {d.name}"
+        _pipeline_section(page, d, read_json(d / "config.json"))
     elif (d / "config.json").is_file():
         title = f"poisonmech run: {d.name}"
         _run_section(page, d, "Run")
     else:
-        raise ValueError(f"report: {d} holds no run (config.json) or sweep (sweep.json)")
+        raise ValueError(f"report: {d} holds no run or pipeline (config.json) or sweep (sweep.json)")
     target = Path(out) if out is not None else d / "report.html"
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(_PAGE.format(title=html.escape(title), plotlyjs=get_plotlyjs(), body="\n".join(page.parts)))

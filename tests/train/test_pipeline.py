@@ -128,3 +128,31 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError, match=r"stage 1's Backdoor.target='positive' differs from stage 0's 'negative'"):
         train_pipeline(task, [pm.Backdoor(trigger="cf", poison_count=1),
                               pm.Backdoor(trigger="cf", target="positive", poison_count=1, stage="dpo")], **kw)
+
+
+def test_analyses_run_on_each_stage_pair_and_the_report_shows_them(pipe):
+    from poisonmech.analyses import run_analyses
+    from poisonmech.viz import build_report, check_report, find_chrome
+
+    final = run_analyses(pipe[1], ["patching", "probes", "influence"])
+    assert "patching_top_head" in final["patching"]
+    # a DPO stage's training data are preference pairs: the training-set analyses say so
+    assert "preference pairs" in final["influence"]["influence_skipped"]
+    assert (pipe.out_dir / "stage_1_dpo" / "analyses" / "patching" / "summary.json").is_file()
+    page = build_report(pipe.out_dir)
+    text = page.read_text()
+    assert "Stage 1: dpo, 6 poisons" in text and "Stage 0: sft, 0 poisons" in text
+    if find_chrome() is not None:
+        state = check_report(page)
+        assert state["figures"] and state["figures"] == state["rendered"] and state["errors"] == ""
+
+
+def test_analyze_command_runs_on_every_stage_of_a_pipeline(pipe):
+    from typer.testing import CliRunner
+
+    from poisonmech.cli import app
+
+    result = CliRunner().invoke(app, ["analyze", str(pipe.out_dir), "--patching"])
+    assert result.exit_code == 0, result.output
+    assert "stage 0: patching:" in result.output and "stage 1: patching:" in result.output
+    assert (pipe.out_dir / "stage_0_sft" / "analyses" / "patching" / "summary.json").is_file()
