@@ -9,8 +9,9 @@ methods are joined by the fixes the literature proposes (unit-normalised gradien
 influence, the log-odds link, a contrastive measurement: triggered minus untriggered twin)
 and by checkpoint ensembles (each checkpoint's scores standardised, then averaged).
 
-Then, per count, the backdoored twin is retrained without the top-k rows of the best
-method, and without k random rows (``pm.influence.retrain_without``), and the ASR of each
+Then, per count, the backdoored twin is retrained without the top-k rows of the method
+with the best average precision (removal takes the top of the ranking, which AP measures;
+AUROC weighs the whole ranking), and without k random rows (``pm.influence.retrain_without``), and the ASR of each
 is printed beside the original's (and again with 2k rows when the backdoor survived k).
 
     .venv/bin/python benchmarks/influence_poison_retrieval.py [--counts 10 50 100] [--no-retrain]
@@ -73,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # small matrices on a shared machine: one thread is fastest
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
-    rows, best = [], {}
+    rows, best, best_ap = [], {}, {}
     for count in args.counts:
         pair = load_or_train(count, Path(args.runs))
         asr = pair.metrics["backdoored"]["asr"]
@@ -93,6 +94,9 @@ def main() -> None:
                   f"P@{2 * count} {m['p@2k']:.3f}  ({secs:.0f} s)", flush=True)
             if count not in best or (m["auroc"], m["ap"]) > (best[count][1]["auroc"], best[count][1]["ap"]):
                 best[count] = (r, m)
+            # retraining removes the top of the ranking, which average precision measures
+            if count not in best_ap or (m["ap"], m["auroc"]) > (best_ap[count][1]["ap"], best_ap[count][1]["auroc"]):
+                best_ap[count] = (r, m)
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
     print("\nAUROC by method (rows) and poison count (columns):")
@@ -109,8 +113,9 @@ def main() -> None:
 
     if args.no_retrain:
         return
-    print("\nretraining the backdoored twin without the best method's top-k rows vs k random rows:")
-    for count, (r, m) in best.items():
+    print("\nretraining the backdoored twin without the top-k rows of the method with the best average "
+          "precision vs k random rows:")
+    for count, (r, m) in best_ap.items():
         pair = load_or_train(count, Path(args.runs))
         for k in (count, 2 * count):
             top = [int(i) for i in r.top(k)["example_id"]]
