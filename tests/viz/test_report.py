@@ -3,7 +3,14 @@ from typer.testing import CliRunner
 
 import poisonmech as pm
 from poisonmech.cli import app
-from poisonmech.viz import analysis_vs_count, build_report, check_report, find_chrome, metric_vs_count, save_figure
+from poisonmech.viz import (
+    analysis_vs_count,
+    build_report,
+    check_report,
+    find_chrome,
+    metric_vs_count,
+    save_figure,
+)
 from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
 
 needs_chrome = pytest.mark.skipif(find_chrome() is None, reason="needs Chromium/Chrome (apt-get install chromium); "
