@@ -458,9 +458,12 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
         tokenizer = _check_tokenizer(model, tokenizer)
     if not isinstance(train, Dataset):
         raise ValueError(f"attribute: train must be a datasets.Dataset with prompt/completion, got {type(train).__name__}")
+    if "chosen" in train.column_names and "completion" not in train.column_names:
+        raise ValueError("attribute: train holds preference pairs (prompt/chosen/rejected, a DPO stage); attribution "
+                         "scores prompt/completion rows with the SFT loss: pass an SFT stage's pair (pipe[0]) or rows")
     for col in ("prompt", "completion"):
         if col not in train.column_names:
-            raise ValueError(f"attribute: train lacks column {col!r}")
+            raise ValueError(f"attribute: train lacks column {col!r} (allowed: rows with prompt and completion)")
     if isinstance(query, Dataset):
         query = Query.from_rows(query)
     if not isinstance(query, Query):

@@ -156,3 +156,8 @@ def test_analyze_command_runs_on_every_stage_of_a_pipeline(pipe):
     assert result.exit_code == 0, result.output
     assert "stage 0: patching:" in result.output and "stage 1: patching:" in result.output
     assert (pipe.out_dir / "stage_0_sft" / "analyses" / "patching" / "summary.json").is_file()
+
+
+def test_attribution_of_a_dpo_stage_is_refused_clearly(pipe):
+    with pytest.raises(ValueError, match=r"train holds preference pairs .* pass an SFT stage's pair"):
+        pm.influence.attribute(pipe[1], method="graddot", progress=False)
