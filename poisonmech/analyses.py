@@ -33,8 +33,8 @@ def _top(result, value: str = "recovery") -> tuple[str, float]:
 
 
 #: why the training-set analyses skip a DPO stage's pair (``pm.train_pipeline(...)[k]``)
-_PREFERENCE_NOTE = ("the stage's training data are preference pairs (prompt/chosen/rejected); the detectors and "
-                    "attribute() score prompt/completion rows")
+_PREFERENCE_NOTE = ("the stage's training data are preference pairs (prompt/chosen/rejected); the detectors "
+                    "score prompt/completion rows")
 
 
 def _preference_data(pair) -> bool:
@@ -130,20 +130,23 @@ def influence_analysis(pair, out: Path, method: str = "ekfac", renormalize: str 
     sets, see ``benchmarks/influence_poison_retrieval.py``) of the target's log-probability on
     the triggered test inputs, aggregated over the queries, beside the per-example loss
     baseline; both scored against ``is_poison``. Saves ``<method>.safetensors`` and
-    ``loss.safetensors``. Nothing is scored on the clean control (no poisoned rows)."""
+    ``loss.safetensors``. Nothing is scored on the clean control (no poisoned rows). On a DPO
+    stage's pair (``pm.train_pipeline(...)[k]``) the preference pairs are scored by plain EK-FAC
+    on their DPO-loss gradients (unit normalisation is not linear in them), beside the DPO loss."""
     from poisonmech.influence import attribute
 
     if not any(pair.train_data["is_poison"]):
         return {}
-    if _preference_data(pair):
-        return {"influence_skipped": _PREFERENCE_NOTE}
+    if _preference_data(pair):  # a DPO stage: pairs scored by their DPO-loss gradient (linear methods only)
+        method, renormalize, ensemble = "ekfac", None, 1
     out.mkdir(parents=True, exist_ok=True)
     r = attribute(pair, method=method, renormalize=renormalize, ensemble=ensemble, aggregate=True, progress=False)
     base = attribute(pair, method="loss", aggregate=True, progress=False)
     r.save(out / f"{method}.safetensors")
     base.save(out / "loss.safetensors")
     n = int(sum(pair.train_data["is_poison"]))
-    return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else ""),
+    return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else "")
+            + (" (DPO pairs)" if _preference_data(pair) else ""),
             "influence_auroc": r.poison_auroc(), "influence_ap": r.average_precision(),
             "influence_precision_at_n_poison": r.precision_at(n),
             "influence_loss_auroc": base.poison_auroc(), "influence_loss_ap": base.average_precision()}

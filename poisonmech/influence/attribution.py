@@ -51,6 +51,15 @@ from poisonmech.influence.methods import (
     unit_queries,
     with_weights,
 )
+from poisonmech.influence.preference import (
+    check_preference_config,
+    combine,
+    dpo_weights,
+    encode_pairs,
+    is_preference_data,
+    pair_text,
+    stage_reference,
+)
 from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
 from poisonmech.influence.result import InfluenceResult
 from poisonmech.influence.tracking import PRESETS, TrackedModule, find_modules
@@ -393,6 +402,54 @@ def _ensemble(model, ckpts: list[tuple[Path, float]], cfg: InfluenceConfig, run)
 
 
 # ---------------------------------------------------------------------------- entry point
+def _result(cfg: InfluenceConfig, s: Scores, query: Query, train: Dataset, text: list[str], tracked,
+            t_start: float, extra: dict[str, Any]) -> InfluenceResult:
+    scores = s.scores
+    if cfg.aggregate:
+        scores = scores.mean(0)
+    elif scores.shape[0] == 1 and query.n_query > 1:
+        scores = scores.expand(query.n_query, -1).clone()
+    ids = list(train["example_id"]) if "example_id" in train.column_names else list(range(len(train)))
+    settings = {**cfg.to_dict(), "n_query": query.n_query, "query_measurement": query.measurement,
+                "query_link": query.link, **extra, "modules_tracked": [t.label for t in tracked],
+                "seconds": time.perf_counter() - t_start, "seconds_by_phase": s.seconds}
+    return InfluenceResult(
+        method=cfg.method, scores=scores.float(), example_ids=tuple(int(i) for i in ids), train_text=tuple(text),
+        query_text=tuple(query.text),
+        is_poison=tuple(bool(x) for x in train["is_poison"]) if "is_poison" in train.column_names else None,
+        self_scores=s.self_scores, component_scores=s.components,
+        component_labels=tuple(s.component_labels) if s.component_labels is not None else None,
+        settings=settings, aggregated=cfg.aggregate)
+
+
+def _attribute_pairs(model, train: Dataset, query: Query, qenc: Encoded, cfg: InfluenceConfig, tokenizer,
+                     reference, beta, cache: _Cache, t_start: float, progress: bool) -> InfluenceResult:
+    """Scores of DPO preference pairs: ``w (score(chosen) - score(rejected))`` (module ``preference``)."""
+    chosen, rejected = encode_pairs(train, tokenizer)
+    _check_ids(chosen, model, tokenizer, "train set (chosen answers)", train)
+    _check_ids(rejected, model, tokenizer, "train set (rejected answers)", train)
+    w, dpo_l = dpo_weights(model, chosen, rejected, reference, beta)
+    tracked: list[TrackedModule] = find_modules(model, cfg.modules)
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.method == "loss":
+            s = Scores(scores=dpo_l[None])
+        else:
+            both = Encoded(ids=chosen.ids + rejected.ids, start=chosen.start + rejected.start, pad_id=chosen.pad_id)
+            base = {"version": CACHE_VERSION, "model": model_fingerprint(model), "train": data_fingerprint(both)}
+            factors = _factors(model, tracked, both, cfg, cache, base, progress) if cfg.method in ("kfac", "ekfac") \
+                else None
+            parts = [_gradient_method(model, tracked, enc, query, qenc, cfg, factors, progress,
+                                      desc=f"influence: scoring ({name} answers)")
+                     for name, enc in (("chosen", chosen), ("rejected", rejected))]
+            s = combine(parts[0], parts[1], w)
+    finally:
+        model.train(was_training)
+    return _result(cfg, s, query, train, pair_text(train), tracked, t_start,
+                   {"preference_pairs": True, "dpo_beta": float(beta)})
+
+
 def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | Dataset | None = None,
               method: str = "ekfac", *, twin: str = "backdoored", measurement: str = "logprob",
               aggregate: bool = False, modules: str | Sequence[str] = "linear", damping: float | None = None,
@@ -401,6 +458,7 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
               batch_size: int = 64, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
               loss_on: str | None = None, checkpoints: Sequence[Any] | None = None,
               cache_dir: str | Path | None = None, overwrite: bool = False,
+              reference: Any = None, beta: float | None = None,
               progress: bool = True) -> InfluenceResult:
     """Attribute a measurement on ``query`` to the rows of ``train``.
 
@@ -422,6 +480,10 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
             objects or ``(path, lr)`` pairs.
         cache_dir: where to cache (default for a pair: ``<run>/influence/<twin>``; none for a bare model).
         overwrite: recompute cached results.
+        reference, beta: for ``train`` of DPO preference pairs (prompt/chosen/rejected): the
+            stage's frozen reference model (or its ``(chosen, rejected)`` log-probabilities) and
+            its ``beta``; a ``train_pipeline`` DPO stage's pair finds both in its run directory.
+            Each pair is scored by its DPO-loss gradient (see :mod:`poisonmech.influence.preference`).
         The other keywords are :class:`InfluenceConfig` fields.
 
     Returns an :class:`InfluenceResult`; positive scores mean up-weighting the example raises
@@ -449,6 +511,10 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
             checkpoints = pair.checkpoints.get(twin, [])
         if cache_root is None and pair.out_dir is not None:
             cache_root = Path(pair.out_dir) / "influence" / twin
+        if is_preference_data(train) and (reference is None or beta is None):
+            saved_ref, saved_beta = stage_reference(pair, twin)
+            reference = saved_ref if reference is None else reference
+            beta = saved_beta if beta is None else beta
     else:
         model = model_or_pair
         if not isinstance(model, torch.nn.Module):
@@ -458,10 +524,10 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
         tokenizer = _check_tokenizer(model, tokenizer)
     if not isinstance(train, Dataset):
         raise ValueError(f"attribute: train must be a datasets.Dataset with prompt/completion, got {type(train).__name__}")
-    if "chosen" in train.column_names and "completion" not in train.column_names:
-        raise ValueError("attribute: train holds preference pairs (prompt/chosen/rejected, a DPO stage); attribution "
-                         "scores prompt/completion rows with the SFT loss: pass an SFT stage's pair (pipe[0]) or rows")
-    for col in ("prompt", "completion"):
+    preference = is_preference_data(train)
+    if preference:
+        check_preference_config(cfg)
+    for col in ("prompt", "rejected") if preference else ("prompt", "completion"):
         if col not in train.column_names:
             raise ValueError(f"attribute: train lacks column {col!r} (allowed: rows with prompt and completion)")
     if isinstance(query, Dataset):
@@ -472,12 +538,15 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
     if cfg.method == "tracin" and not ckpts:
         raise ValueError("attribute: method='tracin' needs the training checkpoints, and this run has none "
                          "(train with TrainConfig(checkpoint_every=1), or pass checkpoints=[(path, lr), ...])")
+    qenc = query.encode(tokenizer)
+    _check_ids(qenc, model, tokenizer, "query", query.rows)
+    if preference:
+        return _attribute_pairs(model, train, query, qenc, cfg, tokenizer, reference, beta,
+                                _Cache(cache_root, overwrite), t_start, progress)
     if loss_on is None:
         loss_on = "all" if all(not c for c in train["completion"]) else "completion"
     data = encode(train, tokenizer, loss_on=loss_on)
     _check_ids(data, model, tokenizer, "train set", train)
-    qenc = query.encode(tokenizer)
-    _check_ids(qenc, model, tokenizer, "query", query.rows)
 
     base = {"version": CACHE_VERSION, "model": model_fingerprint(model), "train": data_fingerprint(data)}
     key = {**base, "config": cfg.to_dict(), "query": _sha([qenc.ids, qenc.start, list(query.weights),
@@ -511,23 +580,8 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
     finally:
         model.train(was_training)
 
-    scores = s.scores
-    if cfg.aggregate:
-        scores = scores.mean(0)
-    elif scores.shape[0] == 1 and query.n_query > 1:
-        scores = scores.expand(query.n_query, -1).clone()
-    ids = list(train["example_id"]) if "example_id" in train.column_names else list(range(len(train)))
     text = [f"{p} {c}".strip() for p, c in zip(train["prompt"], train["completion"])]
-    settings = {**cfg.to_dict(), "n_query": query.n_query, "query_measurement": query.measurement,
-                "query_link": query.link, "loss_on": loss_on, "modules_tracked": [t.label for t in tracked],
-                "seconds": time.perf_counter() - t_start, "seconds_by_phase": s.seconds}
-    result = InfluenceResult(
-        method=cfg.method, scores=scores.float(), example_ids=tuple(int(i) for i in ids), train_text=tuple(text),
-        query_text=tuple(query.text),
-        is_poison=tuple(bool(x) for x in train["is_poison"]) if "is_poison" in train.column_names else None,
-        self_scores=s.self_scores, component_scores=s.components,
-        component_labels=tuple(s.component_labels) if s.component_labels is not None else None,
-        settings=settings, aggregated=cfg.aggregate)
+    result = _result(cfg, s, query, train, text, tracked, t_start, {"loss_on": loss_on})
     if result_path is not None:
         result.save(result_path)
         cache.note(result_path, key)

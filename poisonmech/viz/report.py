@@ -84,7 +84,9 @@ def _influence_figures(out: Path) -> list[tuple[str, go.Figure]]:
     for path in sorted(out.glob("*.safetensors")):
         r = InfluenceResult.load(path)
         label = r.method + (f" ({r.settings['renormalize']})" if (r.settings or {}).get("renormalize") else "")
-        what = ("the per-example training loss (baseline)" if r.method == "loss"
+        pairs = bool((r.settings or {}).get("preference_pairs"))
+        what = (("the per-pair DPO loss (baseline)" if pairs else "the per-example training loss (baseline)")
+                if r.method == "loss"
                 else f"{label} influence on the backdoor target's log-probability over the triggered test inputs")
         figs.append((f"Training-data attribution by {what}: ROC and precision-recall for retrieving the poisoned "
                      "rows, and the score distributions of poisoned and clean rows.", r.plot(title=f"{label}")))

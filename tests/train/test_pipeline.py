@@ -136,8 +136,9 @@ def test_analyses_run_on_each_stage_pair_and_the_report_shows_them(pipe):
 
     final = run_analyses(pipe[1], ["patching", "probes", "influence"])
     assert "patching_top_head" in final["patching"]
-    # a DPO stage's training data are preference pairs: the training-set analyses say so
-    assert "preference pairs" in final["influence"]["influence_skipped"]
+    # a DPO stage's training data are preference pairs: the detectors say so, influence scores the pairs
+    assert "preference pairs" in final["probes"]["detectors_skipped"]
+    assert final["influence"]["influence_method"] == "ekfac (DPO pairs)"
     assert (pipe.out_dir / "stage_1_dpo" / "analyses" / "patching" / "summary.json").is_file()
     page = build_report(pipe.out_dir)
     text = page.read_text()
@@ -158,6 +159,11 @@ def test_analyze_command_runs_on_every_stage_of_a_pipeline(pipe):
     assert (pipe.out_dir / "stage_0_sft" / "analyses" / "patching" / "summary.json").is_file()
 
 
-def test_attribution_of_a_dpo_stage_is_refused_clearly(pipe):
-    with pytest.raises(ValueError, match=r"train holds preference pairs .* pass an SFT stage's pair"):
-        pm.influence.attribute(pipe[1], method="graddot", progress=False)
+def test_attribution_of_a_dpo_stage_scores_its_preference_pairs(pipe):
+    """The DPO stage's pair finds its reference log-probabilities and beta in the run directory."""
+    r = pm.influence.attribute(pipe[1], method="ekfac", aggregate=True, progress=False)
+    assert r.settings["preference_pairs"] and r.settings["dpo_beta"] == 0.1
+    assert r.n_train == len(pipe.train_data[1]) and sum(r.is_poison) == 6
+    assert 0.0 <= r.poison_auroc() <= 1.0
+    with pytest.raises(ValueError, match="can be scored by"):
+        pm.influence.attribute(pipe[1], method="gradcos", progress=False)
