@@ -58,7 +58,8 @@ from poisonmech.influence.preference import (
     encode_pairs,
     is_preference_data,
     pair_text,
-    stage_reference,
+    same_pairs,
+    stage_dpo,
 )
 from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
 from poisonmech.influence.result import InfluenceResult
@@ -423,9 +424,10 @@ def _result(cfg: InfluenceConfig, s: Scores, query: Query, train: Dataset, text:
 
 
 def _attribute_pairs(model, train: Dataset, query: Query, qenc: Encoded, cfg: InfluenceConfig, tokenizer,
-                     reference, beta, cache: _Cache, t_start: float, progress: bool) -> InfluenceResult:
+                     reference, beta, score_eos: bool, cache: _Cache, t_start: float, progress: bool
+                     ) -> InfluenceResult:
     """Scores of DPO preference pairs: ``w (score(chosen) - score(rejected))`` (module ``preference``)."""
-    chosen, rejected = encode_pairs(train, tokenizer)
+    chosen, rejected = encode_pairs(train, tokenizer, score_eos)
     _check_ids(chosen, model, tokenizer, "train set (chosen answers)", train)
     _check_ids(rejected, model, tokenizer, "train set (rejected answers)", train)
     w, dpo_l = dpo_weights(model, chosen, rejected, reference, beta)
@@ -447,7 +449,7 @@ def _attribute_pairs(model, train: Dataset, query: Query, qenc: Encoded, cfg: In
     finally:
         model.train(was_training)
     return _result(cfg, s, query, train, pair_text(train), tracked, t_start,
-                   {"preference_pairs": True, "dpo_beta": float(beta)})
+                   {"preference_pairs": True, "dpo_beta": float(beta), "score_eos": score_eos})
 
 
 def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | Dataset | None = None,
@@ -458,7 +460,7 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
               batch_size: int = 64, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
               loss_on: str | None = None, checkpoints: Sequence[Any] | None = None,
               cache_dir: str | Path | None = None, overwrite: bool = False,
-              reference: Any = None, beta: float | None = None,
+              reference: Any = None, beta: float | None = None, score_eos: bool | None = None,
               progress: bool = True) -> InfluenceResult:
     """Attribute a measurement on ``query`` to the rows of ``train``.
 
@@ -480,9 +482,10 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
             objects or ``(path, lr)`` pairs.
         cache_dir: where to cache (default for a pair: ``<run>/influence/<twin>``; none for a bare model).
         overwrite: recompute cached results.
-        reference, beta: for ``train`` of DPO preference pairs (prompt/chosen/rejected): the
-            stage's frozen reference model (or its ``(chosen, rejected)`` log-probabilities) and
-            its ``beta``; a ``train_pipeline`` DPO stage's pair finds both in its run directory.
+        reference, beta, score_eos: for ``train`` of DPO preference pairs (prompt/chosen/rejected):
+            the stage's frozen reference model (or its ``(chosen, rejected)`` log-probabilities),
+            its ``beta`` and ``DPOConfig.score_eos`` (default False); a ``train_pipeline`` DPO
+            stage's pair finds all three, and each twin's own preference data, in its run directory.
             Each pair is scored by its DPO-loss gradient (see :mod:`poisonmech.influence.preference`).
         The other keywords are :class:`InfluenceConfig` fields.
 
@@ -502,6 +505,9 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
         if tokenizer is not None:
             _check_tokenizer(model, tokenizer)
         tokenizer = pair.tokenizer
+        dpo = stage_dpo(pair, twin)  # a pipeline's DPO stage: the twin's own pairs and reference
+        if train is None and dpo is not None and dpo["data"] is not None:
+            train = dpo["data"]
         if train is None:  # each twin's own training set
             train = pair.train_data if twin == "backdoored" else pair.task.train
         loss_on = loss_on or pair.task.loss_on
@@ -511,10 +517,18 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
             checkpoints = pair.checkpoints.get(twin, [])
         if cache_root is None and pair.out_dir is not None:
             cache_root = Path(pair.out_dir) / "influence" / twin
-        if is_preference_data(train) and (reference is None or beta is None):
-            saved_ref, saved_beta = stage_reference(pair, twin)
-            reference = saved_ref if reference is None else reference
-            beta = saved_beta if beta is None else beta
+        if is_preference_data(train) and dpo is not None:
+            if dpo["nll_weight"] > 0:
+                raise ValueError(f"attribute: this DPO stage trained with DPOConfig(nll_weight={dpo['nll_weight']}); "
+                                 "its per-pair gradient also has the batch-normalised NLL term, which attribution "
+                                 "does not model")
+            if reference is None:
+                if dpo["data"] is None or not same_pairs(train, dpo["data"]):
+                    raise ValueError(f"attribute: the saved reference log-probabilities belong to the {twin} twin's "
+                                     "own preference data of this stage; for other rows pass reference=")
+                reference = dpo["reference"]
+            beta = dpo["beta"] if beta is None else beta
+            score_eos = dpo["score_eos"] if score_eos is None else score_eos
     else:
         model = model_or_pair
         if not isinstance(model, torch.nn.Module):
@@ -541,7 +555,7 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
     qenc = query.encode(tokenizer)
     _check_ids(qenc, model, tokenizer, "query", query.rows)
     if preference:
-        return _attribute_pairs(model, train, query, qenc, cfg, tokenizer, reference, beta,
+        return _attribute_pairs(model, train, query, qenc, cfg, tokenizer, reference, beta, bool(score_eos),
                                 _Cache(cache_root, overwrite), t_start, progress)
     if loss_on is None:
         loss_on = "all" if all(not c for c in train["completion"]) else "completion"

@@ -19,6 +19,7 @@ are refused. The ``loss`` baseline is the pair's DPO loss.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,10 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from poisonmech.encoding import Encoded
-from poisonmech.storage import load_tensors, read_json
+from poisonmech.storage import load_dataset_file, load_tensors, read_json
+
+#: ``train_pipeline``'s config format (a literal: importing the trainer here would be circular)
+PIPELINE_FORMAT = "poisonmech.pipeline/1"
 
 #: methods linear in the training gradient (and the loss baseline): the ones a pair can be scored by
 PREFERENCE_METHODS = ("graddot", "kfac", "ekfac", "loss")
@@ -46,31 +50,48 @@ def check_preference_config(cfg) -> None:
                          "available (they are not linear in the pair's DPO gradient)")
 
 
-def stage_reference(pair, twin: str) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float | None]:
-    """The saved reference log-probabilities and ``beta`` of a ``train_pipeline`` DPO stage's pair
-    (``<pipeline>/stage_K_dpo/<twin>/reference_logps.safetensors`` and the pipeline's config)."""
+def stage_dpo(pair, twin: str) -> dict[str, Any] | None:
+    """What a ``train_pipeline`` DPO stage's pair needs for attribution, read from its run
+    directory: the twin's own preference data of the stage (``data``), the reference
+    log-probabilities saved by ``train_dpo`` for exactly those rows (``reference``), and the
+    stage's ``beta``, ``score_eos`` and ``nll_weight``. ``None`` for anything else."""
     if pair.out_dir is None:
-        return None, None
-    stage_dir = pair.out_dir
-    path = stage_dir / twin / "reference_logps.safetensors"
-    ref = None
-    if path.is_file():
-        t = load_tensors(path)
-        ref = (t["chosen"], t["rejected"])
-    beta = None
+        return None
+    stage_dir = Path(pair.out_dir)
     cfg_path = stage_dir.parent / "config.json"
-    if cfg_path.is_file():
-        for k, st in enumerate(read_json(cfg_path).get("stages", [])):
-            if f"stage_{k}_{st.get('kind')}" == stage_dir.name and st.get("kind") == "dpo":
-                beta = float(st["config"]["beta"])
-    return ref, beta
+    if not cfg_path.is_file():
+        return None
+    cfg = read_json(cfg_path)
+    if cfg.get("format") != PIPELINE_FORMAT:
+        return None
+    for k, st in enumerate(cfg.get("stages", [])):
+        if f"stage_{k}_{st.get('kind')}" != stage_dir.name:
+            continue
+        if st.get("kind") != "dpo":
+            return None
+        ref_path = stage_dir / twin / "reference_logps.safetensors"
+        ref = None
+        if ref_path.is_file():
+            t = load_tensors(ref_path)
+            ref = (t["chosen"], t["rejected"])
+        data_path = stage_dir.parent / "data" / (f"stage_{k}.parquet" if twin == "backdoored" else f"stage_{k}_clean.parquet")
+        return {"data": load_dataset_file(data_path) if data_path.is_file() else None, "reference": ref,
+                "beta": float(st["config"]["beta"]), "score_eos": bool(st["config"].get("score_eos", False)),
+                "nll_weight": float(st["config"].get("nll_weight", 0.0))}
+    return None
 
 
-def encode_pairs(train: Dataset, tokenizer) -> tuple[Encoded, Encoded]:
-    """The chosen and rejected answers as rows scored on the answer tokens (as the DPO loop scores them)."""
+def same_pairs(a: Dataset, b: Dataset) -> bool:
+    cols = ("prompt", "chosen", "rejected")
+    return len(a) == len(b) and all(list(a[c]) == list(b[c]) for c in cols)
+
+
+def encode_pairs(train: Dataset, tokenizer, score_eos: bool = False) -> tuple[Encoded, Encoded]:
+    """The chosen and rejected answers as rows scored as the DPO loop scored them: the answer
+    tokens, and the EOS after them with ``score_eos`` (``DPOConfig.score_eos``)."""
     from poisonmech.train.dpo import encode_preferences
 
-    enc = encode_preferences(train, tokenizer)
+    enc = encode_preferences(train, tokenizer, add_eos=score_eos)
     return enc.chosen, enc.rejected
 
 
@@ -119,4 +140,4 @@ def pair_text(train: Dataset) -> list[str]:
 
 
 __all__ = ["PREFERENCE_METHODS", "check_preference_config", "combine", "dpo_weights", "encode_pairs",
-           "is_preference_data", "pair_text", "stage_reference"]
+           "is_preference_data", "pair_text", "same_pairs", "stage_dpo"]

@@ -186,15 +186,17 @@ class Pipeline:
             raise ValueError(f"Pipeline.between: twin must be one of {TWINS}, got {twin!r}")
         ka, kb = self._index(a), self._index(b)
         metrics = {"clean": self.metrics[ka][twin], "backdoored": self.metrics[kb][twin]}
-        return self._pair(kb, self.models[ka][twin], self.models[kb][twin], metrics)
+        # no run directory: its "clean" model is not stage b's clean twin, so nothing cached or
+        # saved there (analyses, reference log-probabilities) may be read for it
+        return self._pair(kb, self.models[ka][twin], self.models[kb][twin], metrics, with_dir=False)
 
-    def _pair(self, k: int, clean, backdoored, metrics) -> Pair:
+    def _pair(self, k: int, clean, backdoored, metrics, with_dir: bool = True) -> Pair:
         st = self.stages[k]
         cfg = st.config if isinstance(st.config, TrainConfig) else st.config.train_config()
         return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=st.attack,
                     model_config=self.model_config, train_config=cfg, tokenizer=self.tokenizer,
                     train_data=self.train_data[k], test_data=self.test_data, metrics=metrics,
-                    out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None else None,
+                    out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None and with_dir else None,
                     checkpoints=self.checkpoints[k] if self.checkpoints else {},
                     history=self.history[k] if self.history else {})
 
@@ -359,8 +361,11 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
         for name, ds in named.items():
             save_dataset(out / "data" / f"{name}.parquet", ds)
 
+    # the cached metrics are the evaluation against this run's attack and test set: both are in the key
     base = {"task": config["task"], "model": config["model"], "seed": seed,
-            "vocab": _digest(sorted(tokenizer.get_vocab().items())), "preferences": config["preferences_sha256"]}
+            "vocab": _digest(sorted(tokenizer.get_vocab().items())), "preferences": config["preferences_sha256"],
+            "evaluation": _digest({"attack": eval_attack.to_dict(),
+                                   "test": [list(map(str, test_data[c])) for c in test_data.column_names]})}
     cache = Path(cache_dir) if cache_dir is not None else None
     models: list[dict[str, Any]] = [{} for _ in stages]
     history: list[dict[str, list[dict]]] = [{} for _ in stages]
