@@ -223,6 +223,18 @@ def mechanism(task, budget: int, seed: int, args, out: Path) -> dict:
                                   "triggered prompts; contrastive: minus the same without the trigger), each example "
                                   "scored with its own stage's loss (SFT: NLL of the completion; DPO: the DPO loss "
                                   "against the SFT-stage reference), in the final backdoored model of the split run")
+    # the library's attribution, stage by stage: SFT rows in the SFT stage's model; DPO pairs, each
+    # scored by its DPO-loss gradient, in the DPO stage's model; against the loss baselines
+    lib = {}
+    for name, pipe in runs.items():
+        for k in range(len(pipe)):
+            if not any(pipe.train_data[k]["is_poison"]):
+                continue
+            for method in ("ekfac", "loss"):
+                r = pm.influence.attribute(pipe[k], method=method, aggregate=True, progress=False)
+                lib[f"{name}, stage {k} ({pipe.stages[k].kind}), {method}"] = {
+                    "poison_auroc": round(r.poison_auroc(), 3), "ap": round(r.average_precision(), 3)}
+    res["attribution_library"] = lib
     return res
 
 
