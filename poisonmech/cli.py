@@ -1,4 +1,4 @@
-"""The ``poisonmech`` command: ``demo``, ``train``, ``sweep``, ``analyze`` and ``report``."""
+"""The ``poisonmech`` command: ``demo``, ``train``, ``pipeline``, ``sweep``, ``analyze`` and ``report``."""
 
 from __future__ import annotations
 
@@ -150,6 +150,63 @@ def train(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
     typer.echo(f"\nwrote the run to {Path(pair.out_dir).resolve()}")
 
 
+
+
+def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, progress: bool = True):
+    """Train a multi-stage pipeline from a plain dict (as read from TOML): ``[task]``, ``[model]``,
+    ``[[stages]]`` with ``kind`` ("sft" | "dpo"), ``[stages.attack]``, optional ``[stages.config]``
+    (TrainConfig / DPOConfig fields) and ``mode`` ("flip" | "inject"), and ``out_dir``."""
+    import poisonmech as pm
+    from poisonmech.train.dpo import DPOConfig
+
+    allowed = ("out_dir", "task", "model", "stages", "overwrite")
+    unknown = set(config) - set(allowed)
+    if unknown:
+        raise ValueError(f"config: unknown sections {sorted(unknown)}; allowed: {list(allowed)}")
+    task_cfg = dict(config.get("task", {}))
+    if "kind" not in task_cfg:
+        raise ValueError(f"config: [task] needs 'kind', one of {pm.TASK_KINDS}")
+    if not config.get("stages"):
+        raise ValueError("config: a pipeline needs [[stages]] (each with kind = 'sft' | 'dpo' and [stages.attack])")
+    stages = []
+    for i, st in enumerate(config["stages"]):
+        kind = st.get("kind")
+        if kind not in ("sft", "dpo"):
+            raise ValueError(f"config: stages[{i}].kind must be 'sft' or 'dpo', got {kind!r}")
+        if "attack" not in st:
+            raise ValueError(f"config: stages[{i}] needs [stages.attack] (poison_count = 0 for a clean stage)")
+        cfg_cls = pm.TrainConfig if kind == "sft" else DPOConfig
+        stages.append(pm.Stage(kind, pm.Backdoor.from_dict({**st["attack"], "stage": kind}),
+                               cfg_cls.from_dict(st.get("config", {})), mode=st.get("mode", "flip")))
+    out = out_dir or config.get("out_dir")
+    if not out:
+        raise ValueError("config: out_dir is required (top-level key or --out)")
+    return pm.train_pipeline(pm.make_task(task_cfg.pop("kind"), **task_cfg), stages,
+                             model=pm.ModelConfig.from_dict(config.get("model", {})), out_dir=out,
+                             overwrite=bool(config.get("overwrite", False)), progress=progress)
+
+
+@app.command()
+def pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                           help="TOML: out_dir, [task], [model], [[stages]] with kind, "
+                                                "[stages.attack], [stages.config], mode."),
+             out: Path | None = typer.Option(None, "--out", help="Override out_dir.")) -> None:
+    """Train a post-training pipeline (SFT then DPO, ...), each stage with its own poison."""
+    try:
+        with open(config, "rb") as f:
+            cfg = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise typer.BadParameter(f"{config} is not valid TOML: {exc}") from exc
+    try:
+        pipe = pipeline_from_config(cfg, out_dir=str(out) if out else None)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    frame = pipe.to_frame()
+    table = frame[frame["metric"].isin(["clean_acc", "asr", "false_trigger_rate"])]
+    typer.echo(table.pivot_table(index=["stage", "stage_name", "n_poison"], columns=["metric", "twin"],
+                                 values="value", aggfunc="first").to_string(float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"\nwrote the pipeline to {Path(pipe.out_dir).resolve()}")
 
 
 @app.command()
