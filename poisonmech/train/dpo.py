@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from datasets import Dataset
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.encoding import Encoded, encode
@@ -39,14 +38,7 @@ from poisonmech.models import model_device
 from poisonmech.storage import load_tensors, save_tensors
 from poisonmech.tasks.preference import check_preferences
 from poisonmech.train.config import SCHEDULES, TrainConfig
-from poisonmech.train.loop import (
-    Checkpoint,
-    _load_resume,
-    _optimizer,
-    _save_resume,
-    epoch_order,
-    list_checkpoints,
-)
+from poisonmech.train.loop import Checkpoint, end_epoch, epoch_order, list_checkpoints, start_loop
 
 
 @dataclass(frozen=True)
@@ -285,16 +277,9 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
                          "the run directory belongs to other data")
     ref_c, ref_r = ref_c.to(device), ref_r.to(device)
 
-    model.train()
-    opt = _optimizer(model, tcfg)
     n = len(data)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    start_epoch, step, history = 0, 0, []
-    resume = run_dir / "resume.safetensors" if run_dir is not None else None
-    if resume is not None and resume.is_file():
-        start_epoch, step, history = _load_resume(resume, model, opt)
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    opt, steps_per_epoch, total, start_epoch, step, history, resume, bar = start_loop(model, tcfg, n, run_dir,
+                                                                                      desc, progress)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         order = epoch_order(n, config.seed, epoch)
@@ -332,13 +317,7 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch + 1, "step": step, **{k: v / n for k, v in sums.items()},
                         "lr_mean": lr_sum / steps_per_epoch})
-        if run_dir is not None:
-            last = epoch + 1 == config.epochs
-            if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
-                save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict(),
-                             metadata={"epoch": str(epoch + 1), "step": str(step),
-                                       "lr": repr(history[-1]["lr_mean"])})
-            _save_resume(resume, model, opt, epoch + 1, step, history)
+        end_epoch(model, opt, tcfg, run_dir, resume, epoch, step, history)
     bar.close()
     if history and start_epoch < config.epochs:
         history[-1]["seconds"] = time.perf_counter() - t0

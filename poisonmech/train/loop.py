@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,45 @@ def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer)
     return int(meta["epoch"]), int(meta["step"]), json.loads(meta["history"])
 
 
+class _LoopStart(NamedTuple):
+    opt: torch.optim.Optimizer
+    steps_per_epoch: int
+    total: int
+    start_epoch: int
+    step: int
+    history: list[dict]
+    resume: Path | None
+    bar: tqdm
+
+
+def start_loop(model: torch.nn.Module, config: TrainConfig, n: int, run_dir: Path | None, desc: str,
+               progress: bool) -> _LoopStart:
+    """What every training loop (SFT, DPO) sets up: the optimiser, the step counts, the state of
+    an interrupted run from ``run_dir/resume.safetensors`` and the progress bar."""
+    model.train()
+    opt = _optimizer(model, config)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    start_epoch, step, history = 0, 0, []
+    resume = run_dir / "resume.safetensors" if run_dir is not None else None
+    if resume is not None and resume.is_file():
+        start_epoch, step, history = _load_resume(resume, model, opt)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    return _LoopStart(opt, steps_per_epoch, total, start_epoch, step, history, resume, bar)
+
+
+def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, config: TrainConfig, run_dir: Path | None,
+              resume: Path | None, epoch: int, step: int, history: list[dict]) -> None:
+    """After epoch ``epoch`` (0-based): its checkpoint (with its mean learning rate) when due, and the resume state."""
+    if run_dir is None:
+        return
+    last = epoch + 1 == config.epochs
+    if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+        save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict(),
+                     metadata={"epoch": str(epoch + 1), "step": str(step), "lr": repr(history[-1]["lr_mean"])})
+    _save_resume(resume, model, opt, epoch + 1, step, history)
+
+
 def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, run_dir: Path | None = None,
                 desc: str = "train", progress: bool = True, placement: str = "spread",
                 marked: torch.Tensor | None = None,
@@ -119,16 +159,9 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
     device = torch.device(config.device)
     if next(model.parameters()).device != device:  # a bridge's .to() prints; only move when needed
         model.to(device)
-    model.train()
-    opt = _optimizer(model, config)
     n = len(data)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    start_epoch, step, history = 0, 0, []
-    resume = run_dir / "resume.safetensors" if run_dir is not None else None
-    if resume is not None and resume.is_file():
-        start_epoch, step, history = _load_resume(resume, model, opt)
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    opt, steps_per_epoch, total, start_epoch, step, history, resume, bar = start_loop(model, config, n, run_dir,
+                                                                                      desc, progress)
     for epoch in range(start_epoch, config.epochs):
         order = epoch_order(n, config.seed, epoch, placement, marked)
         loss_sum, tok_sum, lr_sum = 0.0, 0, 0.0
@@ -146,13 +179,7 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         history.append({"epoch": epoch + 1, "step": step, "loss": loss_sum / max(tok_sum, 1),
                         "lr_mean": lr_sum / steps_per_epoch})
-        if run_dir is not None:
-            last = epoch + 1 == config.epochs
-            if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
-                save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict(),
-                             metadata={"epoch": str(epoch + 1), "step": str(step),
-                                       "lr": repr(history[-1]["lr_mean"])})
-            _save_resume(resume, model, opt, epoch + 1, step, history)
+        end_epoch(model, opt, config, run_dir, resume, epoch, step, history)
     bar.close()
     if continuation is not None and len(continuation) and not (history and history[-1].get("continued")):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)

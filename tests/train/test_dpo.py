@@ -118,7 +118,7 @@ def test_preference_rows_missing_chosen_or_rejected_are_refused():
 
 
 def test_dpo_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import poisonmech.train.dpo as dpo
+    import poisonmech.train.loop as loop
 
     task = tiny_task(n_train=64, n_test=5)
     prefs = make_preferences(task)
@@ -129,7 +129,7 @@ def test_dpo_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert [c.epoch for c in ckpts] == [1, 2, 3] and all(c.lr > 0 for c in ckpts)
     assert (tmp_path / "full" / "reference_logps.safetensors").is_file()
 
-    real, calls = dpo._save_resume, []
+    real, calls = loop._save_resume, []  # the SFT and DPO loops save their state through it
 
     def crash_after_first_epoch(*args, **kwargs):
         real(*args, **kwargs)
@@ -137,7 +137,7 @@ def test_dpo_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
         if len(calls) == 1:
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(dpo, "_save_resume", crash_after_first_epoch)
+    monkeypatch.setattr(loop, "_save_resume", crash_after_first_epoch)
     cut = _copy(task, start)
     with pytest.raises(KeyboardInterrupt):
         train_dpo(cut, prefs, cfg, tokenizer=task.tokenizer, run_dir=tmp_path / "cut", progress=False)

@@ -85,17 +85,18 @@ def test_cache_shares_finished_stages_between_runs(pipe, tmp_path, monkeypatch):
 
 
 def test_interrupted_stage_resumes_to_the_same_weights(pipe, tmp_path, monkeypatch):
-    import poisonmech.train.dpo as dpo
+    import poisonmech.train.loop as loop
 
-    real, calls = dpo._save_resume, []
+    real, calls = loop._save_resume, []  # the SFT and DPO loops save their state through it
 
-    def crash_once(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(1)
+    def crash_once(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if "stage_1_dpo" in str(path):  # count the DPO stage's epochs only
+            calls.append(1)
         if len(calls) == 3:  # the clean twin's DPO has 2 epochs: crash in the backdoored twin's
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(dpo, "_save_resume", crash_once)
+    monkeypatch.setattr(loop, "_save_resume", crash_once)
     with pytest.raises(KeyboardInterrupt):
         train_pipeline(pipe.task, _stages(0, 6), model=tiny_model_config(), out_dir=tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / "stage_1_dpo" / "backdoored" / "resume.safetensors").is_file()
