@@ -38,7 +38,9 @@ _PREFERENCE_NOTE = ("the stage's training data are preference pairs (prompt/chos
 
 
 def _preference_data(pair) -> bool:
-    return "chosen" in pair.train_data.column_names
+    from poisonmech.influence.preference import is_preference_data
+
+    return is_preference_data(pair.train_data)
 
 
 @register("patching")

@@ -29,6 +29,24 @@ DEFAULT_CONFIG: dict[str, Any] = {
 _SECTIONS = ("out_dir", "task", "attack", "model", "train", "overwrite")
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise typer.BadParameter(f"{path} is not valid TOML: {exc}") from exc
+
+
+def _task_from_config(config: dict[str, Any]):
+    """The ``[task]`` section as a generated task."""
+    import poisonmech as pm
+
+    task_cfg = dict(config.get("task", {}))
+    if "kind" not in task_cfg:
+        raise ValueError(f"config: [task] needs 'kind', one of {pm.TASK_KINDS}")
+    return pm.make_task(task_cfg.pop("kind"), **task_cfg)
+
+
 def default_pair(run_dir: str | Path = "runs/default_pair", progress: bool = True):
     """The embedded default pair, trained into ``run_dir`` on first use and loaded after."""
     from poisonmech.train.pair import load_pair
@@ -49,10 +67,7 @@ def run_from_config(config: dict[str, Any], *, out_dir: str | None = None, overw
     for section in ("task", "attack"):
         if section not in config:
             raise ValueError(f"config: missing section [{section}]")
-    task_cfg = dict(config["task"])
-    if "kind" not in task_cfg:
-        raise ValueError(f"config: [task] needs 'kind', one of {pm.TASK_KINDS}")
-    task = pm.make_task(task_cfg.pop("kind"), **task_cfg)
+    task = _task_from_config(config)
     attack = pm.Backdoor.from_dict(config["attack"])
     model = pm.ModelConfig.from_dict(config.get("model", {}))
     train = pm.TrainConfig.from_dict(config.get("train", {}))
@@ -136,11 +151,7 @@ def train(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
           out: Path | None = typer.Option(None, "--out", help="Override out_dir."),
           overwrite: bool = typer.Option(False, help="Replace a different run already in out_dir.")) -> None:
     """Train one pair from a TOML config."""
-    try:
-        with open(config, "rb") as f:
-            cfg = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise typer.BadParameter(f"{config} is not valid TOML: {exc}") from exc
+    cfg = _read_toml(config)
     try:
         pair = run_from_config(cfg, out_dir=str(out) if out else None, overwrite=overwrite or None)
     except ValueError as exc:
@@ -163,9 +174,7 @@ def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, 
     unknown = set(config) - set(allowed)
     if unknown:
         raise ValueError(f"config: unknown sections {sorted(unknown)}; allowed: {list(allowed)}")
-    task_cfg = dict(config.get("task", {}))
-    if "kind" not in task_cfg:
-        raise ValueError(f"config: [task] needs 'kind', one of {pm.TASK_KINDS}")
+    task = _task_from_config(config)
     if not config.get("stages"):
         raise ValueError("config: a pipeline needs [[stages]] (each with kind = 'sft' | 'dpo' and [stages.attack])")
     stages = []
@@ -181,7 +190,7 @@ def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, 
     out = out_dir or config.get("out_dir")
     if not out:
         raise ValueError("config: out_dir is required (top-level key or --out)")
-    return pm.train_pipeline(pm.make_task(task_cfg.pop("kind"), **task_cfg), stages,
+    return pm.train_pipeline(task, stages,
                              model=pm.ModelConfig.from_dict(config.get("model", {})), out_dir=out,
                              overwrite=bool(config.get("overwrite", False)), progress=progress)
 
@@ -192,11 +201,7 @@ def pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
                                                 "[stages.attack], [stages.config], mode."),
              out: Path | None = typer.Option(None, "--out", help="Override out_dir.")) -> None:
     """Train a post-training pipeline (SFT then DPO, ...), each stage with its own poison."""
-    try:
-        with open(config, "rb") as f:
-            cfg = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise typer.BadParameter(f"{config} is not valid TOML: {exc}") from exc
+    cfg = _read_toml(config)
     try:
         pipe = pipeline_from_config(cfg, out_dir=str(out) if out else None)
     except ValueError as exc:
@@ -218,11 +223,9 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
     """Run a sweep from a TOML config; resumable (finished runs are skipped)."""
     import poisonmech as pm
 
-    with open(config, "rb") as f:
-        cfg = tomllib.load(f)
+    cfg = _read_toml(config)
     try:
-        task_cfg = dict(cfg["task"])
-        task = pm.make_task(task_cfg.pop("kind"), **task_cfg)
+        task = _task_from_config(cfg)
         attacks = [pm.Backdoor.from_dict(a) for a in cfg.get("attacks", [])]
         models = [pm.ModelConfig.from_dict(m) for m in cfg.get("models", [cfg.get("model", {})])]
         sw = pm.sweep(task, attacks, seeds=cfg.get("seeds", [0]), models=models,
@@ -250,10 +253,9 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
     if missing:
         typer.echo(f"error: analyses not available: {missing}; available: {sorted(ANALYSES)}", err=True)
         raise typer.Exit(2)
-    from poisonmech.storage import read_json
-    from poisonmech.train.pipeline import FORMAT as PIPELINE_FORMAT
+    from poisonmech.train.pipeline import is_pipeline_dir
 
-    if (run / "config.json").is_file() and read_json(run / "config.json").get("format") == PIPELINE_FORMAT:
+    if is_pipeline_dir(run):
         pipe = pm.load_pipeline(run)  # a pipeline: every stage boundary's pair
         pairs = [(f"stage {k}: ", pipe[k]) for k in range(len(pipe))]
     else:

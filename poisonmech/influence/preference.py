@@ -29,9 +29,6 @@ from datasets import Dataset
 from poisonmech.encoding import Encoded
 from poisonmech.storage import load_dataset_file, load_tensors, read_json
 
-#: ``train_pipeline``'s config format (a literal: importing the trainer here would be circular)
-PIPELINE_FORMAT = "poisonmech.pipeline/1"
-
 #: methods linear in the training gradient (and the loss baseline): the ones a pair can be scored by
 PREFERENCE_METHODS = ("graddot", "kfac", "ekfac", "loss")
 
@@ -57,13 +54,12 @@ def stage_dpo(pair, twin: str) -> dict[str, Any] | None:
     stage's ``beta``, ``score_eos`` and ``nll_weight``. ``None`` for anything else."""
     if pair.out_dir is None:
         return None
+    from poisonmech.train.pipeline import is_pipeline_dir
+
     stage_dir = Path(pair.out_dir)
-    cfg_path = stage_dir.parent / "config.json"
-    if not cfg_path.is_file():
+    if not is_pipeline_dir(stage_dir.parent):
         return None
-    cfg = read_json(cfg_path)
-    if cfg.get("format") != PIPELINE_FORMAT:
-        return None
+    cfg = read_json(stage_dir.parent / "config.json")
     for k, st in enumerate(cfg.get("stages", [])):
         if f"stage_{k}_{st.get('kind')}" != stage_dir.name:
             continue

@@ -251,6 +251,16 @@ def _save_task_meta(out: Path, task: Task) -> None:
                                    "words": list(task.words)})
 
 
+def read_run_config(out: Path, fmt: str, what: str) -> dict[str, Any]:
+    """``out/config.json`` of a run of format ``fmt``; a clear error for a missing folder or another kind of run."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"run directory not found: {out}")
+    config = read_json(out / "config.json")
+    if config.get("format") != fmt:
+        raise ValueError(f"{out / 'config.json'} is not a poisonmech {what} config (format {config.get('format')!r})")
+    return config
+
+
 def load_task_meta(out: Path) -> Task:
     """The task saved in a run directory (``task.json``, ``tokenizer/``, ``data/task_*.parquet``)."""
     meta = read_json(out / "task.json")
@@ -278,11 +288,7 @@ def load_pair(out_dir: str | Path, device: str = "cpu") -> Pair:
     Raises ``FileNotFoundError`` / ``ValueError`` naming the missing or corrupt file.
     """
     out = Path(out_dir)
-    if not out.is_dir():
-        raise FileNotFoundError(f"run directory not found: {out}")
-    config = read_json(out / "config.json")
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{out / 'config.json'} is not a poisonmech pair config (format {config.get('format')!r})")
+    config = read_run_config(out, FORMAT, "pair")
     task = load_task_meta(out)
     tokenizer = task.tokenizer
     attack = Backdoor.from_dict(config["attack"])

@@ -75,6 +75,7 @@ from poisonmech.train.pair import (
     _save_task_meta,
     load_model,
     load_task_meta,
+    read_run_config,
 )
 
 FORMAT = "poisonmech.pipeline/1"
@@ -453,14 +454,16 @@ def _train_stage(m, st: Stage, ds: Dataset, tokenizer, task: Task, sdir: Path | 
     return hist
 
 
+def is_pipeline_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a ``train_pipeline`` run (its ``config.json`` has the pipeline format)."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and read_json(cfg).get("format") == FORMAT
+
+
 def load_pipeline(out_dir: str | Path, device: str = "cpu") -> Pipeline:
     """Load a finished pipeline run (weights bit for bit; data, metrics, histories)."""
     out = Path(out_dir)
-    if not out.is_dir():
-        raise FileNotFoundError(f"run directory not found: {out}")
-    config = read_json(out / "config.json")
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{out / 'config.json'} is not a poisonmech pipeline config (format {config.get('format')!r})")
+    config = read_run_config(out, FORMAT, "pipeline")
     task = load_task_meta(out)
     tokenizer = task.tokenizer
     stages = []
@@ -486,4 +489,4 @@ def load_pipeline(out_dir: str | Path, device: str = "cpu") -> Pipeline:
                     models=models, metrics=metrics, history=history, checkpoints=checkpoints, out_dir=out)
 
 
-__all__ = ["Pipeline", "STAGE_KINDS", "Stage", "as_stage", "load_pipeline", "stage_name", "train_pipeline"]
+__all__ = ["Pipeline", "STAGE_KINDS", "Stage", "as_stage", "is_pipeline_dir", "load_pipeline", "stage_name", "train_pipeline"]

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from poisonmech.storage import read_json
-from poisonmech.train.pipeline import FORMAT as PIPELINE_FORMAT
+from poisonmech.train.pipeline import is_pipeline_dir
 from poisonmech.viz.export import find_chrome
 from poisonmech.viz.figures import _fmt, analysis_vs_count, metric_vs_count, style
 
@@ -242,7 +242,7 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
                      r.error or ""] for r in runs])
         for r in done:
             _run_section(page, d / "runs" / r.name)
-    elif (d / "config.json").is_file() and read_json(d / "config.json").get("format") == PIPELINE_FORMAT:
+    elif is_pipeline_dir(d):
         title = f"poisonmech pipeline: {d.name}"
         _pipeline_section(page, d, read_json(d / "config.json"))
     elif (d / "config.json").is_file():
