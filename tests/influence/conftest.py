@@ -55,3 +55,14 @@ def pair(tmp_path_factory):
 
 def small_bridge(arch: str = "native", vocab: int = 40):
     return pm.build_model(tiny_model_config(architecture=arch, n_ctx=16), vocab, seed=0)
+
+
+def map_params(model, mods) -> list[torch.Tensor]:
+    """The weights and biases of the tracked maps ``mods``, in order (for explicit autograd references)."""
+    lookup = dict(model.named_modules())
+    params = []
+    for t in mods:
+        params.append(lookup[t.name].weight)
+        if t.bias:
+            params.append(lookup[t.name].bias)
+    return params

@@ -13,6 +13,7 @@ from poisonmech.influence.grads import forward_backward, func_per_example_grads,
 from poisonmech.influence.tracking import find_modules, weight_gradient
 from poisonmech.train.loop import masked_loss
 from tests.conftest import tiny_model_config, tiny_task
+from tests.influence.conftest import map_params
 
 
 def _model_and_rows(arch: str):
@@ -41,12 +42,7 @@ def test_hook_gradients_equal_torch_func(arch):
 
 def _explicit_grad(model, mods, tokens, mask) -> torch.Tensor:
     """Plain autograd, one row at a time: d(summed NLL)/d(weights and biases of the maps)."""
-    lookup = dict(model.named_modules())
-    params = []
-    for t in mods:
-        params.append(lookup[t.name].weight)
-        if t.bias:
-            params.append(lookup[t.name].bias)
+    params = map_params(model, mods)
     n = int(mask.sum())
     loss = masked_loss(model, tokens, mask) * n
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])

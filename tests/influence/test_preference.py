@@ -14,16 +14,7 @@ from poisonmech.tasks.preference import make_preferences
 from poisonmech.train.dpo import encode_preferences, sequence_logprobs
 from poisonmech.train.loop import masked_loss
 from tests.conftest import tiny_model_config, tiny_task
-
-
-def _params(model, mods):
-    lookup = dict(model.named_modules())
-    out = []
-    for t in mods:
-        out.append(lookup[t.name].weight)
-        if t.bias:
-            out.append(lookup[t.name].bias)
-    return out
+from tests.influence.conftest import map_params
 
 
 def _flat(loss, params) -> torch.Tensor:
@@ -42,7 +33,7 @@ def test_graddot_on_preference_pairs_is_the_dpo_loss_gradient_dot():
     res = attribute(model, train=prefs, query=query, method="graddot", tokenizer=task.tokenizer,
                     reference=reference, beta=beta, progress=False)
     mods = find_modules(model, "linear")
-    params = _params(model, mods)
+    params = map_params(model, mods)
     enc = encode_preferences(prefs, task.tokenizer)
     qenc = Query.from_rows(query).encode(task.tokenizer)
     expected = torch.zeros(2, 5)
