@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -87,3 +88,25 @@ def load_dataset_file(path: Path) -> Dataset:
         return Dataset(pq.read_table(str(path)))
     except Exception as exc:
         raise ValueError(f"corrupt parquet file: {path} ({exc})") from exc
+
+
+def copy_dir(src: Path, dst: Path) -> None:
+    """Replace ``dst`` with a copy of ``src``, made beside it and renamed into place."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def publish_dir(src: Path, dst: Path) -> None:
+    """Copy a finished run folder into a shared cache at ``dst`` atomically (copy, then rename);
+    the first writer wins, later ones leave the published copy alone."""
+    if dst.exists():
+        return
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    try:
+        tmp.rename(dst)
+    except OSError:  # another run published it first
+        shutil.rmtree(tmp, ignore_errors=True)

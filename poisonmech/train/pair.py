@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from poisonmech.models import ModelConfig, build_model
 from poisonmech.storage import (
     load_dataset_file,
     load_tensors,
+    publish_dir,
     read_json,
     save_dataset,
     save_tensors,
@@ -207,13 +207,8 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
                 save_tensors(final, m.state_dict())
                 write_json(tdir / "history.json", history[twin])
                 (tdir / "resume.safetensors").unlink(missing_ok=True)
-                if cached is not None and not cached.exists():  # publish atomically: copy, then rename
-                    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-                    shutil.copytree(tdir, tmp, dirs_exist_ok=True)
-                    try:
-                        tmp.rename(cached)
-                    except OSError:  # another run published it first
-                        shutil.rmtree(tmp, ignore_errors=True)
+                if cached is not None:
+                    publish_dir(tdir, cached)
         m.eval()
         twins[twin] = m
         checkpoints[twin] = list_checkpoints(tdir) if tdir is not None else []

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -54,8 +52,10 @@ from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model
 from poisonmech.storage import (
+    copy_dir,
     load_dataset_file,
     load_tensors,
+    publish_dir,
     read_json,
     save_dataset,
     save_tensors,
@@ -285,25 +285,6 @@ def _lineage(base: dict[str, Any], stages: list[Stage], data: list[tuple[Dataset
     return _digest({**base, "stages": parts})
 
 
-def _copy_dir(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-
-
-def _publish(src: Path, cache: Path) -> None:
-    if cache.exists():
-        return
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    try:
-        tmp.rename(cache)
-    except OSError:  # another run published it first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfig | None = None, *,
                    preferences: Dataset | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
                    cache_dir: str | Path | None = None, progress: bool = True) -> Pipeline:
@@ -385,7 +366,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
                 elif cache is not None and (cache / key / "metrics.json").is_file():
                     src = cache / key
                 if src is not None:
-                    _copy_dir(src, sdir)
+                    copy_dir(src, sdir)
             if sdir is not None and (sdir / "metrics.json").is_file():
                 m.load_state_dict(load_tensors(sdir / "model.safetensors", device=st.config.device))
                 history[k][twin] = read_json(sdir / "history.json")
@@ -401,7 +382,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
                     write_json(sdir / "metrics.json", metrics[k][twin])  # last: the stage is finished
                     if cache is not None:
                         cache.mkdir(parents=True, exist_ok=True)
-                        _publish(sdir, cache / key)
+                        publish_dir(sdir, cache / key)
             models[k][twin] = _snapshot(m, model, tokenizer, seed, st.config.device)
             checkpoints[k][twin] = list_checkpoints(sdir) if sdir is not None else []
     if out is not None:
