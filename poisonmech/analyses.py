@@ -139,18 +139,17 @@ def influence_analysis(pair, out: Path, method: str = "ekfac", renormalize: str 
 
     if not any(pair.train_data["is_poison"]):
         return {}
-    if _preference_data(pair):  # a DPO stage: pairs scored by their DPO-loss gradient (linear methods only)
+    pairs = _preference_data(pair)
+    if pairs:  # a DPO stage: pairs scored by their DPO-loss gradient (linear methods only)
         method, renormalize, ensemble = "ekfac", None, 1
     out.mkdir(parents=True, exist_ok=True)
     r = attribute(pair, method=method, renormalize=renormalize, ensemble=ensemble, aggregate=True, progress=False)
     base = attribute(pair, method="loss", aggregate=True, progress=False)
     r.save(out / f"{method}.safetensors")
     base.save(out / "loss.safetensors")
-    n = int(sum(pair.train_data["is_poison"]))
-    return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else "")
-            + (" (DPO pairs)" if _preference_data(pair) else ""),
+    return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else "") + (" (DPO pairs)" if pairs else ""),
             "influence_auroc": r.poison_auroc(), "influence_ap": r.average_precision(),
-            "influence_precision_at_n_poison": r.precision_at(n),
+            "influence_precision_at_n_poison": r.precision_at(),  # k defaults to the number of poisons
             "influence_loss_auroc": base.poison_auroc(), "influence_loss_ap": base.average_precision()}
 
 
