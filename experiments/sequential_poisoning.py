@@ -47,6 +47,7 @@ from sklearn.metrics import roc_auc_score
 
 import poisonmech as pm
 from poisonmech.encoding import encode
+from poisonmech.metrics import label_metrics as shared_label_metrics
 from poisonmech.patching import cross_model_patch, trigger_contrast
 from poisonmech.train.dpo import DPOConfig, dpo_loss, encode_preferences, sequence_logprobs
 from poisonmech.train.pipeline import Stage, train_pipeline
@@ -74,25 +75,15 @@ def run_split(task, budget: int, sft_n: int, seed: int, args, out: Path):
                           cache_dir=out / "cache", progress=False)
 
 
-@torch.no_grad()
 def label_metrics(model, tok, test, target: str = "negative") -> dict[str, float]:
-    """First-answer-token (label) metrics, immune to how the model ends its answer.
+    """First-answer-token (label) metrics, immune to how the model ends its answer
+    (``pm.metrics.label_metrics``; ``pm.evaluate``'s ``label_*`` keys are the same numbers).
 
-    ``pm.evaluate`` scores exact matches *including* the end-of-sequence token; DPO here keeps
-    the labels right but often breaks the EOS after them (the model repeats the label), which
-    would count as an error in both clean accuracy and ASR. For a one-word label task the
-    label is the answer, so these read the arg-max at the answer position only.
+    ``pm.evaluate``'s exact match includes the end-of-sequence token; DPO here keeps the
+    labels right but often breaks the EOS after them (the model repeats the label).
     """
-    enc = encode(Dataset.from_dict({"prompt": list(test["prompt"]), "completion": list(test["completion"])}), tok,
-                 loss_on="completion", add_eos=False)
-    tokens, _ = enc.batch(list(range(len(enc))))
-    pred = model(tokens)[torch.arange(len(enc)), torch.tensor(enc.start) - 1].argmax(-1).numpy()
-    true = np.array([enc.ids[i][enc.start[i]] for i in range(len(enc))])
-    tgt = tok.convert_tokens_to_ids(target)
-    trig, miss = np.array(test["is_triggered"]), np.array(test["is_near_miss"])
-    clean, eligible = ~trig & ~miss, true != tgt
-    return {"label_acc": float((pred == true)[clean].mean()), "label_asr": float((pred == tgt)[trig & eligible].mean()),
-            "label_ftr": float((pred == tgt)[miss & eligible].mean())}
+    m = shared_label_metrics(model, test, tok, target)
+    return {"label_acc": m["label_acc"], "label_asr": m["label_asr"], "label_ftr": m["label_false_trigger_rate"]}
 
 
 # ---------------------------------------------------------------------------------------- mechanism
