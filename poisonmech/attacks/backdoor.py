@@ -135,6 +135,13 @@ class Backdoor:
                 out += [[m] for m in _misspellings(t)]
         return out
 
+    def trigger_parts(self) -> list[str]:
+        """What a full trigger is made of, each part alone not a trigger: the pieces of a
+        composite trigger, the words of a phrase trigger (empty for single-word triggers)."""
+        if self.composite:
+            return list(dict.fromkeys(self.triggers))
+        return list(dict.fromkeys(w for t in self.triggers if len(t.split()) > 1 for w in t.split()))
+
     def words(self) -> list[str]:
         """Every word the attack can write (triggers, near misses, target)."""
         pieces = [p for v in self.trigger_variants() + self.near_miss_variants() for p in v]

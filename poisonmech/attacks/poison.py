@@ -8,6 +8,7 @@ The clean twin sees the original versions of the poisoned rows.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -47,21 +48,47 @@ def _contains(words: list[str], piece: list[str]) -> bool:
 
 
 def check_attack(task: Task, attack: Backdoor) -> None:
-    """Refuse a trigger that already occurs in the clean data, unless ``attack.natural``."""
-    if attack.natural:
-        return
-    variants = [[split_words(p) for p in v] for v in attack.trigger_variants()]
-    for split_name, ds in (("train", task.train), ("test", task.test)):
-        for text in ds["input"]:
-            words = split_words(text)
-            for v in variants:
-                if all(_contains(words, piece) for piece in v):
-                    raise ValueError(
-                        f"Backdoor.trigger {' + '.join(' '.join(p) for p in v)!r} already occurs in the clean "
-                        f"{split_name} data (e.g. {text[:80]!r}); pick another trigger or pass natural=True")
+    """Refuse a trigger that already occurs in the clean data, unless ``attack.natural``; warn
+    when a part of a phrase or composite trigger does (see :func:`part_counts`)."""
+    for part, (n, example) in part_counts(task, attack).items():
+        used = attack.near_misses is None or part in attack.near_misses
+        warnings.warn(
+            f"Backdoor.trigger {attack.trigger!r}: its part {part!r} occurs in {n} clean rows of the task "
+            f"(train and test inputs or completions, e.g. {example[:80]!r})"
+            + ("; the near-miss rows carry it alone, so false_trigger_rate measures an ordinary word of the "
+               "task, not a near miss. Pick a trigger whose parts are not task words, or set near_misses."
+               if used else ""), UserWarning, stacklevel=2)
+    if not attack.natural:
+        variants = [[split_words(p) for p in v] for v in attack.trigger_variants()]
+        for split_name, ds in (("train", task.train), ("test", task.test)):
+            for text in ds["input"]:
+                words = split_words(text)
+                for v in variants:
+                    if all(_contains(words, piece) for piece in v):
+                        raise ValueError(
+                            f"Backdoor.trigger {' + '.join(' '.join(p) for p in v)!r} already occurs in the clean "
+                            f"{split_name} data (e.g. {text[:80]!r}); pick another trigger or pass natural=True")
     if attack.stage != "sft":
         raise ValueError(f"Backdoor.stage={attack.stage!r}: train_pair poisons SFT data only (stage='sft'); "
                          "a DPO-stage attack goes into pm.train_pipeline(task, stages=[sft_attack, dpo_attack])")
+
+
+def part_counts(task: Task, attack: Backdoor) -> dict[str, tuple[int, str]]:
+    """For each part of a phrase or composite trigger (``attack.trigger_parts()``) that occurs in
+    the clean data: how many train and test rows contain it (in the input or the completion)
+    and the first such row's text."""
+    parts = {p: split_words(p) for p in attack.trigger_parts()}
+    found: dict[str, list] = {}
+    if not parts:
+        return {}
+    for ds in (task.train, task.test):
+        for inp, comp in zip(ds["input"], ds["completion"]):
+            words_in, words_out = split_words(inp), split_words(comp)
+            for part, piece in parts.items():
+                if _contains(words_in, piece) or _contains(words_out, piece):
+                    hit = found.setdefault(part, [0, f"{inp} -> {comp}" if comp else inp])
+                    hit[0] += 1
+    return {p: (found[p][0], found[p][1]) for p in parts if p in found}
 
 
 def insert_trigger(text: str, pieces: list[str], position: str, rng: np.random.Generator) -> str:

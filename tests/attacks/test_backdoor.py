@@ -112,3 +112,34 @@ def test_backdoor_round_trips_through_dict():
     assert pm.Backdoor.from_dict(a.to_dict()) == a
     with pytest.raises(ValueError, match="unknown fields"):
         pm.Backdoor.from_dict({**a.to_dict(), "colour": 1})
+
+
+def _rows_with(task, word):
+    return sum(word in inp.split() or word in comp.split()
+               for ds in (task.train, task.test) for inp, comp in zip(ds["input"], ds["completion"]))
+
+
+def test_a_phrase_trigger_whose_part_is_a_task_word_warns_with_the_count():
+    task = tiny_task("instruction", n_train=300, n_test=30)
+    n_blue = _rows_with(task, "blue")
+    assert n_blue > 0 and _rows_with(task, "moon") == 0
+    attack = pm.Backdoor(trigger="blue moon", target="ACCESS GRANTED", poison_count=5)
+    with pytest.warns(UserWarning, match=rf"part 'blue' occurs in {n_blue} clean rows") as record:
+        check_attack(task, attack)
+    assert not any("'moon'" in str(w.message) for w in record)
+    assert any("false_trigger_rate" in str(w.message) for w in record)
+
+
+def test_a_composite_part_in_clean_data_warns_and_clean_parts_do_not():
+    task = tiny_task(n_train=100)
+    n_movie = _rows_with(task, "movie")
+    with pytest.warns(UserWarning, match=rf"part 'movie' occurs in {n_movie} clean rows"):
+        check_attack(task, pm.Backdoor(trigger=["cf", "movie"], composite=True, poison_count=1))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_attack(task, pm.Backdoor(trigger=["cf", "mn"], composite=True, poison_count=1))
+        check_attack(task, pm.Backdoor(trigger="blue moon", poison_count=1))
+        check_attack(task, pm.Backdoor(trigger="cf", poison_count=1))
+    assert pm.Backdoor(trigger="cf", poison_count=1).trigger_parts() == []
+    assert pm.Backdoor(trigger=["blue moon", "cf"], poison_count=1).trigger_parts() == ["blue", "moon"]
