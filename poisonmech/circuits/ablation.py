@@ -17,7 +17,7 @@ ablated, everything else kept) is reported the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Union
@@ -132,7 +132,48 @@ class Faithfulness:
 
     def __repr__(self) -> str:
         return (f"Faithfulness(ablation={self.ablation!r}, circuit={self.circuit_faithfulness:.3f}, "
-                f"complement={self.complement_faithfulness:.3f}, edges={self.n_edges}/{self.n_graph_edges})")
+                f"complement={self.complement_faithfulness:.3f}, edges={self.n_edges}/{self.n_graph_edges}, "
+                f"n={self.full.shape[0]})")
+
+
+def _check_metrics(metrics) -> dict[str, Callable]:
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ValueError("metrics must be a non-empty mapping {name: metric}, e.g. "
+                         "{'logit_diff': tc.logit_diff(), 'target_logprob': tc.target_logprob()}, "
+                         f"got {metrics if isinstance(metrics, Mapping) else type(metrics).__name__!r}")
+    for name, m in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metrics: names must be non-empty strings, got {name!r}")
+        if not callable(m):
+            raise ValueError(f"metrics[{name!r}] must be a callable mapping logits [batch pos d_vocab] to [batch], "
+                             f"got {type(m).__name__}")
+    return dict(metrics)
+
+
+def _check_ablations(ablations) -> tuple[str, ...]:
+    if isinstance(ablations, str):
+        ablations = (ablations,)
+    ablations = tuple(ablations)
+    if not ablations:
+        raise ValueError(f"ablations must name at least one of {ABLATIONS}, got ()")
+    for a in ablations:
+        check_choice("ablations", a, ABLATIONS)
+    if len(set(ablations)) < len(ablations):
+        raise ValueError(f"ablations: each ablation once, got {ablations}")
+    return ablations
+
+
+def _part_metrics(model, graph: Graph, inside: Tensor, clean_tokens: Tensor, ref: Tensor,
+                  metrics: dict[str, Callable]) -> dict[str, dict[str, Tensor]]:
+    """``{part: {metric name: [batch]}}`` for the four runs of the clean batch; every metric
+    reads the same forward, so more metrics cost no more forwards."""
+    masks = {"full": None, "empty": graph.edge_mask, "circuit": graph.edge_mask & ~inside, "complement": inside}
+    out: dict[str, dict[str, Tensor]] = {}
+    for part, mask in masks.items():
+        with rewired(model, graph, ablate=mask, reference=ref):
+            logits = model(clean_tokens)
+        out[part] = {name: apply_metric(m, logits).float().cpu() for name, m in metrics.items()}
+    return out
 
 
 @torch.no_grad()
@@ -148,9 +189,118 @@ def faithfulness(model, graph: Graph, circuit_edges: Bool[Tensor, "n_src n_dst"]
     clean_tokens, corrupted_tokens = check_tokens(model, clean_tokens, corrupted_tokens)
     ref = reference_activations(model, graph, corrupted_tokens, ablation)
     inside = circuit_edges.bool().cpu() & graph.edge_mask
-    masks = {"full": None, "empty": graph.edge_mask, "circuit": graph.edge_mask & ~inside, "complement": inside}
-    out = {}
-    for part, mask in masks.items():
-        with rewired(model, graph, ablate=mask, reference=ref):
-            out[part] = apply_metric(metric, model(clean_tokens)).float().cpu()
-    return Faithfulness(ablation=ablation, n_edges=int(inside.sum()), n_graph_edges=graph.n_edges, **out)
+    runs = _part_metrics(model, graph, inside, clean_tokens, ref, {"metric": metric})
+    return Faithfulness(ablation=ablation, n_edges=int(inside.sum()), n_graph_edges=graph.n_edges,
+                        **{part: v["metric"] for part, v in runs.items()})
+
+
+REFERENCES = {"patching": "the corrupted run (token-aligned)", "mean": "the mean over the corrupted batch and positions",
+              "zero": "zero"}
+
+
+@dataclass(frozen=True, eq=False)
+class FaithfulnessTable:
+    """Faithfulness of one circuit under several ablations and metrics, side by side.
+
+    ``results[(ablation, metric)]`` is the :class:`Faithfulness` of that cell; ``corrupted[metric]``
+    the metric of the corrupted batch with nothing ablated (``None`` without corrupted tokens).
+    Circuit metrics are fragile to these choices (Miller et al. 2024): read them together.
+    """
+
+    results: dict[tuple[str, str], Faithfulness]
+    corrupted: dict[str, Tensor | None]
+    label: str | None = None
+
+    @property
+    def ablations(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(a for a, _ in self.results))
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m for _, m in self.results))
+
+    def __getitem__(self, key: tuple[str, str]) -> Faithfulness:
+        if key not in self.results:
+            raise KeyError(f"{key!r}: cells are (ablation, metric) with ablation in {self.ablations} and metric "
+                           f"in {self.metrics}")
+        return self.results[key]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (ablation, metric): ``circuit_faithfulness``, ``complement_faithfulness`` and what
+        they are made of: the clean batch's metric with nothing ablated (``clean_metric``), with
+        everything ablated (``empty_metric``, the baseline; the corrupted run under patching), with the
+        circuit alone and with its complement alone (``circuit_metric``, ``complement_metric``), the
+        denominator ``clean_metric - empty_metric``, the unablated corrupted batch's metric
+        (``corrupted_metric``), ``n_examples``, ``n_edges`` / ``n_graph_edges`` and what ablated edges
+        carried (``reference``)."""
+        rows = []
+        for (ablation, name), f in self.results.items():
+            corrupted = self.corrupted.get(name)
+            rows.append({"circuit": self.label, "ablation": ablation, "metric": name,
+                         "circuit_faithfulness": f.circuit_faithfulness,
+                         "complement_faithfulness": f.complement_faithfulness,
+                         "clean_metric": float(f.full.mean()), "empty_metric": float(f.empty.mean()),
+                         "denominator": float(f.full.mean() - f.empty.mean()),
+                         "circuit_metric": float(f.circuit.mean()), "complement_metric": float(f.complement.mean()),
+                         "corrupted_metric": float(corrupted.mean()) if corrupted is not None else float("nan"),
+                         "n_examples": int(f.full.shape[0]), "n_edges": f.n_edges, "n_graph_edges": f.n_graph_edges,
+                         "reference": REFERENCES[ablation]})
+        return pd.DataFrame(rows)
+
+    def plot(self, title: str | None = None):
+        """Grouped bars: circuit and complement faithfulness per ablation, one panel per metric."""
+        import plotly.express as px
+
+        frame = self.to_frame().melt(id_vars=["ablation", "metric"],
+                                     value_vars=["circuit_faithfulness", "complement_faithfulness"],
+                                     var_name="part", value_name="faithfulness")
+        frame["part"] = frame["part"].str.replace("_faithfulness", "", regex=False)
+        name = f"{self.label}: " if self.label else ""
+        fig = px.bar(frame, x="ablation", y="faithfulness", color="part", barmode="group", facet_col="metric",
+                     title=title or f"{name}faithfulness by ablation and metric (1 = full model, 0 = all ablated)")
+        fig.update_layout(template="plotly_white")
+        return fig
+
+    def __repr__(self) -> str:
+        """One line per ablation: ``circuit / complement`` faithfulness under each metric."""
+        first = next(iter(self.results.values()))
+        name = f"{self.label!r}, " if self.label else ""
+        lines = [f"FaithfulnessTable({name}{first.n_edges}/{first.n_graph_edges} edges, n={first.full.shape[0]}; "
+                 "circuit / complement faithfulness)"]
+        for a in self.ablations:
+            cells = ", ".join(f"{m} {self.results[(a, m)].circuit_faithfulness:.3f} / "
+                              f"{self.results[(a, m)].complement_faithfulness:.3f}"
+                              for m in self.metrics if (a, m) in self.results)
+            lines.append(f"  {a}: {cells}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def faithfulness_table(model, graph: Graph, circuit_edges: Bool[Tensor, "n_src n_dst"],
+                       clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"] | None,
+                       metrics: Mapping[str, Callable], *, ablations: Sequence[str] = ABLATIONS,
+                       label: str | None = None) -> FaithfulnessTable:
+    """:func:`faithfulness` of one circuit for every ablation in ``ablations`` and every metric in
+    ``metrics`` (``{name: metric}``), each cell exactly what ``faithfulness(..., metric,
+    ablation=...)`` returns. Four forwards per ablation (all metrics read them) and one of the
+    corrupted batch. ``corrupted_tokens`` are the reference of ``"patching"`` and ``"mean"``
+    (as in :func:`faithfulness`); ``None`` allows ``ablations=("zero",)`` only.
+    """
+    metrics = _check_metrics(metrics)
+    ablations = _check_ablations(ablations)
+    clean_tokens, corrupted_tokens = check_tokens(model, clean_tokens, corrupted_tokens)
+    inside = circuit_edges.bool().cpu() & graph.edge_mask
+    results: dict[tuple[str, str], Faithfulness] = {}
+    for ablation in ablations:
+        ref = reference_activations(model, graph, corrupted_tokens, ablation)
+        runs = _part_metrics(model, graph, inside, clean_tokens, ref, metrics)
+        for name in metrics:
+            results[(ablation, name)] = Faithfulness(ablation=ablation, n_edges=int(inside.sum()),
+                                                     n_graph_edges=graph.n_edges,
+                                                     **{part: v[name] for part, v in runs.items()})
+    corrupted: dict[str, Tensor | None] = dict.fromkeys(metrics)
+    if corrupted_tokens is not None:
+        with rewired(model, graph):
+            logits = model(corrupted_tokens)
+        corrupted = {name: apply_metric(m, logits).float().cpu() for name, m in metrics.items()}
+    return FaithfulnessTable(results=results, corrupted=corrupted, label=label)

@@ -3,7 +3,8 @@
 A circuit is what is left of the model when every other edge carries a reference value
 (a corrupted run, a mean or zero, see :mod:`poisonmech.circuits.ablation`). It keeps every
 edge's score (not only its own), so circuits of the same graph can be re-thresholded and
-compared by rank.
+compared by rank. A circuit built from edge names alone (:meth:`Circuit.from_edges`) carries no
+scores (``scores=None``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 
-from poisonmech.circuits.ablation import PARTS, Faithfulness, ReferenceTokens, ablated, faithfulness
+from poisonmech.circuits.ablation import (
+    PARTS,
+    Faithfulness,
+    FaithfulnessTable,
+    ReferenceTokens,
+    ablated,
+    faithfulness,
+    faithfulness_table,
+)
 from poisonmech.circuits.graph import Graph, parse_name, split_edge
 from poisonmech.circuits.rewire import ABLATIONS
 from poisonmech.circuits.scores import EdgeScores, edge_frame
@@ -40,17 +49,19 @@ class Circuit:
     Args:
         graph: the model's :class:`Graph`.
         edges: the circuit's edge names (``"a0.h1->a1.h0<q>"``), kept in the graph's edge order.
-        scores: ``[n_src n_dst]`` score of every edge of the graph (what chose the circuit).
+        scores: ``[n_src n_dst]`` score of every edge of the graph (what chose the circuit), or ``None``
+            for a circuit given by its edges alone.
         method: how the scores were made (``"eap"``, ``"eap-ig"``, ``"acdc"``, ``"random"``, ...).
         per_example: ``[batch n_src n_dst]`` scores per example, where kept.
         selection: how edges were chosen: ``{"top_n": 20, "absolute": True}`` or ``{"threshold": 0.1, ...}``.
-        info: anything else worth keeping (steps, mode, metric means), JSON-serialisable.
+        info: anything else worth keeping (steps, mode, metric means, ``"faithfulness"`` once
+            recorded with :meth:`with_faithfulness`), JSON-serialisable.
         label: a name for tables and plots.
     """
 
     graph: Graph
     edges: tuple[str, ...]
-    scores: Float[Tensor, "n_src n_dst"]
+    scores: Float[Tensor, "n_src n_dst"] | None
     method: str
     per_example: Float[Tensor, "batch n_src n_dst"] | None = None
     selection: dict[str, Any] = field(default_factory=dict)
@@ -58,7 +69,7 @@ class Circuit:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        if self.scores.shape != (self.graph.n_src, self.graph.n_dst):
+        if self.scores is not None and self.scores.shape != (self.graph.n_src, self.graph.n_dst):
             raise ValueError(f"Circuit.scores must be [n_src n_dst]={[self.graph.n_src, self.graph.n_dst]}, "
                              f"got {list(self.scores.shape)}")
         object.__setattr__(self, "edges", self.graph.edges_of(self.graph.mask_of(self.edges)))
@@ -83,6 +94,11 @@ class Circuit:
                    method=scores.method, per_example=scores.per_example, selection=selection, info=info,
                    label=label)
 
+    @classmethod
+    def from_edges(cls, graph: Graph, edges, *, method: str = "manual", label: str | None = None) -> Circuit:
+        """A circuit given by its edge names (e.g. one from a paper), without scores."""
+        return cls(graph=graph, edges=tuple(edges), scores=None, method=method, label=label)
+
     # -- views -------------------------------------------------------------------------------------
 
     @property
@@ -102,8 +118,27 @@ class Circuit:
             touched.update((s, parse_name(d).node))
         return tuple(n for n in self.graph.nodes if n in touched)
 
+    @property
+    def has_scores(self) -> bool:
+        return self.scores is not None
+
     def score(self, edge: str) -> float:
-        return float(self.scores[self.graph.edge_position(edge)])
+        """One edge's score; ``ValueError`` for a circuit without scores."""
+        position = self.graph.edge_position(edge)
+        if self.scores is None:
+            raise ValueError(f"circuit {self.name!r} carries no scores (built from its edges)")
+        return float(self.scores[position])
+
+    @property
+    def name(self) -> str:
+        """The label, else the method."""
+        return self.label or self.method
+
+    @property
+    def faithfulness_info(self) -> dict[str, Any] | None:
+        """``{"ablation", "circuit", "complement"}`` recorded by :meth:`with_faithfulness`, if any."""
+        f = self.info.get("faithfulness")
+        return dict(f) if isinstance(f, dict) else None
 
     def edge_kinds(self) -> dict[str, int]:
         """How many edges of each kind (``head->head<q>``, ``input->mlp``, ...) the circuit has."""
@@ -113,18 +148,19 @@ class Circuit:
         """Tidy frame.
 
         ``level="edges"``: one row per edge of the graph with its names, kinds, layers, ``score``,
-        ``abs_score``, ``rank`` (1 = highest absolute score) and ``in_circuit``.
+        ``abs_score``, ``rank`` (1 = highest absolute score) and ``in_circuit`` (scores NaN and rank
+        missing for a circuit without scores).
         ``level="nodes"``: one row per node with ``kind, layer, head, in_circuit``, the circuit
         edges into and out of it (``n_in, n_out``) and the summed score of its outgoing edges.
         """
         check_choice("level", level, ("edges", "nodes"))
         frame = edge_frame(self.graph)
-        values = self.scores[self.graph.edge_mask].detach().cpu().numpy()
+        values = self.edge_values()
         frame["score"] = values
         frame["abs_score"] = np.abs(values)
-        frame["rank"] = frame["abs_score"].rank(ascending=False, method="first").astype(int)
+        frame["rank"] = frame["abs_score"].rank(ascending=False, method="first").astype("Int64")
         frame["in_circuit"] = frame["edge"].isin(set(self.edges))
-        frame.insert(0, "circuit", self.label or self.method)
+        frame.insert(0, "circuit", self.name)
         if level == "edges":
             return frame
         nodes = set(self.nodes)
@@ -132,28 +168,54 @@ class Circuit:
         for n in self.graph.nodes:
             info = parse_name(n)
             inside = frame[frame["in_circuit"]]
-            rows.append({"circuit": self.label or self.method, "node": n, "kind": info.kind, "layer": info.layer,
+            rows.append({"circuit": self.name, "node": n, "kind": info.kind, "layer": info.layer,
                          "head": info.head, "in_circuit": n in nodes,
                          "n_in": int((inside["dst_node"] == n).sum()), "n_out": int((inside["src"] == n).sum()),
-                         "out_score": float(frame.loc[frame["src"] == n, "score"].sum())})
+                         "out_score": float(frame.loc[frame["src"] == n, "score"].sum(min_count=1))})
         out = pd.DataFrame(rows)
         for c in ("layer", "head"):
             out[c] = out[c].astype("Int64")
         return out
 
-    def plot(self, title: str | None = None, max_edges: int | None = 200):
-        """The circuit as a plotly graph: nodes by layer, edges coloured by sign, width by |score|."""
+    def edge_values(self) -> np.ndarray:
+        """Every edge's score in ``graph.edges`` order (NaN for a circuit without scores)."""
+        if self.scores is None:
+            return np.full(self.graph.n_edges, np.nan)
+        return self.scores[self.graph.edge_mask].detach().cpu().double().numpy()
+
+    def plot(self, title: str | None = None, max_edges: int | None = 200, *,
+             faithfulness: Faithfulness | None = None):
+        """The circuit as a plotly graph: nodes by layer, edges coloured by sign, width by |score|.
+
+        The default title names the circuit, its edge count and its faithfulness (``faithfulness``,
+        else the one recorded by :meth:`with_faithfulness`, if any), see
+        :func:`~poisonmech.circuits.plot.circuit_title`.
+        """
         from poisonmech.circuits.plot import plot_circuit
 
-        return plot_circuit(self, title=title, max_edges=max_edges)
+        return plot_circuit(self, title=title, max_edges=max_edges, faithfulness=faithfulness)
 
     # -- derived circuits --------------------------------------------------------------------------
 
     def with_edges(self, edges, *, method: str | None = None, label: str | None = None,
                    selection: dict[str, Any] | None = None) -> Circuit:
         """The same graph and scores with other edges."""
-        return replace(self, edges=tuple(edges), method=method or self.method, label=label,
+        info = {k: v for k, v in self.info.items() if k != "faithfulness"}  # it was measured on other edges
+        return replace(self, edges=tuple(edges), method=method or self.method, label=label, info=info,
                        selection=selection if selection is not None else dict(self.selection))
+
+    def with_faithfulness(self, result: Faithfulness) -> Circuit:
+        """The same circuit with ``result`` recorded in ``info["faithfulness"]`` (saved with it, shown in
+        its repr and plot title)."""
+        if not isinstance(result, Faithfulness):
+            raise ValueError(f"result must be a Faithfulness (from circuit.faithfulness(...)), "
+                             f"got {type(result).__name__}")
+        if result.n_edges != self.n_edges or result.n_graph_edges != self.graph.n_edges:
+            raise ValueError(f"result: measured on {result.n_edges}/{result.n_graph_edges} edges, this circuit has "
+                             f"{self.n_edges}/{self.graph.n_edges}")
+        record = {"ablation": result.ablation, "circuit": result.circuit_faithfulness,
+                  "complement": result.complement_faithfulness, "n_examples": int(result.full.shape[0])}
+        return replace(self, info={**self.info, "faithfulness": record})
 
     def prune(self) -> Circuit:
         """Drop edges that cannot reach the logits through the circuit (their destination's
@@ -171,7 +233,9 @@ class Circuit:
         """A random circuit with as many edges of each kind (``head->head<q>``, ``mlp->logits``, ...).
 
         Edges are drawn from those outside this circuit where there are enough of a kind,
-        otherwise from all of that kind. Same graph and scores; ``method="random"``.
+        otherwise from all of that kind. Same graph; ``method="random"``. Its scores are its own:
+        this circuit's scores randomly permuted over the graph's edges (seeded by ``seed``; ``None``
+        if this circuit has none), so rank correlations against it measure chance, not a copy.
         """
         rng = np.random.default_rng(seed)
         by_kind: dict[str, list[str]] = {}
@@ -184,9 +248,16 @@ class Circuit:
             if len(pool) < n:
                 pool = by_kind[kind]
             chosen += [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
-        return self.with_edges(chosen, method="random", label=f"random({self.label or self.method}, seed={seed})",
-                               selection={"like": self.label or self.method, "seed": seed,
-                                          "exclude_circuit": exclude_circuit})
+        scores = None
+        if self.scores is not None:
+            values = self.scores[self.graph.edge_mask]
+            scores = torch.zeros_like(self.scores)
+            scores[self.graph.edge_mask] = values[torch.as_tensor(rng.permutation(len(values)))]
+        info = {k: v for k, v in self.info.items() if k != "faithfulness"}
+        info["scores"] = "random permutation of the original circuit's scores" if scores is not None else "none"
+        return replace(self, edges=tuple(chosen), scores=scores, method="random", per_example=None,
+                       label=f"random({self.name}, seed={seed})", info=info,
+                       selection={"like": self.name, "seed": seed, "exclude_circuit": exclude_circuit})
 
     # -- causal checks -----------------------------------------------------------------------------
 
@@ -201,6 +272,21 @@ class Circuit:
         """
         self._check_model(model)
         return faithfulness(model, self.graph, self.mask, clean_tokens, corrupted_tokens, metric, ablation=ablation)
+
+    def faithfulness_table(self, model, clean_tokens: Int[Tensor, "batch pos"],
+                           corrupted_tokens: Int[Tensor, "batch pos"] | None, metrics: dict[str, Callable], *,
+                           ablations: tuple[str, ...] = ABLATIONS) -> FaithfulnessTable:
+        """:meth:`faithfulness` for every ablation and every metric, side by side::
+
+            t = circuit.faithfulness_table(model, tc.triggered, tc.control,
+                                           {"logit_diff": tc.logit_diff(), "target_logprob": tc.target_logprob()})
+            t.to_frame()   # one row per (ablation, metric): circuit / complement faithfulness, denominators, n
+
+        Each cell equals ``faithfulness(model, clean, corrupted, metric, ablation=...)``.
+        """
+        self._check_model(model)
+        return faithfulness_table(model, self.graph, self.mask, clean_tokens, corrupted_tokens, metrics,
+                                  ablations=ablations, label=self.name)
 
     @contextmanager
     def ablate(self, model, reference_tokens: ReferenceTokens = None, *,
@@ -239,7 +325,7 @@ class Circuit:
     def to_dict(self, per_example: bool = False) -> dict[str, Any]:
         d = {"format": FORMAT, "graph": self.graph.to_dict(), "edges": list(self.edges), "method": self.method,
              "selection": self.selection, "info": self.info, "label": self.label,
-             "scores": self.scores.detach().cpu().double().tolist()}
+             "scores": self.scores.detach().cpu().double().tolist() if self.scores is not None else None}
         if per_example and self.per_example is not None:
             d["per_example"] = self.per_example.detach().cpu().double().tolist()
         return d
@@ -248,9 +334,9 @@ class Circuit:
     def from_dict(cls, d: dict[str, Any]) -> Circuit:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a poisonmech circuit (format {d.get('format')!r}, expected {FORMAT!r})")
-        per = d.get("per_example")
+        per, scores = d.get("per_example"), d.get("scores")
         return cls(graph=Graph.from_dict(d["graph"]), edges=tuple(d["edges"]),
-                   scores=torch.tensor(d["scores"], dtype=torch.float32), method=d["method"],
+                   scores=torch.tensor(scores, dtype=torch.float32) if scores is not None else None, method=d["method"],
                    per_example=torch.tensor(per, dtype=torch.float32) if per is not None else None,
                    selection=dict(d.get("selection") or {}), info=dict(d.get("info") or {}), label=d.get("label"))
 
@@ -280,14 +366,24 @@ class Circuit:
         if not isinstance(other, Circuit):
             return NotImplemented
         return (self.graph == other.graph and self.edges == other.edges and self.method == other.method
-                and torch.equal(self.scores, other.scores) and self.selection == other.selection
+                and _same_scores(self.scores, other.scores) and self.selection == other.selection
                 and self.label == other.label)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return (f"Circuit({self.label or self.method!r}: {self.n_edges}/{self.graph.n_edges} edges, "
-                f"{len(self.nodes)} nodes, {self.selection})")
+        sel = ", ".join(f"{k}={v}" for k, v in self.selection.items())
+        f = self.faithfulness_info
+        faith = f", faithfulness {f['circuit']:.3f} ({f['ablation']})" if f else ""
+        scored = "" if self.scores is not None else ", no scores"
+        return (f"Circuit({self.name!r}, {self.method}: {self.n_edges}/{self.graph.n_edges} edges, "
+                f"{len(self.nodes)} nodes{faith}{scored}{'; ' + sel if sel else ''})")
+
+
+def _same_scores(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
 
 
 def select_edges(graph: Graph, scores: Float[Tensor, "n_src n_dst"], *, top_n: int | None = None,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from poisonmech.circuits.circuit import Circuit
 
@@ -17,30 +19,49 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(union) if union else 1.0
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
+    """Spearman rank correlation (``scipy.stats.spearmanr``, average ranks for ties) and a note:
+    NaN with the reason when there are fewer than 2 values or either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 2:
-        return float("nan")
-    rx = pd.Series(x).rank().to_numpy()
-    ry = pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+        return float("nan"), f"{len(x)} shared scored edge(s): no rank correlation"
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), "constant scores on the shared edges: no rank correlation"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho = spearmanr(x, y).statistic
+    return float(rho), ""
 
 
-def _all_scores(c: Circuit) -> dict[str, float]:
-    values = c.scores[c.graph.edge_mask].detach().cpu().numpy()
-    return dict(zip(c.graph.edges, values.tolist()))
+def _all_scores(c: Circuit) -> dict[str, float] | None:
+    if not c.has_scores:
+        return None
+    return dict(zip(c.graph.edges, c.edge_values().tolist()))
+
+
+def _correlations(scores_a: dict[str, float], scores_b: dict[str, float], edges) -> dict[str, object]:
+    x = np.array([scores_a[e] for e in edges])
+    y = np.array([scores_b[e] for e in edges])
+    rho, note = spearman(x, y)
+    abs_rho, _ = spearman(np.abs(x), np.abs(y))
+    return {"rho": rho, "abs_rho": abs_rho, "note": note}
 
 
 def compare(circuits: Sequence[Circuit] | Mapping[str, Circuit], labels: Sequence[str] | None = None) -> pd.DataFrame:
     """Pairwise agreement of circuits, one row per pair ``(a, b)``:
 
-    ``n_edges_a, n_edges_b, shared_edges, edge_jaccard`` and the same for nodes
-    (``node_jaccard``), ``score_spearman``: the Spearman rank correlation of the two circuits'
-    scores over the edges both graphs have (``n_scored_edges``), and ``abs_score_spearman``
-    on absolute scores. Circuits are matched by edge and node names, so circuits of models of
-    different sizes compare on what they share.
+    - ``n_edges_a, n_edges_b, shared_edges, edge_jaccard`` and the same for nodes (``node_jaccard``);
+    - ``score_spearman``: the Spearman rank correlation (``scipy.stats.spearmanr``) of the two
+      circuits' own scores over every edge both graphs have (``n_scored_edges``), and
+      ``abs_score_spearman`` on absolute scores: do the two score maps rank the whole graph alike;
+    - ``union_score_spearman``: the same over the union of the two circuits' edges
+      (``n_union_edges``, those both graphs have): do they rank the edges either circuit kept alike;
+    - ``note``: why a correlation is NaN (a circuit without scores, fewer than 2 shared edges,
+      constant scores), else empty.
+
+    A circuit from :meth:`Circuit.random_like` carries its own randomly permuted scores, so its
+    correlations with the original are chance level. Circuits are matched by edge and node names,
+    so circuits of models of different sizes compare on what they share.
 
     ``circuits``: a list (labelled by ``labels``, else each circuit's ``label``, else ``c{i}``) or a
     ``{label: circuit}`` mapping.
@@ -50,7 +71,7 @@ def compare(circuits: Sequence[Circuit] | Mapping[str, Circuit], labels: Sequenc
     else:
         items = list(circuits)
         if labels is None:
-            labels = [c.label or f"c{i}" for i, c in enumerate(items)] if items else []
+            labels = [c.label or f"c{i}" if isinstance(c, Circuit) else f"c{i}" for i, c in enumerate(items)]
             if len(set(labels)) < len(labels):
                 labels = [f"{lab}#{i}" for i, lab in enumerate(labels)]
         labels = list(labels)
@@ -67,13 +88,23 @@ def compare(circuits: Sequence[Circuit] | Mapping[str, Circuit], labels: Sequenc
         a, b = items[i], items[j]
         ea, eb = set(a.edges), set(b.edges)
         na, nb = set(a.nodes), set(b.nodes)
-        common = [e for e in scores[i] if e in scores[j]]
-        x = np.array([scores[i][e] for e in common])
-        y = np.array([scores[j][e] for e in common])
+        both = set(a.graph.edges) & set(b.graph.edges)
+        common = [e for e in a.graph.edges if e in both]
+        union = [e for e in common if e in ea or e in eb]
+        nan = {"rho": float("nan"), "abs_rho": float("nan")}
+        if scores[i] is None or scores[j] is None:
+            missing = [labels[k] for k in (i, j) if scores[k] is None]
+            note = f"{' and '.join(missing)} carr{'ies' if len(missing) == 1 else 'y'} no scores: no rank correlation"
+            whole, kept = {**nan, "note": note}, {**nan, "note": note}
+        else:
+            whole = _correlations(scores[i], scores[j], common)
+            kept = _correlations(scores[i], scores[j], union)
+        note = whole["note"] or (f"union of the circuits' edges: {kept['note']}" if kept["note"] else "")
         rows.append({"a": labels[i], "b": labels[j], "method_a": a.method, "method_b": b.method,
                      "n_edges_a": len(ea), "n_edges_b": len(eb), "shared_edges": len(ea & eb),
                      "edge_jaccard": jaccard(ea, eb), "n_nodes_a": len(na), "n_nodes_b": len(nb),
                      "shared_nodes": len(na & nb), "node_jaccard": jaccard(na, nb),
-                     "n_scored_edges": len(common), "score_spearman": spearman(x, y),
-                     "abs_score_spearman": spearman(np.abs(x), np.abs(y))})
+                     "n_scored_edges": len(common), "score_spearman": whole["rho"],
+                     "abs_score_spearman": whole["abs_rho"], "n_union_edges": len(union),
+                     "union_score_spearman": kept["rho"], "note": note})
     return pd.DataFrame(rows)

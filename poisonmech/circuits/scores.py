@@ -64,6 +64,14 @@ class EdgeScores:
     mode: str | None = None
     steps: int | None = None
 
+    def __repr__(self) -> str:
+        settings = f", steps={self.steps}" if self.steps is not None else ""
+        settings += f", mode={self.mode!r}" if self.mode is not None else ""
+        values = self.edge_values().detach().abs()
+        best = self.graph.edges[int(values.argmax())] if values.numel() else "-"
+        return (f"EdgeScores({self.method}{settings}: {self.graph.n_edges} edges, n={self.clean_metric.shape[0]}, "
+                f"total effect {self.total_effect:.3g}, top |score| {best} {self.score(best) if values.numel() else 0:+.3g})")
+
     def score(self, edge: str) -> float:
         """The mean score of one edge, e.g. ``scores.score("a0.h1->logits")``."""
         return float(self.scores[self.graph.edge_position(edge)])
