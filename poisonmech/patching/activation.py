@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from poisonmech.models import model_device
 from poisonmech.patching.engine import (
     HEAD_SITES,
     HOOKS,
@@ -60,7 +61,13 @@ def check_inputs(model, clean_tokens: Tensor, corrupted_tokens: Tensor, site: st
         raise ValueError(f"tokens have {clean_tokens.shape[1]} positions; the model's n_ctx is {model.cfg.n_ctx}")
     if site in ("resid_mid", "mlp_out") and model.cfg.attn_only:
         raise ValueError(f"site {site!r} does not exist in an attention-only model")
-    return clean_tokens.long(), corrupted_tokens.long()
+    if clean_tokens.device != corrupted_tokens.device:
+        raise ValueError(f"clean_tokens and corrupted_tokens are on different devices ({clean_tokens.device} and "
+                         f"{corrupted_tokens.device}); put both on one device")
+    # tokens on another device than the model are moved to it (as TransformerLens and HF do),
+    # rather than failing deep inside an embedding lookup
+    device = model_device(model)
+    return clean_tokens.long().to(device), corrupted_tokens.long().to(device)
 
 
 def metric_values(metric: Callable, logits: Tensor, n: int) -> Tensor:

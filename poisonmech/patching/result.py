@@ -35,6 +35,12 @@ class PatchResult:
     reference: Float[Tensor, " batch"]
     str_tokens: tuple[str, ...] | None = None
 
+    def __repr__(self) -> str:
+        shape = " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape))
+        gap = float((self.reference - self.baseline).mean())
+        return (f"PatchResult(site={self.site!r}, mode={self.mode!r}, method={self.method!r}, {shape}, "
+                f"batch={self.values.shape[-1]}, mean gap reference - baseline={gap:.3f})")
+
     @property
     def mean(self) -> Tensor:
         """Mean over examples of the patched metric, one value per cell."""

@@ -22,6 +22,11 @@ class RunRecord:
     error: str | None
     n_poison: int | None
 
+    def __repr__(self) -> str:
+        asr = (self.metrics.get("backdoored") or {}).get("asr")
+        extra = f", backdoored asr={asr:.3f}" if isinstance(asr, float) else ""
+        return f"RunRecord({self.name!r}, {self.status}, n_poison={self.n_poison}{extra})"
+
 
 def _config_columns(spec: RunSpec) -> dict[str, Any]:
     a, m, t = spec.attack, spec.model, spec.task
@@ -37,6 +42,13 @@ def _config_columns(spec: RunSpec) -> dict[str, Any]:
 class Sweep:
     out_dir: Path
     runs: tuple[RunRecord, ...]
+
+    def __repr__(self) -> str:
+        states = {}
+        for r in self.runs:
+            states[r.status] = states.get(r.status, 0) + 1
+        return (f"Sweep({str(self.out_dir)!r}, {len(self.runs)} runs: "
+                + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")")
 
     def to_frame(self) -> pd.DataFrame:
         """One row per run x twin x metric (analyses' scalar summaries as twin ``"analysis"``),

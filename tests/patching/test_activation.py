@@ -145,3 +145,13 @@ def test_cross_model_patch_matches_a_hand_hooked_swap(tiny_pair):
     torch.testing.assert_close(r.reference, metric(tiny_pair.clean(tokens)), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="direction must be one of"):
         cross_model_patch(tiny_pair, tokens, metric, direction="sideways")
+
+
+def test_tokens_on_different_devices_get_a_clear_error(tokens):
+    from poisonmech.patching import activation_patch, logit_diff
+
+    model = small_model()
+    clean, corrupted = tokens
+    metric = logit_diff(1, 2, [6, 6, 6])
+    with pytest.raises(ValueError, match="different devices"):
+        activation_patch(model, clean, corrupted.to("meta"), metric, site="resid_pre")

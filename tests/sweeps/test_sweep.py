@@ -104,3 +104,15 @@ def test_same_directory_with_a_different_config_is_refused(tmp_path):
     manifest.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="same directory but different configs"):
         _tiny_sweep(tmp_path / "s", counts=(0,))
+
+
+def test_results_have_short_reprs(tmp_path):
+    import torch
+
+    from poisonmech.patching import PatchResult
+    from poisonmech.sweeps.result import Sweep
+
+    r = PatchResult(values=torch.zeros(2, 5, 3), axes=("layer", "pos"), site="resid_pre", mode="denoise",
+                    method="exact", baseline=torch.zeros(3), reference=torch.ones(3))
+    assert repr(r).count("\n") == 0 and "layer=2 x pos=5" in repr(r) and "batch=3" in repr(r)
+    assert repr(Sweep(out_dir=tmp_path, runs=())) == f"Sweep({str(tmp_path)!r}, 0 runs: )"
