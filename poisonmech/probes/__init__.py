@@ -2,7 +2,11 @@
 
     import poisonmech as pm
     p = pm.probes.probe_layers(pair.backdoored, pair.test_data, label="is_triggered")
-    p.auroc, p.baseline_auroc, p.directions, p.plot()
+    p.auroc, p.directions, p.plot(), print(p)                         # a two-line summary
+    p.random_auroc_median, p.random_auroc_p95, p.random_auroc_max     # random directions (max = baseline_auroc)
+    p.length_auroc                                                    # prompt length alone, same rows
+    pm.probes.probe_layers(..., contrast="near_miss")                 # triggered vs near-miss rows only
+    pm.probes.probe_layers(..., balance_length=True)                  # same length distribution per class
     both = pm.probes.probe_twins(pair, label="is_triggered")          # clean and backdoored, one split
     t = pm.probes.probe_transfer(pair.backdoored, pair.test_data, test_model=pair.clean)
     with pm.probes.ablate_direction(pair.backdoored, p.best_layer, p.direction()):
@@ -31,6 +35,7 @@ _EXPORTS = {
     "detect_poison": "detect",
     "detection_table": "detect",
     "spectral_scores": "detect",
+    "CONTRASTS": "layers",
     "CausalCheck": "intervene",
     "ablate_direction": "intervene",
     "causal_check": "intervene",
@@ -48,6 +53,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CONTRASTS",
     "Activations",
     "CausalCheck",
     "DETECTORS",
@@ -85,7 +91,7 @@ if TYPE_CHECKING:
     )
     from poisonmech.probes.intervene import CausalCheck, ablate_direction, causal_check, steer
     from poisonmech.probes.labels import split_by_example, will_emit_target
-    from poisonmech.probes.layers import probe_layers, probe_twins, random_directions
+    from poisonmech.probes.layers import CONTRASTS, probe_layers, probe_twins, random_directions
     from poisonmech.probes.linear import LinearProbe
     from poisonmech.probes.result import ProbeComparison, ProbeResult
     from poisonmech.probes.transfer import TransferResult, probe_transfer

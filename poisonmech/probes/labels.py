@@ -145,13 +145,14 @@ def split_by_example(groups: np.ndarray, test_size: float, seed: int) -> tuple[n
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def check_split(y: np.ndarray, train: np.ndarray, test: np.ndarray, label: str) -> None:
-    """``ValueError`` when a side of the split lacks a class."""
+def check_split(y: np.ndarray, train: np.ndarray, test: np.ndarray, label: str, rows: str = "") -> None:
+    """``ValueError`` when a side of the split lacks a class (``rows`` says which rows were kept)."""
     for side, idx in (("train", train), ("test", test)):
         for cls in (False, True):
             if not np.any(y[idx] == cls):
+                kept = f"; rows kept: {rows}" if rows else ""
                 raise ValueError(f"split: the {side} side has no rows with {label}={cls} "
-                                 f"({int(y.sum())} of {len(y)} rows are True); use more rows, another seed "
+                                 f"({int(y.sum())} of {len(y)} rows are True{kept}); use more rows, another seed "
                                  "or another test_size")
 
 

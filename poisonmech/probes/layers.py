@@ -2,9 +2,18 @@
 
 Activations are collected once (``collect_activations``: one hooked forward per batch),
 rows are split by example (``split_by_example``), and each cell is fit on the training side
-and scored on the held-out side. Beside every AUROC sits the best held-out AUROC of
-``n_random`` random unit directions (seeded, each oriented on the training rows), so a high
-probe AUROC can be told from what any direction would give.
+and scored on the held-out side. Beside every AUROC sit two baselines on the same rows:
+
+- the held-out AUROCs of ``n_random`` random unit directions (seeded, each oriented on the
+  training rows), reported as a distribution (median, 95th percentile, max), since the best
+  of many random directions alone is a fragile number;
+- the held-out AUROC of the prompt's token count alone (``length_auroc``): a triggered row is
+  one token longer than its clean twin, so a probe can win on length alone.
+
+Two harder splits take length away: ``contrast="near_miss"`` probes triggered against
+near-miss rows only (a near miss has the triggered row's length), and ``balance_length=True``
+subsamples each side of the split (seeded) so that both classes have the same length
+distribution (the length baseline is then exactly 0.5).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from poisonmech.probes.activations import (
     Site,
     _tokenizer,
     collect_activations,
+    prompt_encoding,
 )
 from poisonmech.probes.labels import (
     auroc_columns,
@@ -40,6 +50,9 @@ from poisonmech.probes.linear import LinearProbe, few_threads
 from poisonmech.probes.result import ProbeComparison, ProbeResult
 
 Tensor = torch.Tensor
+
+#: which rows a probe sees: every row, or only triggered and near-miss rows
+CONTRASTS = ("untriggered", "near_miss")
 
 
 def random_directions(d_model: int, n: int, seed: int) -> Float[np.ndarray, "n_random d_model"]:
@@ -117,14 +130,42 @@ def _fit_cell(li: int, pi: int, train_acts: Tensor, train_valid: Tensor, y_train
             rand[t, li, pi] = auroc_columns((Xte @ R.T) * sign, yte)
 
 
+def length_aurocs(train_lengths: np.ndarray, train_valid: Bool[Tensor, "batch pos"], y_train: np.ndarray,
+                  tests: Sequence[tuple[np.ndarray, Bool[Tensor, "batch pos"], np.ndarray]]
+                  ) -> list[Float[np.ndarray, " pos"]]:
+    """Held-out AUROC of the prompt's token count alone, per position and test side.
+
+    A one-number probe: its sign (longer or shorter rows are positive) is chosen on the
+    training rows that have the position, as the random directions' are; ties count half.
+    NaN where a side lacks a class.
+    """
+    n_pos = train_valid.shape[1]
+    out = [np.full(n_pos, np.nan) for _ in tests]
+    tv = np.asarray(train_valid)
+    for pi in range(n_pos):
+        ytr = y_train[tv[:, pi]]
+        if len(np.unique(ytr)) < 2:
+            continue
+        a = auroc_columns(np.asarray(train_lengths, dtype=np.float64)[tv[:, pi], None], ytr)[0]
+        sign = 1.0 if a >= 0.5 else -1.0
+        for t, (lengths, valid, y) in enumerate(tests):
+            m = np.asarray(valid)[:, pi]
+            if len(np.unique(y[m])) == 2:
+                out[t][pi] = auroc_columns(sign * np.asarray(lengths, dtype=np.float64)[m, None], y[m])[0]
+    return out
+
+
 def to_result(fit: CellFit, *, acts: Activations, train_index: np.ndarray, test_index: np.ndarray, label: str,
-              method: str, name: str, seed: int) -> ProbeResult:
+              method: str, name: str, seed: int, length_auroc: np.ndarray | None = None,
+              contrast: str = "untriggered", balance_length: bool = False) -> ProbeResult:
     f = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     i = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
     return ProbeResult(auroc=f(fit.auroc), accuracy=f(fit.accuracy), random_auroc=f(fit.random_auroc),
                        coef=f(fit.coef), intercept=f(fit.intercept), n_train=i(fit.n_train), n_test=i(fit.n_test),
                        train_index=i(train_index), test_index=i(test_index), layers=acts.layers,
-                       positions=acts.positions, site=acts.site, label=label, method=method, name=name, seed=seed)
+                       positions=acts.positions, site=acts.site, label=label, method=method, name=name, seed=seed,
+                       length_auroc=None if length_auroc is None else f(length_auroc), contrast=contrast,
+                       balance_length=balance_length)
 
 
 def check_method(method: str, n_random: int) -> None:
@@ -134,13 +175,79 @@ def check_method(method: str, n_random: int) -> None:
         raise ValueError(f"n_random must be an integer >= 0, got {n_random!r}")
 
 
+def check_rows(contrast: str, balance_length: bool) -> None:
+    """``ValueError`` naming the allowed values of ``contrast`` and ``balance_length``."""
+    if not isinstance(contrast, str) or contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+    if not isinstance(balance_length, (bool, np.bool_)):
+        raise ValueError(f"balance_length must be True or False, got {balance_length!r}")
+
+
+def contrast_mask(dataset: Dataset, contrast: str) -> Bool[np.ndarray, " batch"]:
+    """Rows a contrast keeps: every row (``"untriggered"``), or the triggered and near-miss rows
+    (``"near_miss"``; needs the ``is_triggered`` and ``is_near_miss`` columns of a pair's test set)."""
+    check_rows(contrast, False)
+    if contrast == "untriggered":
+        return np.ones(len(dataset), dtype=bool)
+    missing = [c for c in ("is_triggered", "is_near_miss") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"contrast='near_miss' needs the dataset columns 'is_triggered' and 'is_near_miss' "
+                         f"(a pair's test_data has both); missing: {missing}; allowed contrasts: {CONTRASTS}")
+    trig = np.asarray(dataset["is_triggered"], dtype=bool)
+    miss = np.asarray(dataset["is_near_miss"], dtype=bool)
+    if not miss.any():
+        raise ValueError("contrast='near_miss': the dataset has no near-miss rows (is_near_miss is never True); "
+                         "use contrast='untriggered' or an attack with near misses")
+    return trig | miss
+
+
+def balance_by_length(index: np.ndarray, y: np.ndarray, lengths: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The rows of ``index`` kept so that every length has as many positive as negative rows.
+
+    At each length, the larger class is subsampled (without replacement, from ``rng``) to the
+    size of the smaller; lengths with one class only are dropped. The two classes then have
+    the same length distribution, so length alone scores an AUROC of exactly 0.5.
+    """
+    keep = []
+    for n in np.unique(lengths[index]):
+        at = index[lengths[index] == n]
+        pos, neg = at[y[at]], at[~y[at]]
+        k = min(len(pos), len(neg))
+        if k:
+            keep += [rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def probed_rows(dataset: Dataset, y: np.ndarray, train: np.ndarray, test: np.ndarray, *, contrast: str,
+                balance_length: bool, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The split ``(train, test)`` restricted to the rows of ``contrast``, then length-balanced.
+
+    The example split itself is unchanged (rows are only dropped), so every contrast holds out
+    the same examples.
+    """
+    keep = contrast_mask(dataset, contrast)
+    train, test = train[keep[train]], test[keep[test]]
+    if balance_length:
+        lengths = np.asarray([len(r) - 1 for r in prompt_encoding(dataset, tokenizer).ids])  # prompt tokens
+        rng = np.random.default_rng(seed)
+        train = balance_by_length(train, y, lengths, rng)
+        test = balance_by_length(test, y, lengths, rng)
+    return train, test
+
+
+def rows_text(contrast: str, balance_length: bool) -> str:
+    return f"contrast={contrast!r}" + (", balance_length=True" if balance_length else "")
+
+
 def probe_layers(model: torch.nn.Module, dataset: Dataset, label: str | Sequence | np.ndarray = "is_triggered", *,
                  site: Site = "resid_post", layers: int | Sequence[int] | None = None,
                  positions: PositionSpec = "last", method: Literal["logistic", "mean_diff"] = "logistic",
                  C: float = 1.0, standardize: bool = False, test_size: float = 0.3, n_random: int = 100,
                  seed: int = 0, group_by: str | None = None, target: str | Backdoor | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 64,
-                 name: str = "model", progress: bool = True) -> ProbeResult:
+                 name: str = "model", contrast: Literal["untriggered", "near_miss"] = "untriggered",
+                 balance_length: bool = False, progress: bool = True) -> ProbeResult:
     """Fit a linear probe for ``label`` at every layer (and position) of ``model``.
 
     Args:
@@ -162,37 +269,56 @@ def probe_layers(model: torch.nn.Module, dataset: Dataset, label: str | Sequence
         target: the attack (``pair.attack``) or its target string, for ``"will_emit_target"``.
         tokenizer: defaults to ``model.tokenizer``.
         name: how the result names the model (``"backdoored"``, ``"clean"``, ...).
+        contrast: which rows are probed: ``"untriggered"`` (every row: triggered against all
+            untriggered ones) or ``"near_miss"`` (triggered and near-miss rows only, which have
+            the same length; needs the ``is_triggered`` / ``is_near_miss`` columns).
+        balance_length: subsample each side of the split (seeded by ``seed``) so that positive
+            and negative rows have the same prompt-length distribution.
 
-    Returns a ``ProbeResult``. Raises ``ValueError`` for a missing, constant or non-binary
-    label, a site or layer the model lacks, a split that leaves a class empty, and NaN/inf
-    activations (naming the layer).
+    Returns a ``ProbeResult``; its ``length_auroc`` is the held-out AUROC of the prompt length
+    alone on the same rows. Raises ``ValueError`` for a missing, constant or non-binary label,
+    an unknown ``contrast``, a site or layer the model lacks, a split that leaves a class
+    empty, and NaN/inf activations (naming the layer).
     """
     check_method(method, n_random)
+    check_rows(contrast, balance_length)
     tok = _tokenizer(model, tokenizer)
     y = resolve_label(model, dataset, label, tokenizer=tok, target=target)
     train_idx, test_idx = split_by_example(example_groups(dataset, group_by), test_size, seed)
-    check_split(y, train_idx, test_idx, label_name(label))
-    acts = collect_activations(model, dataset, site=site, layers=layers, positions=positions, tokenizer=tok,
+    train_idx, test_idx = probed_rows(dataset, y, train_idx, test_idx, contrast=contrast,
+                                      balance_length=bool(balance_length), tokenizer=tok, seed=seed)
+    check_split(y, train_idx, test_idx, label_name(label), rows_text(contrast, balance_length))
+    rows = np.union1d(train_idx, test_idx)  # collect only the probed rows
+    sub = dataset if len(rows) == len(dataset) else dataset.select(rows.tolist())
+    acts = collect_activations(model, sub, site=site, layers=layers, positions=positions, tokenizer=tok,
                                batch_size=batch_size, progress=progress)
-    (fit,) = fit_cells(acts.acts[:, train_idx], acts.valid[train_idx], y[train_idx],
-                       [(acts.acts[:, test_idx], acts.valid[test_idx], y[test_idx])], method=method, C=C,
+    tr, te = np.searchsorted(rows, train_idx), np.searchsorted(rows, test_idx)
+    (fit,) = fit_cells(acts.acts[:, tr], acts.valid[tr], y[train_idx],
+                       [(acts.acts[:, te], acts.valid[te], y[test_idx])], method=method, C=C,
                        standardize=standardize, n_random=n_random, seed=seed, progress=progress,
                        desc=f"probes ({name})")
+    lengths = acts.lengths.numpy() - 1  # prompt tokens, BOS not counted
+    (length,) = length_aurocs(lengths[tr], acts.valid[tr], y[train_idx], [(lengths[te], acts.valid[te], y[test_idx])])
     return to_result(fit, acts=acts, train_index=train_idx, test_index=test_idx, label=label_name(label),
-                     method=method, name=name, seed=seed)
+                     method=method, name=name, seed=seed, length_auroc=length, contrast=contrast,
+                     balance_length=bool(balance_length))
 
 
 def probe_twins(pair, dataset: Dataset | None = None, label: str | Sequence | np.ndarray = "is_triggered", *,
                 site: Site = "resid_post", layers: int | Sequence[int] | None = None,
                 positions: PositionSpec = "last", method: Literal["logistic", "mean_diff"] = "logistic",
                 C: float = 1.0, standardize: bool = False, test_size: float = 0.3, n_random: int = 100,
-                seed: int = 0, group_by: str | None = None, batch_size: int = 64, progress: bool = True) -> ProbeComparison:
+                seed: int = 0, group_by: str | None = None, batch_size: int = 64,
+                contrast: Literal["untriggered", "near_miss"] = "untriggered", balance_length: bool = False,
+                progress: bool = True) -> ProbeComparison:
     """``probe_layers`` on both twins of ``pair`` with the same split and random directions.
 
     ``dataset`` defaults to ``pair.test_data``; ``"will_emit_target"`` reads each twin's own
-    answers to ``pair.attack``'s target. Returns a ``ProbeComparison`` named ``clean`` and
-    ``backdoored``.
+    answers to ``pair.attack``'s target (so with ``balance_length`` each twin may keep other
+    rows). ``contrast`` and ``balance_length`` are ``probe_layers``'. Returns a
+    ``ProbeComparison`` named ``clean`` and ``backdoored``.
     """
+    check_rows(contrast, balance_length)
     data = pair.test_data if dataset is None else dataset
     results = []
     for twin in ("clean", "backdoored"):
@@ -201,5 +327,5 @@ def probe_twins(pair, dataset: Dataset | None = None, label: str | Sequence | np
                                     n_random=n_random, seed=seed,
                                     group_by=group_by, target=pair.attack,
                                     tokenizer=pair.tokenizer, batch_size=batch_size, name=twin,
-                                    progress=progress))
+                                    contrast=contrast, balance_length=balance_length, progress=progress))
     return ProbeComparison(tuple(results))

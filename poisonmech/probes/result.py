@@ -25,6 +25,19 @@ def position_label(p: int) -> str:
     return "last" if p == -1 else (f"last{p + 1}" if p < 0 else str(p))
 
 
+def span(values) -> str:
+    """A short text for a list of layers or positions: ``[0, 1]``, or ``0..11`` for a long run."""
+    v = list(values)
+    if len(v) > 3 and v == list(range(v[0], v[0] + len(v))):
+        return f"{v[0]}..{v[-1]}"
+    return "[" + ", ".join(map(str, v)) + "]" if len(v) <= 6 else f"[{v[0]}, {v[1]}, ..., {v[-1]}] ({len(v)})"
+
+
+def num(x: float) -> str:
+    """A metric for a repr: three decimals, ``nan`` when missing."""
+    return "nan" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
 def write_result(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """One safetensors file: the tensors, plus ``meta`` as JSON in the header (atomic write)."""
     save_tensors(Path(path), tensors, metadata={_META_KEY: json.dumps({"format": FORMAT, **meta})})
@@ -49,13 +62,24 @@ class ProbeResult:
         auroc: held-out AUROC of each probe.
         accuracy: held-out accuracy at the probe's own threshold.
         random_auroc: held-out AUROC of ``n_random`` random unit directions per cell (each
-            oriented on the training rows); ``baseline_auroc`` is their best.
+            oriented on the training rows); ``baseline_auroc`` (= ``random_auroc_max``) is
+            their best, ``random_auroc_median`` and ``random_auroc_p95`` their median and 95th
+            percentile (the best of many directions grows with their number: quote the
+            distribution, not only the maximum).
         coef, intercept: the probes in raw activation space (score ``x @ coef + intercept``).
         n_train, n_test: rows used per position (rows shorter than a position lack it).
         train_index, test_index: row indices of the example-level split.
         layers, positions: the model layers and token positions (``-1``: last prompt token;
             negative counts from the end of each prompt, non-negative are absolute).
         site, label, method, name: what was probed, for what, how, and on which model.
+        length_auroc: per position, the held-out AUROC of the prompt's token count alone (its
+            sign chosen on the training rows), on the same rows as the probe: what a probe
+            could reach by reading length only (a triggered row is one token longer than its
+            clean twin). ``None`` in results saved before it existed.
+        contrast: which rows were probed: ``"untriggered"`` (every row) or ``"near_miss"``
+            (triggered and near-miss rows only).
+        balance_length: whether rows were subsampled so that both classes have the same
+            length distribution on each side of the split.
     """
 
     auroc: Float[Tensor, "layer pos"]
@@ -74,6 +98,9 @@ class ProbeResult:
     method: str
     name: str = "model"
     seed: int = 0
+    length_auroc: Float[Tensor, " pos"] | None = None
+    contrast: str = "untriggered"
+    balance_length: bool = False
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -86,6 +113,37 @@ class ProbeResult:
     def baseline_auroc(self) -> Float[Tensor, "layer pos"]:
         """Best held-out AUROC among the random directions of each cell."""
         return self.random_auroc.max(-1).values if self.random_auroc.shape[-1] else torch.full_like(self.auroc, float("nan"))
+
+    def random_quantile(self, q: float) -> Float[Tensor, "layer pos"]:
+        """The ``q`` quantile (0..1, linear interpolation as ``numpy.quantile``) of each cell's
+        random-direction AUROCs; NaN without random directions."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be in [0, 1], got {q!r}")
+        if not self.random_auroc.shape[-1]:
+            return torch.full_like(self.auroc, float("nan"))
+        return torch.as_tensor(np.quantile(self.random_auroc.double().numpy(), q, axis=-1), dtype=torch.float32)
+
+    @property
+    def random_auroc_median(self) -> Float[Tensor, "layer pos"]:
+        """Median held-out AUROC of the random directions of each cell."""
+        return self.random_quantile(0.5)
+
+    @property
+    def random_auroc_p95(self) -> Float[Tensor, "layer pos"]:
+        """95th percentile of the random directions' held-out AUROCs of each cell."""
+        return self.random_quantile(0.95)
+
+    @property
+    def random_auroc_max(self) -> Float[Tensor, "layer pos"]:
+        """Best held-out AUROC among the random directions of each cell (``baseline_auroc``)."""
+        return self.baseline_auroc
+
+    @property
+    def length_baseline(self) -> Float[Tensor, " pos"]:
+        """``length_auroc``, NaN where it was not computed (older results)."""
+        if self.length_auroc is None:
+            return torch.full((len(self.positions),), float("nan"))
+        return self.length_auroc
 
     @property
     def best(self) -> tuple[int, int]:
@@ -118,19 +176,41 @@ class ProbeResult:
         li, pi = self._index(layer, position)
         return float(self.auroc[li, pi])
 
+    def summary(self) -> str:
+        """One line: the best cell's AUROC beside its baselines (random directions, length)."""
+        li, pi = self._index(None, None)
+        lay, pos = self.best
+        return (f"best layer {lay} pos {position_label(pos)}: AUROC {num(float(self.auroc[li, pi]))} | random "
+                f"median {num(float(self.random_auroc_median[li, pi]))}, p95 "
+                f"{num(float(self.random_auroc_p95[li, pi]))}, max {num(float(self.random_auroc_max[li, pi]))} "
+                f"(n={self.random_auroc.shape[-1]}) | length {num(float(self.length_baseline[pi]))} | "
+                f"n_train {int(self.n_train[pi])}, n_test {int(self.n_test[pi])}")
+
+    def __repr__(self) -> str:
+        rows = f"contrast {self.contrast}" + (", length-balanced" if self.balance_length else "")
+        return (f"ProbeResult {self.name!r}: {self.label!r} at {self.site} ({self.method}), layers "
+                f"{span(self.layers)}, positions {span(position_label(p) for p in self.positions)}, {rows}\n"
+                f"  {self.summary()}")
+
     # ---- frames, figures, files -------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
-        """One row per (layer, position): AUROC, accuracy and the random baseline beside it."""
+        """One row per (layer, position): AUROC and accuracy, with the baselines beside them: the
+        random directions' median, 95th percentile, max (``random_auroc_best`` is the same max)
+        and mean, and the length-only AUROC."""
         rows = []
-        base = self.baseline_auroc
+        med, p95, top = self.random_auroc_median, self.random_auroc_p95, self.random_auroc_max
+        length = self.length_baseline
         for li, layer in enumerate(self.layers):
             for pi, pos in enumerate(self.positions):
                 r = self.random_auroc[li, pi]
                 rows.append({"model": self.name, "site": self.site, "label": self.label, "method": self.method,
+                             "contrast": self.contrast, "balance_length": self.balance_length,
                              "layer": layer, "pos": pos, "pos_label": position_label(pos),
                              "auroc": float(self.auroc[li, pi]), "accuracy": float(self.accuracy[li, pi]),
-                             "random_auroc_best": float(base[li, pi]),
+                             "random_auroc_median": float(med[li, pi]), "random_auroc_p95": float(p95[li, pi]),
+                             "random_auroc_max": float(top[li, pi]), "random_auroc_best": float(top[li, pi]),
                              "random_auroc_mean": float(r.mean()) if r.numel() else float("nan"),
+                             "n_random": int(r.numel()), "length_auroc": float(length[pi]),
                              "n_train": int(self.n_train[pi]), "n_test": int(self.n_test[pi])})
         return pd.DataFrame(rows)
 
@@ -140,19 +220,22 @@ class ProbeResult:
 
     def _tensors(self, prefix: str = "") -> dict[str, Tensor]:
         names = ("auroc", "accuracy", "random_auroc", "coef", "intercept", "n_train", "n_test", "train_index",
-                 "test_index")
-        return {prefix + k: getattr(self, k) for k in names}
+                 "test_index", "length_auroc")
+        return {prefix + k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def _meta(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "positions": list(self.positions), "site": self.site,
-                "label": self.label, "method": self.method, "name": self.name, "seed": self.seed}
+                "label": self.label, "method": self.method, "name": self.name, "seed": self.seed,
+                "contrast": self.contrast, "balance_length": self.balance_length}
 
     @classmethod
     def _from(cls, tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str = "") -> ProbeResult:
-        tensor_fields = [f.name for f in fields(cls) if f.type.startswith(("Float", "Int"))]
-        kw = {k: tensors[prefix + k] for k in tensor_fields}
+        # optional tensors (default None) may be absent from files written before they existed
+        kw = {f.name: tensors.get(prefix + f.name) if f.default is None else tensors[prefix + f.name]
+              for f in fields(cls) if f.type.startswith(("Float", "Int"))}
         return cls(**kw, layers=tuple(meta["layers"]), positions=tuple(meta["positions"]), site=meta["site"],
-                   label=meta["label"], method=meta["method"], name=meta["name"], seed=meta["seed"])
+                   label=meta["label"], method=meta["method"], name=meta["name"], seed=meta["seed"],
+                   contrast=meta.get("contrast", "untriggered"), balance_length=bool(meta.get("balance_length", False)))
 
     def save(self, path: str | Path) -> None:
         """Write one safetensors file (tensors + JSON header)."""
@@ -179,6 +262,13 @@ class ProbeComparison:
             if r.name == name:
                 return r
         raise KeyError(f"no result named {name!r} (names: {self.names})")
+
+    def __repr__(self) -> str:
+        first = self.results[0] if self.results else None
+        what = f" for {first.label!r} at {first.site} ({first.method}), contrast {first.contrast}" if first else ""
+        lines = [f"ProbeComparison of {', '.join(map(repr, self.names))}{what}"]
+        lines += [f"  {r.name}: {r.summary()}" for r in self.results]
+        return "\n".join(lines)
 
     def to_frame(self) -> pd.DataFrame:
         """The results' frames stacked (a ``model`` column tells them apart)."""
@@ -226,6 +316,14 @@ def _plot(results: list[ProbeResult], title: str | None):
             fig.add_trace(go.Scatter(x=x + x[::-1], y=list(hi) + list(lo[::-1]), fill="toself",
                                      fillcolor=_rgba(color, 0.15), line={"width": 0}, hoverinfo="skip",
                                      name=f"{r.name}: random directions (min–max of {ra.shape[-1]})"))
+            if ra.shape[-1]:
+                fig.add_trace(go.Scatter(x=x, y=r.random_auroc_p95[:, 0].tolist(), mode="lines",
+                                         line={"color": color, "dash": "dot", "width": 1},
+                                         name=f"{r.name}: random directions (95th percentile)"))
+            la = float(r.length_baseline[0])
+            if np.isfinite(la):
+                fig.add_trace(go.Scatter(x=x, y=[la] * len(x), mode="lines", line={"color": color, "dash": "dash"},
+                                         name=f"{r.name}: prompt length alone"))
             fig.add_trace(go.Scatter(x=x, y=r.auroc[:, 0].tolist(), mode="lines+markers", name=f"{r.name}: probe",
                                      line={"color": color}))
         fig.add_hline(y=0.5, line_dash="dot", line_color="grey")

@@ -34,8 +34,8 @@ from poisonmech.probes.labels import (
     resolve_label,
     split_by_example,
 )
-from poisonmech.probes.layers import check_method, fit_cells, to_result
-from poisonmech.probes.result import ProbeResult, _plot, read_result, write_result
+from poisonmech.probes.layers import check_method, fit_cells, length_aurocs, to_result
+from poisonmech.probes.result import ProbeResult, _plot, read_result, span, write_result
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class TransferResult:
 
     Both are ``ProbeResult``s sharing the same probes (``coef``, ``intercept``); the
     target's ``test_index`` points into the target dataset, its random baseline uses the
-    same random directions, oriented on the source's training rows.
+    same random directions, oriented on the source's training rows, and its length baseline
+    the same sign, chosen on the source's training rows.
     """
 
     source: ProbeResult
@@ -59,6 +60,11 @@ class TransferResult:
     def source_auroc(self) -> torch.Tensor:
         """In-domain held-out AUROC per (layer, position)."""
         return self.source.auroc
+
+    def __repr__(self) -> str:
+        return (f"TransferResult {self.source.name!r} ({self.source.label}) -> {self.target.name!r} "
+                f"({self.target.label}) at {self.source.site} ({self.source.method}), layers {span(self.source.layers)}\n"
+                f"  source: {self.source.summary()}\n  target: {self.target.summary()}")
 
     def to_frame(self) -> pd.DataFrame:
         """Both sides' frames stacked, with ``evaluated_on`` = ``"source"`` / ``"target"``."""
@@ -141,7 +147,12 @@ def probe_transfer(model: torch.nn.Module, dataset: Dataset, label: str | Sequen
                                  method=method, C=C, standardize=standardize, n_random=n_random, seed=seed,
                                  progress=progress,
                                  desc="probes (transfer)")
+    src_len, tgt_len = src.lengths.numpy() - 1, tgt.lengths.numpy() - 1  # prompt tokens, BOS not counted
+    len_src, len_tgt = length_aurocs(src_len[train_idx], src.valid[train_idx], y[train_idx],
+                                     [(src_len[held_idx], src.valid[held_idx], y[held_idx]), (tgt_len, tgt.valid, ty)])
     common = {"train_index": train_idx, "method": method, "seed": seed}
     return TransferResult(
-        source=to_result(fit_src, acts=src, test_index=held_idx, label=label_name(label), name=name, **common),
-        target=to_result(fit_tgt, acts=tgt, test_index=tindex, label=label_name(tlabel), name=test_name, **common))
+        source=to_result(fit_src, acts=src, test_index=held_idx, label=label_name(label), name=name,
+                         length_auroc=len_src, **common),
+        target=to_result(fit_tgt, acts=tgt, test_index=tindex, label=label_name(tlabel), name=test_name,
+                         length_auroc=len_tgt, **common))
