@@ -107,6 +107,11 @@ class Activations:
     positions: tuple[int, ...]
     site: str
 
+    def __repr__(self) -> str:
+        return (f"Activations({self.site}, layers {list(self.layers)}, positions {list(self.positions)[:8]}"
+                f"{' ...' if len(self.positions) > 8 else ''}, {self.acts.shape[1]} rows, "
+                f"d_model {self.acts.shape[-1]})")
+
     def layer(self, layer: int) -> Float[Tensor, "batch pos d_model"]:
         """Activations of one model layer (by its number, not its index in ``layers``)."""
         if layer not in self.layers:

@@ -45,7 +45,7 @@ from poisonmech.probes.activations import (
 )
 from poisonmech.probes.labels import auroc_columns, precision_at
 from poisonmech.probes.linear import few_threads
-from poisonmech.probes.result import read_result, write_result
+from poisonmech.probes.result import num, read_result, write_result
 
 Tensor = torch.Tensor
 DETECTORS = ("spectral", "activation_clustering")
@@ -147,6 +147,16 @@ class DetectionResult:
     layer: int
     position: str
     k: int | None = None
+
+    def __repr__(self) -> str:
+        head = (f"DetectionResult {self.method!r} at {self.site} layer {self.layer} ({self.position}): "
+                f"{len(self.scores)} rows, {len(self.classes)} classes")
+        if self.is_poison is None:
+            return head + ", no is_poison column (quality not measurable)"
+        return (f"{head}, {int(self.is_poison.sum())} poisoned\n"
+                f"  AUROC {num(self.poison_auroc())} (loss baseline {num(self.poison_auroc('loss'))}) | "
+                f"AP {num(self.average_precision())} (loss {num(self.average_precision('loss'))}) | "
+                f"precision@{self.k} {num(self.precision_at())} (loss {num(self.precision_at(scores='loss'))})")
 
     def _pick(self, scores: str) -> np.ndarray:
         if scores not in SCORES:

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.metrics import evaluate
 from poisonmech.probes.activations import Site, check_site_layers, hook_name
-from poisonmech.probes.result import FORMAT
+from poisonmech.probes.result import FORMAT, num
 from poisonmech.storage import read_json, write_json
 from poisonmech.tasks.base import Task
 
@@ -117,6 +117,16 @@ class CausalCheck:
     settings: tuple[str, ...]
     layers: tuple[int, ...]
     site: str
+
+    def __repr__(self) -> str:
+        shown = [m for m in ("asr", "clean_acc", "false_trigger_rate") if m in self.before]
+        lines = [f"CausalCheck at {self.site}, layers {list(self.layers)}: {len(self.settings)} setting(s)"]
+        for s, a in list(zip(self.settings, self.after))[:5]:
+            lines.append(f"  {s}: " + ", ".join(f"{m} {num(float(self.before[m]))} -> {num(float(a.get(m, np.nan)))}"
+                                               for m in shown))
+        if len(self.settings) > 5:
+            lines.append(f"  ... {len(self.settings) - 5} more (see .to_frame())")
+        return "\n".join(lines)
 
     def to_frame(self, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
         """One row per (setting, metric): before, after and their difference."""
