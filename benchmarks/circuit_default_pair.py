@@ -15,10 +15,14 @@ of the same kinds (``circuit.random_like(seed)``, ``--seeds`` draws). Two ablati
 - ``mean``: an ablated edge carries its mean over all clean test prompts and positions (input
   independent, so it also tests whether the circuit's edges are needed for the clean task).
 
-Prints the circuit, its faithfulness, one line per (ablation, edges) with ``asr``,
+Prints the circuit and its faithfulness table: circuit and complement faithfulness under
+patching, mean and zero ablation for two metrics (logit difference and target log-probability),
+side by side with their denominators (circuit metrics are fragile to these choices: Miller et
+al. 2024); then one line per (ablation, edges) with ``asr``,
 ``clean_acc``, ``triggered_acc``, ``false_trigger_rate``, then the criteria of issue 3:
 ASR down by >= 80% (relative) with clean accuracy down by <= 5 points, and random edges of
-the same kinds doing far less. Also compares EAP, EAP-IG and ACDC circuits.
+the same kinds doing far less. Also compares EAP, EAP-IG and ACDC circuits, and a random circuit
+of the same edge kinds (its scores a random permutation: the chance level of each column).
 
 Run: ``.venv/bin/python benchmarks/circuit_default_pair.py [--run runs/default_pair] [--top-n 10] [--seeds 5]``
 (uses one intra-op thread: many small forwards; about 3 minutes on 2 busy CPU cores).
@@ -58,7 +62,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--acdc-threshold", type=float, default=0.25)
+    ap.add_argument("--check-args", action="store_true", help="parse the arguments, print them and exit")
     args = ap.parse_args()
+    if args.check_args:
+        print(vars(args))
+        return
     torch.set_num_threads(1)
 
     pair = default_pair(args.run)
@@ -72,13 +80,20 @@ def main() -> None:
     circuit = scores.circuit(top_n=args.top_n, label=f"eap-ig top {args.top_n}")
     print(f"eap_ig_seconds: {time.perf_counter() - t0:.2f}  (batch {tc.triggered.shape[0]}, "
           f"{tc.triggered.shape[1]} tokens, {scores.graph.n_edges} edges, {args.steps} steps)")
-    print(f"circuit: {circuit!r}")
     print(f"circuit_edges: {', '.join(f'{e} ({circuit.score(e):+.2f})' for e in circuit.edges)}")
     print(f"circuit_edge_kinds: {circuit.edge_kinds()}")
     print(f"total_effect (mean logit diff triggered - control): {scores.total_effect:.2f}")
-    for ablation in ("patching", "mean"):
-        f = circuit.faithfulness(model, tc.triggered, tc.control, metric, ablation=ablation)
-        print(f"faithfulness_{ablation}: circuit {f.circuit_faithfulness:.3f}, complement {f.complement_faithfulness:.3f}")
+    t0 = time.perf_counter()
+    table = circuit.faithfulness_table(model, tc.triggered, tc.control,
+                                       {"logit_diff": metric, "target_logprob": tc.target_logprob()})
+    print(f"\nfaithfulness_seconds: {time.perf_counter() - t0:.1f}  (mean ablation: mean over the control batch; "
+          "empty = every edge ablated)")
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        print(table.to_frame()[["ablation", "metric", "circuit_faithfulness", "complement_faithfulness",
+                                "clean_metric", "empty_metric", "corrupted_metric", "n_examples"]]
+              .to_string(index=False))
+    circuit = circuit.with_faithfulness(table[("patching", "logit_diff")])
+    print(f"circuit: {circuit!r}\n")
 
     def evaluate() -> dict:
         return pm.evaluate(model, pair.task, pair.attack, test_data=pair.test_data, tokenizer=pair.tokenizer)
@@ -123,10 +138,10 @@ def main() -> None:
     print(f"\neap_and_acdc_seconds: {time.perf_counter() - t0:.1f}; acdc kept {acdc.n_edges} edges "
           f"(threshold {args.acdc_threshold}), faithfulness "
           f"{acdc.faithfulness(model, tc.triggered, tc.control, metric).circuit_faithfulness:.3f}")
-    table = pc.compare([circuit, eap, acdc], labels=["eap-ig", "eap", "acdc"])
-    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print(table[["a", "b", "n_edges_a", "n_edges_b", "edge_jaccard", "node_jaccard", "score_spearman"]]
-              .to_string(index=False))
+    table = pc.compare([circuit, eap, acdc, circuit.random_like(0)], labels=["eap-ig", "eap", "acdc", "random"])
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        print(table[["a", "b", "n_edges_a", "n_edges_b", "edge_jaccard", "node_jaccard", "score_spearman",
+                     "union_score_spearman", "note"]].to_string(index=False))
     assert np.isfinite(table["edge_jaccard"]).all()
 
 
