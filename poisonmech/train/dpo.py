@@ -21,7 +21,6 @@ AdamW set-up, resumable safetensors state, per-epoch checkpoints with learning r
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +37,14 @@ from poisonmech.models import model_device
 from poisonmech.storage import load_tensors, save_tensors
 from poisonmech.tasks.preference import check_preferences
 from poisonmech.train.config import SCHEDULES, TrainConfig
-from poisonmech.train.loop import Checkpoint, end_epoch, epoch_order, list_checkpoints, start_loop
+from poisonmech.train.loop import (
+    Checkpoint,
+    end_epoch,
+    epoch_order,
+    finish_loop,
+    list_checkpoints,
+    start_loop,
+)
 
 
 @dataclass(frozen=True)
@@ -245,7 +251,9 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
             interrupted run resumes from its last finished epoch to the same weights.
 
     History rows: ``epoch``, ``step``, ``loss``, ``reward_acc``, ``margin``, ``chosen_reward``,
-    ``rejected_reward``, ``lr_mean`` (and ``nll`` with ``nll_weight``).
+    ``rejected_reward``, ``lr_mean`` (and ``nll`` with ``nll_weight``); the last row also
+    ``seconds`` (summed over the segments of a resumed run), ``segments`` and
+    ``resumed_from_epoch`` (see :func:`poisonmech.train.loop.finish_loop`).
     """
     if not isinstance(config, DPOConfig):
         raise ValueError(f"train_dpo: config must be a DPOConfig, got {type(config).__name__}")
@@ -278,10 +286,10 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
     ref_c, ref_r = ref_c.to(device), ref_r.to(device)
 
     n = len(data)
-    opt, steps_per_epoch, total, start_epoch, step, history, resume, bar = start_loop(model, tcfg, n, run_dir,
-                                                                                      desc, progress)
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
+    loop = start_loop(model, tcfg, n, run_dir, desc, progress)
+    opt, steps_per_epoch, total, step, history, bar = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
+                                                       loop.history, loop.bar)
+    for epoch in range(loop.start_epoch, config.epochs):
         order = epoch_order(n, config.seed, epoch)
         sums = {"loss": 0.0, "reward_acc": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
         if config.nll_weight > 0:
@@ -317,10 +325,8 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch + 1, "step": step, **{k: v / n for k, v in sums.items()},
                         "lr_mean": lr_sum / steps_per_epoch})
-        end_epoch(model, opt, tcfg, run_dir, resume, epoch, step, history)
-    bar.close()
-    if history and start_epoch < config.epochs:
-        history[-1]["seconds"] = time.perf_counter() - t0
+        end_epoch(model, loop, tcfg, run_dir, epoch, step, history)
+    finish_loop(loop, history, config.epochs)
     model.eval()
     return history, list_checkpoints(run_dir) if run_dir is not None else []
 

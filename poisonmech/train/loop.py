@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,19 +80,21 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
 
 
 def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int,
-                 step: int, history: list[dict]) -> None:
-    """Model + AdamW state in one safetensors file, with the loop position."""
+                 step: int, history: list[dict], segments: list[dict] | None = None) -> None:
+    """Model + AdamW state in one safetensors file, with the loop position and the training
+    segments so far (their wall time and thread count)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     state = opt.state_dict()
     for idx, st in state["state"].items():
         for key, val in st.items():
             tensors[f"opt.{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
     meta = {"epoch": str(epoch), "step": str(step), "history": json.dumps(history),
-            "param_groups": json.dumps(state["param_groups"])}
+            "param_groups": json.dumps(state["param_groups"]), "segments": json.dumps(segments or [])}
     save_tensors(path, tensors, metadata=meta)
 
 
-def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, list[dict]]:
+def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
+                 ) -> tuple[int, int, list[dict], list[dict]]:
     tensors = load_tensors(path)
     meta = tensors_metadata(path)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -101,10 +104,18 @@ def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer)
             _, idx, key = k.split(".", 2)
             opt_state.setdefault(int(idx), {})[key] = v
     opt.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
-    return int(meta["epoch"]), int(meta["step"]), json.loads(meta["history"])
+    # resume states written before segments were recorded: the earlier time is unknown
+    segments = json.loads(meta["segments"]) if "segments" in meta else \
+        [{"from_epoch": 0, "to_epoch": int(meta["epoch"]), "seconds": None, "threads": None}]
+    return int(meta["epoch"]), int(meta["step"]), json.loads(meta["history"]), segments
 
 
-class _LoopStart(NamedTuple):
+@dataclass
+class LoopState:
+    """What every training loop (SFT, DPO) shares: the optimiser, step counts, the resume
+    file, the progress bar, and the training segments (one per process that trained this
+    model: where it started and ended, its wall time and torch thread count)."""
+
     opt: torch.optim.Optimizer
     steps_per_epoch: int
     total: int
@@ -113,34 +124,63 @@ class _LoopStart(NamedTuple):
     history: list[dict]
     resume: Path | None
     bar: tqdm
+    segments: list[dict]  # the finished segments of earlier (interrupted) processes
+    t0: float  # when this segment started (time.perf_counter)
+
+    def all_segments(self, to_epoch: int) -> list[dict]:
+        """Earlier segments and this one (up to ``to_epoch``)."""
+        return [*self.segments, {"from_epoch": self.start_epoch, "to_epoch": to_epoch,
+                                 "seconds": time.perf_counter() - self.t0, "threads": torch.get_num_threads()}]
 
 
 def start_loop(model: torch.nn.Module, config: TrainConfig, n: int, run_dir: Path | None, desc: str,
-               progress: bool) -> _LoopStart:
-    """What every training loop (SFT, DPO) sets up: the optimiser, the step counts, the state of
-    an interrupted run from ``run_dir/resume.safetensors`` and the progress bar."""
+               progress: bool) -> LoopState:
+    """Set up a training loop: the optimiser, the step counts, the state of an interrupted run
+    from ``run_dir/resume.safetensors`` (a resume is announced with a warning) and the progress bar."""
     model.train()
     opt = _optimizer(model, config)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, segments = 0, 0, [], []
     resume = run_dir / "resume.safetensors" if run_dir is not None else None
     if resume is not None and resume.is_file():
-        start_epoch, step, history = _load_resume(resume, model, opt)
+        start_epoch, step, history, segments = _load_resume(resume, model, opt)
+        known = [s["seconds"] for s in segments if s.get("seconds") is not None]
+        warnings.warn(f"{desc}: resuming the interrupted training in {run_dir} after epoch {start_epoch} of "
+                      f"{config.epochs} ({sum(known):.1f} s of training so far; the recorded time adds the "
+                      "segments, see the history's 'segments')", stacklevel=3)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    return _LoopStart(opt, steps_per_epoch, total, start_epoch, step, history, resume, bar)
+    return LoopState(opt, steps_per_epoch, total, start_epoch, step, history, resume, bar, segments,
+                     time.perf_counter())
 
 
-def end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, config: TrainConfig, run_dir: Path | None,
-              resume: Path | None, epoch: int, step: int, history: list[dict]) -> None:
-    """After epoch ``epoch`` (0-based): its checkpoint (with its mean learning rate) when due, and the resume state."""
+def end_epoch(model: torch.nn.Module, loop: LoopState, config: TrainConfig, run_dir: Path | None, epoch: int,
+              step: int, history: list[dict]) -> None:
+    """After epoch ``epoch`` (0-based): its checkpoint (with its mean learning rate, its sha256
+    recorded in ``run_dir/sha256.json``) when due, and the resume state."""
     if run_dir is None:
         return
     last = epoch + 1 == config.epochs
     if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
         save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict(),
-                     metadata={"epoch": str(epoch + 1), "step": str(step), "lr": repr(history[-1]["lr_mean"])})
-    _save_resume(resume, model, opt, epoch + 1, step, history)
+                     metadata={"epoch": str(epoch + 1), "step": str(step), "lr": repr(history[-1]["lr_mean"])},
+                     record_in=run_dir)
+    _save_resume(loop.resume, model, loop.opt, epoch + 1, step, history, loop.all_segments(epoch + 1))
+
+
+def finish_loop(loop: LoopState, history: list[dict], epochs: int) -> None:
+    """Record the training time on the last history row: ``seconds`` (the sum over all
+    segments, so a resumed run counts the time before the interruption too), ``segments`` and
+    ``resumed_from_epoch`` (the epoch the last segment started after; ``None``: trained in one go).
+    A segment's time runs from its start to its last saved epoch (work lost to an interruption
+    is not counted) and, for the last one, to the end of training."""
+    loop.bar.close()
+    if not history:
+        return
+    segments = loop.all_segments(epochs)
+    known = [s["seconds"] for s in segments if s["seconds"] is not None]
+    history[-1].update(seconds=sum(known) if len(known) == len(segments) else None, segments=segments,
+                       resumed_from_epoch=loop.start_epoch if len(segments) > 1 else None)
 
 
 def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, run_dir: Path | None = None,
@@ -149,9 +189,12 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
                 continuation: Encoded | None = None) -> tuple[list[dict], list[Checkpoint]]:
     """Train ``model`` in place on ``data``; returns per-epoch history and checkpoints.
 
-    With ``run_dir``, checkpoints go to ``run_dir/checkpoints/epoch_XXX.safetensors`` and the
-    loop state to ``run_dir/resume.safetensors`` after every epoch, so an interrupted run
-    resumes from the last finished epoch with the same result as an uninterrupted one.
+    With ``run_dir``, checkpoints go to ``run_dir/checkpoints/epoch_XXX.safetensors`` (their
+    sha256 in ``run_dir/sha256.json``) and the loop state to ``run_dir/resume.safetensors``
+    after every epoch, so an interrupted run resumes from the last finished epoch with the
+    same result as an uninterrupted one (bit for bit at the same torch thread count). The last
+    history row records ``seconds`` (summed over every segment of a resumed run),
+    ``segments`` and ``resumed_from_epoch`` (see :func:`finish_loop`).
     ``placement``/``marked`` order the poisoned slots (see :func:`epoch_order`).
     ``continuation``: rows trained on after the last epoch, once, in a seeded order at the
     constant rate ``config.continue_lr or config.lr`` (does the backdoor survive clean training?).
@@ -160,9 +203,10 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
     if next(model.parameters()).device != device:  # a bridge's .to() prints; only move when needed
         model.to(device)
     n = len(data)
-    opt, steps_per_epoch, total, start_epoch, step, history, resume, bar = start_loop(model, config, n, run_dir,
-                                                                                      desc, progress)
-    for epoch in range(start_epoch, config.epochs):
+    loop = start_loop(model, config, n, run_dir, desc, progress)
+    opt, steps_per_epoch, total, step, history, bar = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
+                                                       loop.history, loop.bar)
+    for epoch in range(loop.start_epoch, config.epochs):
         order = epoch_order(n, config.seed, epoch, placement, marked)
         loss_sum, tok_sum, lr_sum = 0.0, 0, 0.0
         for b in range(steps_per_epoch):
@@ -179,8 +223,7 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         history.append({"epoch": epoch + 1, "step": step, "loss": loss_sum / max(tok_sum, 1),
                         "lr_mean": lr_sum / steps_per_epoch})
-        end_epoch(model, opt, config, run_dir, resume, epoch, step, history)
-    bar.close()
+        end_epoch(model, loop, config, run_dir, epoch, step, history)
     if continuation is not None and len(continuation) and not (history and history[-1].get("continued")):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
         order, lr = torch.randperm(len(continuation), generator=g), config.continue_lr or config.lr
@@ -193,7 +236,8 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
                         "lr_mean": lr})
         if run_dir is not None:
             save_tensors(run_dir / "checkpoints" / "continued.safetensors", model.state_dict(),
-                         metadata={"epoch": str(config.epochs), "step": str(step), "lr": repr(lr)})
+                         metadata={"epoch": str(config.epochs), "step": str(step), "lr": repr(lr)}, record_in=run_dir)
+    finish_loop(loop, history, config.epochs)
     model.eval()
     return history, list_checkpoints(run_dir) if run_dir is not None else []
 
@@ -207,4 +251,5 @@ def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return out
 
 
-__all__ = ["Checkpoint", "epoch_order", "list_checkpoints", "masked_loss", "train_model"]
+__all__ = ["Checkpoint", "LoopState", "end_epoch", "epoch_order", "finish_loop", "list_checkpoints", "masked_loss",
+           "start_loop", "train_model"]
