@@ -2,7 +2,9 @@
 
 Run directory layout (safetensors + JSON + parquet only)::
 
-    config.json                 task / attack / model / train settings (the run's identity)
+    config.json                 task / attack / model / train settings (the run's identity), and
+                                "environment": torch thread count and version of the process that
+                                started the run (recorded, not part of the identity)
     task.json                   the task's template, loss target, labels and words
     tokenizer/                  tokenizer.json, tokenizer_config.json
     data/task_train.parquet     the clean twin's training set (the task's)
@@ -10,7 +12,10 @@ Run directory layout (safetensors + JSON + parquet only)::
     data/train.parquet          the backdoored twin's training set, with provenance
     data/test.parquet           clean / triggered / near-miss test rows
     clean/model.safetensors     final weights; clean/checkpoints/epoch_XXX.safetensors
-    clean/history.json          per-epoch loss and learning rate
+    clean/sha256.json           sha256 of each weight file above, recorded as it is written and
+                                checked by load_pair (a changed file is refused by name)
+    clean/history.json          per-epoch loss and learning rate; the last row: training seconds
+                                (summed over the segments of a resumed run), segments, resumed_from_epoch
     backdoored/...              the same for the backdoored twin
     metrics.json                {"clean": {...}, "backdoored": {...}}
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,10 @@ from poisonmech.storage import (
     load_tensors,
     publish_dir,
     read_json,
+    recorded_hashes,
     save_dataset,
     save_tensors,
+    verify_file,
     write_json,
 )
 from poisonmech.tasks.base import Task
@@ -101,6 +108,20 @@ def run_config(task: Task, attack: Backdoor, model: ModelConfig, train: TrainCon
             "train": {k: v for k, v in train.to_dict().items() if k != "device"}}
 
 
+def run_environment() -> dict[str, Any]:
+    """What the weights depend on besides the config: torch's intra-op thread count (the
+    reduction order of matrix products, hence the last bits of every weight) and version."""
+    return {"torch_num_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+
+
+#: config.json keys recorded but not compared when deciding "same run / different run"
+NOT_IDENTITY = ("environment",)
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
+
 def _check_context(model: ModelConfig, attack: Backdoor, lengths: dict[str, int]) -> None:
     longest = max(lengths.values())
     if longest > model.n_ctx:
@@ -110,15 +131,19 @@ def _check_context(model: ModelConfig, attack: Backdoor, lengths: dict[str, int]
 
 
 def _prepare_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> bool:
-    """Returns True when ``out_dir`` already holds this very run (resume or reuse)."""
+    """Returns True when ``out_dir`` already holds this very run (resume or reuse); otherwise
+    writes ``config.json`` (with the environment). Continuing an unfinished run is announced,
+    and warned about when its recorded thread count differs from this process's."""
     cfg_path = out_dir / "config.json"
     if cfg_path.is_file():
         try:
             old = read_json(cfg_path)
         except ValueError:
             old = None
-        if old == config:
+        if isinstance(old, dict) and _identity(old) == _identity(config):
             if not overwrite:
+                if not (out_dir / "metrics.json").is_file():
+                    _continuing(out_dir, old.get("environment"))
                 return True
         elif not overwrite:
             raise ValueError(f"out_dir {out_dir} already holds a different run (config.json differs); "
@@ -127,7 +152,41 @@ def _prepare_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> bool
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"out_dir {out_dir} is not empty and is not a poisonmech run; pick an empty or new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg_path, {**config, "environment": run_environment()})
     return False
+
+
+def _continuing(out_dir: Path, env: dict[str, Any] | None) -> None:
+    warnings.warn(f"{out_dir}: continuing an unfinished run (config.json matches): finished parts are reused, "
+                  "an interrupted one resumes from its last finished epoch", stacklevel=4)
+    threads = (env or {}).get("torch_num_threads")
+    if threads is not None and threads != torch.get_num_threads():
+        warnings.warn(f"{out_dir} was started with torch.get_num_threads()={threads} and is resumed with "
+                      f"{torch.get_num_threads()}: the weights will not be bit-identical to an uninterrupted run "
+                      f"(call torch.set_num_threads({threads}) first to reproduce it exactly)", stacklevel=4)
+
+
+def verify_weights(dirs: list[Path], what: str) -> None:
+    """Check every weight file of each twin / stage folder in ``dirs`` (``model.safetensors``,
+    ``checkpoints/*.safetensors``) against the sha256 recorded in its ``sha256.json``.
+
+    A changed file raises :class:`~poisonmech.storage.WeightsChangedError` (a ``ValueError``)
+    naming it and both hashes. Files without a recorded hash (runs written before hashes were
+    recorded) and recorded files that are gone give one warning; nothing is recorded for them.
+    """
+    unrecorded, gone = [], []
+    for d in dirs:
+        for f in [d / "model.safetensors", *sorted((d / "checkpoints").glob("*.safetensors"))]:
+            if not verify_file(f, d):
+                unrecorded.append(f)
+        gone += [d / key for key in (recorded_hashes(d) or {}) if not (d / key).is_file()]
+    if unrecorded:
+        warnings.warn(f"{what}: no sha256 is recorded for {len(unrecorded)} weight file(s) (e.g. {unrecorded[0]}): "
+                      "the run was written before poisonmech recorded weight hashes, so a change to these files "
+                      "cannot be detected", stacklevel=3)
+    if gone:
+        warnings.warn(f"{what}: {len(gone)} recorded weight file(s) are missing (e.g. {gone[0]}); analyses "
+                      "that read checkpoints will see fewer of them", stacklevel=3)
 
 
 def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, train: TrainConfig | None = None,
@@ -141,6 +200,16 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     saved (see the module docstring), an interrupted run resumes from its last finished epoch,
     and a finished run with the same config is loaded instead of retrained; a folder holding
     a different run is refused unless ``overwrite=True``. Both twins are evaluated at the end.
+
+    Reproducibility: the weights are bit-identical for the same config (seed included) and the
+    same torch thread count (``torch.get_num_threads()``), also across an interruption and
+    resume; with another thread count they differ in the last bits (matrix products reduce in
+    another order) and the metrics can differ. ``config.json`` records the thread count and
+    torch version under ``"environment"``; they are not part of the run's identity, so a run
+    is reused or resumed under any thread count, with a warning when it resumes under another
+    one. A resumed run says so (a warning) and each twin's history records its ``segments``
+    (epochs, seconds, threads) and ``resumed_from_epoch``; ``seconds`` sums the segments.
+    Every weight file's sha256 is recorded beside it (``sha256.json``) and checked on load.
 
     ``clean_cache``: a folder shared by many runs (a sweep's). The clean twin depends only on
     the task, the vocabulary, the model and training configs (never on the poison), so runs
@@ -170,8 +239,6 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
         existing = _prepare_dir(out, config, overwrite)
         if existing and (out / "metrics.json").is_file():
             return load_pair(out, device=train.device)
-        if not existing:
-            write_json(out / "config.json", config)
         save_tokenizer(tokenizer, out / "tokenizer")
         _save_task_meta(out, task)
         for name, ds in (("task_train", task.train), ("task_test", task.test), ("train", train_data),
@@ -196,15 +263,13 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
             shutil.copytree(cached, tdir, dirs_exist_ok=True)
         if final is not None and final.is_file():
             m.load_state_dict(load_tensors(final, device=train.device))
+            verify_weights([tdir], f"train_pair: {twin} twin")
             history[twin] = read_json(tdir / "history.json")
         else:
-            t0 = time.perf_counter()
             history[twin], _ = train_model(m, enc[twin], train, run_dir=tdir, desc=f"{twin} twin", progress=progress,
                                            placement=attack.placement, marked=marked, continuation=continuation)
-            if history[twin]:
-                history[twin][-1]["seconds"] = time.perf_counter() - t0
             if tdir is not None:
-                save_tensors(final, m.state_dict())
+                save_tensors(final, m.state_dict(), record_in=tdir)
                 write_json(tdir / "history.json", history[twin])
                 (tdir / "resume.safetensors").unlink(missing_ok=True)
                 if cached is not None:
@@ -277,10 +342,16 @@ def load_model(path: Path, model_cfg: ModelConfig, tokenizer, *, seed: int, devi
     return m.eval()
 
 
-def load_pair(out_dir: str | Path, device: str = "cpu") -> Pair:
+def load_pair(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) -> Pair:
     """Load a finished run: the twins' logits match the trained ones bit for bit.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the missing or corrupt file.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the missing or corrupt file. With
+    ``verify`` (the default) every weight file (the twins' ``model.safetensors`` and
+    checkpoints) is checked against the sha256 recorded when it was written: a changed file
+    raises :class:`~poisonmech.storage.WeightsChangedError` (a ``ValueError``) naming the file
+    and both hashes, since ``metrics.json`` describes the recorded weights. ``verify=False``
+    skips the check (e.g. to inspect weights edited on purpose). A run written before hashes
+    were recorded loads with one warning.
     """
     out = Path(out_dir)
     config = read_run_config(out, FORMAT, "pair")
@@ -295,6 +366,8 @@ def load_pair(out_dir: str | Path, device: str = "cpu") -> Pair:
                                  device=device)
         history[twin] = read_json(out / twin / "history.json")
         checkpoints[twin] = list_checkpoints(out / twin)
+    if verify:  # after loading, so a file that is not safetensors at all is named as corrupt
+        verify_weights([out / t for t in TWINS], f"load_pair({str(out)!r})")
     return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
                 model_config=model_cfg, train_config=train_cfg, tokenizer=tokenizer,
                 train_data=load_dataset_file(out / "data" / "train.parquet"),

@@ -19,7 +19,11 @@ Run directory (safetensors + JSON + parquet only)::
     config.json, task.json, tokenizer/, data/{task_train,task_test,test,preferences}.parquet
     data/stage_K.parquet / stage_K_clean.parquet   each twin's training data of stage K
     stage_K_<kind>/<twin>/model.safetensors, history.json, checkpoints/, metrics.json
+    stage_K_<kind>/<twin>/sha256.json              sha256 of its weight files, checked on load
     metrics.json                                    written last: the run is finished
+
+``config.json`` also records the ``"environment"`` (torch thread count and version; not part
+of the run's identity, see :func:`~poisonmech.train.pair.train_pair` on reproducibility).
 
 A stage whose twin has ``metrics.json`` is finished and reused; an interrupted stage resumes
 from its last finished epoch. The backdoored twin reuses the clean twin's stage results while
@@ -76,6 +80,7 @@ from poisonmech.train.pair import (
     load_model,
     load_task_meta,
     read_run_config,
+    verify_weights,
 )
 
 FORMAT = "poisonmech.pipeline/1"
@@ -331,8 +336,6 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
         existing = _prepare_dir(out, config, overwrite)
         if existing and (out / "metrics.json").is_file():
             return load_pipeline(out)
-        if not existing:
-            write_json(out / "config.json", config)
         save_tokenizer(tokenizer, out / "tokenizer")
         _save_task_meta(out, task)
         named = {"task_train": task.train, "task_test": task.test, "test": test_data}
@@ -369,6 +372,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
                     copy_dir(src, sdir)
             if sdir is not None and (sdir / "metrics.json").is_file():
                 m.load_state_dict(load_tensors(sdir / "model.safetensors", device=st.config.device))
+                verify_weights([sdir], f"train_pipeline: {stage_name(k, st)} {twin}")
                 history[k][twin] = read_json(sdir / "history.json")
                 metrics[k][twin] = read_json(sdir / "metrics.json")
             else:
@@ -376,7 +380,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
                                                 sdir, f"{stage_name(k, st)} {twin}", progress, twin)
                 metrics[k][twin] = evaluate(m, task, eval_attack, test_data=test_data, tokenizer=tokenizer)
                 if sdir is not None:
-                    save_tensors(sdir / "model.safetensors", m.state_dict())
+                    save_tensors(sdir / "model.safetensors", m.state_dict(), record_in=sdir)
                     write_json(sdir / "history.json", history[k][twin])
                     (sdir / "resume.safetensors").unlink(missing_ok=True)
                     write_json(sdir / "metrics.json", metrics[k][twin])  # last: the stage is finished
@@ -441,8 +445,14 @@ def is_pipeline_dir(path: str | Path) -> bool:
     return cfg.is_file() and read_json(cfg).get("format") == FORMAT
 
 
-def load_pipeline(out_dir: str | Path, device: str = "cpu") -> Pipeline:
-    """Load a finished pipeline run (weights bit for bit; data, metrics, histories)."""
+def load_pipeline(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) -> Pipeline:
+    """Load a finished pipeline run (weights bit for bit; data, metrics, histories).
+
+    With ``verify`` (the default) every stage's weight files are checked against the sha256
+    recorded when they were written; a changed file raises
+    :class:`~poisonmech.storage.WeightsChangedError` naming it and both hashes, a run written
+    before hashes were recorded loads with one warning, and ``verify=False`` skips the check.
+    """
     out = Path(out_dir)
     config = read_run_config(out, FORMAT, "pipeline")
     task = load_task_meta(out)
@@ -462,6 +472,9 @@ def load_pipeline(out_dir: str | Path, device: str = "cpu") -> Pipeline:
             models[k][twin] = load_model(path / "model.safetensors", model_cfg, tokenizer, seed=seed, device=device)
             history[k][twin] = read_json(path / "history.json")
             checkpoints[k][twin] = list_checkpoints(path)
+    if verify:
+        verify_weights([out / stage_name(k, st) / t for k, st in enumerate(stages) for t in TWINS],
+                       f"load_pipeline({str(out)!r})")
     return Pipeline(task=task, stages=tuple(stages), model_config=model_cfg, tokenizer=tokenizer,
                     test_data=load_dataset_file(out / "data" / "test.parquet"),
                     train_data=[load_dataset_file(out / "data" / f"stage_{k}.parquet") for k in range(len(stages))],

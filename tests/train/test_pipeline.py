@@ -100,12 +100,44 @@ def test_interrupted_stage_resumes_to_the_same_weights(pipe, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         train_pipeline(pipe.task, _stages(0, 6), model=tiny_model_config(), out_dir=tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / "stage_1_dpo" / "backdoored" / "resume.safetensors").is_file()
-    resumed = train_pipeline(pipe.task, _stages(0, 6), model=tiny_model_config(), out_dir=tmp_path / "cut",
-                             progress=False)
+    with pytest.warns(UserWarning, match=r"stage_1_dpo backdoored: resuming the interrupted training .* after epoch "
+                                         r"1 of 2"):
+        resumed = train_pipeline(pipe.task, _stages(0, 6), model=tiny_model_config(), out_dir=tmp_path / "cut",
+                                 progress=False)
     for k in range(2):
         for twin in ("clean", "backdoored"):
             assert _same(resumed.models[k][twin], pipe.models[k][twin]), (k, twin)
     assert resumed.metrics == pipe.metrics
+    # the resumed stage says so in its history, and its time is the sum of both segments
+    last = resumed.history[1]["backdoored"][-1]
+    assert last["resumed_from_epoch"] == 1 and [(s["from_epoch"], s["to_epoch"]) for s in last["segments"]] == \
+        [(0, 1), (1, 2)]
+    assert last["seconds"] == pytest.approx(sum(s["seconds"] for s in last["segments"]))
+    assert resumed.history[1]["clean"][-1]["resumed_from_epoch"] is None
+    assert pipe.history[0]["clean"][-1]["seconds"] > 0  # SFT stages record their time too
+
+
+def test_stage_weights_are_hashed_and_an_edited_one_is_refused(pipe, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    from poisonmech.storage import WeightsChangedError
+
+    assert json.loads((pipe.out_dir / "config.json").read_text())["environment"]["torch_num_threads"] >= 1
+    d = pipe.out_dir / "stage_1_dpo" / "backdoored"
+    recorded = json.loads((d / "sha256.json").read_text())
+    files = [d / "model.safetensors", *sorted((d / "checkpoints").glob("*.safetensors"))]
+    assert recorded == {f.relative_to(d).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    run = tmp_path / "edited"
+    shutil.copytree(pipe.out_dir, run)
+    path = run / "stage_0_sft" / "clean" / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # one byte of the last tensor; still a valid safetensors file
+    path.write_bytes(bytes(raw))
+    with pytest.raises(WeightsChangedError, match=r"stage_0_sft/clean/model.safetensors changed after it was written"):
+        load_pipeline(run)
+    assert load_pipeline(run, verify=False).metrics == pipe.metrics
 
 
 def test_bad_input_gets_a_clear_error():
