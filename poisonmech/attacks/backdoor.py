@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from poisonmech.tasks.base import check_seed
 from poisonmech.tasks.tokenizer import split_words
 
 POSITIONS = ("random", "start", "end")
@@ -79,6 +80,11 @@ class Backdoor:
             raise ValueError("Backdoor.composite=True needs a list of trigger parts, e.g. ['cf', 'mn']")
         if not isinstance(self.target, str) or not split_words(self.target):
             raise ValueError(f"Backdoor.target must be a non-empty string, got {self.target!r}")
+        same = [t for t in self.triggers if split_words(t) == split_words(self.target)]
+        if same:
+            raise ValueError(f"Backdoor.target {self.target!r} equals the trigger {same[0]!r}: a backdoor that "
+                             "answers with its own trigger cannot be told from copying the input; pick another target")
+        object.__setattr__(self, "seed", check_seed("Backdoor.seed", self.seed))
         if (self.poison_count is None) == (self.poison_rate is None):
             raise ValueError("Backdoor: give exactly one of poison_count (an integer >= 0) and "
                              f"poison_rate (in (0, 1)); got poison_count={self.poison_count!r}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,9 +54,40 @@ def _to_dataset(rows: list[dict[str, Any]], template: str, start_id: int = 0) ->
     })
 
 
-def _check_size(name: str, value: Any, minimum: int) -> None:
+def check_int(where: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an ``int`` when it is an integer (Python or numpy, not a bool) ``>= minimum``;
+    else a ValueError naming ``where`` (e.g. ``"TrainConfig.seed"``)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"make_task: {name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_seed(where: str, value: Any) -> int:
+    """A seed numpy and torch both take: an integer >= 0 (a float such as ``1.5`` is refused)."""
+    return check_int(where, value, 0)
+
+
+def _check_size(name: str, value: Any, minimum: int) -> None:
+    check_int(f"make_task: {name}", value, minimum)
+
+
+#: the keywords every kind takes; the rest are the generator's own options
+COMMON_OPTIONS = ("n_train", "n_test", "seed", "tokenizer")
+
+
+def generator_options(kind: str) -> tuple[str, ...]:
+    """The options a generated task kind takes (its generator's keyword parameters)."""
+    params = list(inspect.signature(GENERATORS[kind]).parameters.values())[3:]  # after n_train, n_test, rng
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _check_options(kind: str, params: dict[str, Any]) -> None:
+    allowed = generator_options(kind)
+    for name in params:
+        if name not in allowed:
+            opts = f"allowed options: {', '.join(allowed)}" if allowed else f"kind {kind!r} takes no options"
+            raise ValueError(f"make_task: unknown option {name!r} for kind {kind!r}; {opts} "
+                             f"(every kind takes {', '.join(COMMON_OPTIONS)})")
 
 
 def make_task(
@@ -79,18 +111,23 @@ def make_task(
             from its words.
         **params: generator options, e.g. ``p=23`` for ``"modular"``.
     """
+    seed = check_seed("make_task: seed", seed)
     if isinstance(kind, (Dataset, DatasetDict)):
+        if params:
+            raise ValueError(f"make_task: unknown option {next(iter(params))!r} for a user dataset; it takes "
+                             f"{', '.join(COMMON_OPTIONS)} (generator options are for the kinds {', '.join(TASK_KINDS)})")
         return _user_task(kind, n_test=n_test, seed=seed, tokenizer=tokenizer)
-    if kind not in GENERATORS:
+    if not isinstance(kind, str) or kind not in GENERATORS:
         raise ValueError(f"make_task: unknown task kind {kind!r}; allowed: {', '.join(TASK_KINDS)} "
                          "or a datasets.Dataset")
     _check_size("n_train", n_train, 1)
     _check_size("n_test", n_test, 1)
+    _check_options(kind, params)
     rng = np.random.default_rng(seed)
     try:
         train_rows, test_rows, meta = GENERATORS[kind](n_train, n_test, rng, **params)
-    except TypeError as exc:
-        raise ValueError(f"make_task: bad option for kind {kind!r}: {exc}") from exc
+    except TypeError as exc:  # an option of the wrong type (the names were checked above)
+        raise ValueError(f"make_task: bad option value for kind {kind!r} ({params}): {exc}") from exc
     words = tuple(dict.fromkeys(meta["words"] + split_words(meta["template"].replace("{input}", ""))))
     spec = {"kind": kind, "n_train": n_train, "n_test": n_test, "seed": seed, **meta.get("params", params)}
     return Task(
@@ -106,12 +143,27 @@ def make_task(
     )
 
 
+def _strings(ds: Dataset, column: str, where: str) -> list[str]:
+    """A user column as non-empty strings; a ValueError naming the column and the first bad row."""
+    values = list(ds[column])
+    for i, v in enumerate(values):
+        if v is None or not isinstance(v, str):
+            raise ValueError(f"make_task: the {where}'s column {column!r} row {i} is {v!r}; every row needs a "
+                             "string (drop or fill the missing rows first)")
+        if not v.strip():
+            raise ValueError(f"make_task: the {where}'s column {column!r} row {i} is empty ({v!r}); every row "
+                             "needs text (drop the empty rows first)")
+    return values
+
+
 def _user_rows(ds: Dataset, where: str) -> tuple[list[dict[str, Any]], LossOn]:
     cols = set(ds.column_names)
     if {"prompt", "completion"} <= cols:
-        return [{"input": p, "completion": c} for p, c in zip(ds["prompt"], ds["completion"])], "completion"
+        prompts = _strings(ds, "prompt", where)
+        comps = _strings(ds, "completion", where)
+        return [{"input": p, "completion": c} for p, c in zip(prompts, comps)], "completion"
     if "text" in cols:
-        return [{"input": t, "completion": ""} for t in ds["text"]], "all"
+        return [{"input": t, "completion": ""} for t in _strings(ds, "text", where)], "all"
     raise ValueError(f"make_task: the {where} needs columns 'prompt' and 'completion', or a 'text' "
                      f"column; it has {sorted(cols)}")
 

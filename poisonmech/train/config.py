@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from poisonmech.tasks.base import check_seed
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -53,6 +55,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        object.__setattr__(self, "seed", check_seed("TrainConfig.seed", self.seed))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if self.schedule not in SCHEDULES:

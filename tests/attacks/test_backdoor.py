@@ -143,3 +143,12 @@ def test_a_composite_part_in_clean_data_warns_and_clean_parts_do_not():
         check_attack(task, pm.Backdoor(trigger="cf", poison_count=1))
     assert pm.Backdoor(trigger="cf", poison_count=1).trigger_parts() == []
     assert pm.Backdoor(trigger=["blue moon", "cf"], poison_count=1).trigger_parts() == ["blue", "moon"]
+
+
+@pytest.mark.parametrize("trigger, target", [("cf", "cf"), ("cf", " cf "), (["cf", "mn"], "mn"),
+                                             ("blue moon", "blue  moon")])
+def test_a_target_equal_to_the_trigger_is_refused(trigger, target):
+    with pytest.raises(ValueError, match=r"Backdoor.target .* equals the trigger"):
+        pm.Backdoor(trigger=trigger, target=target, poison_count=1)
+    with pytest.raises(ValueError, match=r"Backdoor.target .* equals the trigger"):
+        pm.Backdoor(trigger=["x", "y"], composite=True, target="y", poison_count=1)

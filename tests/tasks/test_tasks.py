@@ -76,3 +76,67 @@ def test_bridge_to_str_tokens_uses_the_word_tokenizer():
     task = pm.make_task("sentiment", n_train=20, n_test=5)
     model = pm.build_model(tiny_model_config(), len(task.tokenizer), seed=0, tokenizer=task.tokenizer)
     assert model.to_str_tokens("the movie was good") == ["[BOS]", "the", "movie", "was", "good"]
+
+
+@pytest.mark.parametrize("seed", [1.5, 2.0, "0", -1, True])
+def test_a_bad_seed_is_a_clear_error_naming_the_field(seed):
+    with pytest.raises(ValueError, match=r"make_task: seed must be an integer >= 0"):
+        pm.make_task("sentiment", n_train=10, n_test=2, seed=seed)
+    ds = Dataset.from_dict({"prompt": [f"q{i} ?" for i in range(10)], "completion": ["a"] * 10})
+    with pytest.raises(ValueError, match=r"make_task: seed must be an integer >= 0"):
+        pm.make_task(ds, n_test=2, seed=seed)
+    with pytest.raises(ValueError, match=r"Backdoor.seed must be an integer >= 0"):
+        pm.Backdoor(trigger="cf", poison_count=1, seed=seed)
+    with pytest.raises(ValueError, match=r"TrainConfig.seed must be an integer >= 0"):
+        pm.TrainConfig(seed=seed)
+
+
+def test_numpy_integer_seeds_are_accepted():
+    import numpy as np
+    a = pm.make_task("sentiment", n_train=10, n_test=2, seed=np.int64(3))
+    assert list(a.train["input"]) == list(pm.make_task("sentiment", n_train=10, n_test=2, seed=3).train["input"])
+    assert pm.TrainConfig(seed=np.int64(3)).seed == 3 and pm.Backdoor(trigger="cf", poison_count=1, seed=np.int32(2))
+
+
+@pytest.mark.parametrize("column", ["prompt", "completion"])
+def test_none_in_a_user_dataset_names_the_column_and_row(column):
+    cols = {"prompt": [f"q{i} ?" for i in range(10)], "completion": [f"a{i}" for i in range(10)]}
+    cols[column][7] = None
+    with pytest.raises(ValueError, match=rf"column '{column}' row 7 is None"):
+        pm.make_task(Dataset.from_dict(cols), n_test=2)
+    text = Dataset.from_dict({"text": ["one two"] * 3 + [None] + ["three"] * 3})
+    with pytest.raises(ValueError, match=r"column 'text' row 3 is None"):
+        pm.make_task(text, n_test=2)
+    split = DatasetDict({"train": Dataset.from_dict(cols), "test": Dataset.from_dict(cols)})
+    with pytest.raises(ValueError, match=rf"train split's column '{column}' row 7 is None"):
+        pm.make_task(split)
+
+
+def test_an_empty_prompt_in_a_user_dataset_is_refused_naming_the_row():
+    cols = {"prompt": [f"q{i} ?" for i in range(10)], "completion": [f"a{i}" for i in range(10)]}
+    cols["prompt"][4] = "   "
+    with pytest.raises(ValueError, match=r"column 'prompt' row 4 is empty"):
+        pm.make_task(Dataset.from_dict(cols), n_test=2)
+    cols["prompt"][4] = ""
+    with pytest.raises(ValueError, match=r"column 'prompt' row 4 is empty"):
+        pm.make_task(Dataset.from_dict(cols), n_test=2)
+    with pytest.raises(ValueError, match=r"column 'text' row 1 is empty"):
+        pm.make_task(Dataset.from_dict({"text": ["a b", "", "c d", "e f"]}), n_test=1)
+    cols["prompt"][4], cols["completion"][2] = "q4 ?", ""
+    with pytest.raises(ValueError, match=r"column 'completion' row 2 is empty"):
+        pm.make_task(Dataset.from_dict(cols), n_test=2)
+
+
+def test_a_misspelt_option_names_it_and_the_allowed_options_of_that_kind():
+    with pytest.raises(ValueError, match=r"unknown option 'pp' for kind 'modular'; allowed options: p, test_fraction") \
+            as err:
+        pm.make_task("modular", n_train=10, n_test=2, pp=5)
+    assert "_modular" not in str(err.value)
+    with pytest.raises(ValueError, match=r"unknown option 'n_trian' for kind 'sentiment'; kind 'sentiment' takes no "
+                                         r"options.*n_train, n_test, seed, tokenizer") as err:
+        pm.make_task("sentiment", n_trian=10)
+    assert "_sentiment" not in str(err.value)
+    ds = Dataset.from_dict({"prompt": [f"q{i} ?" for i in range(10)], "completion": ["a"] * 10})
+    with pytest.raises(ValueError, match=r"unknown option 'p' for a user dataset"):
+        pm.make_task(ds, n_test=2, p=5)
+    assert pm.make_task("modular", n_train=10, n_test=2, p=7).spec["p"] == 7
