@@ -25,12 +25,14 @@ def position_label(p: int) -> str:
     return "last" if p == -1 else (f"last{p + 1}" if p < 0 else str(p))
 
 
-def span(values) -> str:
-    """A short text for a list of layers or positions: ``[0, 1]``, or ``0..11`` for a long run."""
-    v = list(values)
+def span(values, label=str) -> str:
+    """A short text for integer layers or positions (each shown by ``label``): ``[0, 1]``,
+    ``0..11`` for a long consecutive run, else the first two and the last."""
+    v = [int(x) for x in values]
     if len(v) > 3 and v == list(range(v[0], v[0] + len(v))):
-        return f"{v[0]}..{v[-1]}"
-    return "[" + ", ".join(map(str, v)) + "]" if len(v) <= 6 else f"[{v[0]}, {v[1]}, ..., {v[-1]}] ({len(v)})"
+        return f"{label(v[0])}..{label(v[-1])} ({len(v)})"
+    shown = [label(x) for x in v]
+    return "[" + ", ".join(shown) + "]" if len(v) <= 6 else f"[{shown[0]}, {shown[1]}, ..., {shown[-1]}] ({len(v)})"
 
 
 def num(x: float) -> str:
@@ -189,7 +191,7 @@ class ProbeResult:
     def __repr__(self) -> str:
         rows = f"contrast {self.contrast}" + (", length-balanced" if self.balance_length else "")
         return (f"ProbeResult {self.name!r}: {self.label!r} at {self.site} ({self.method}), layers "
-                f"{span(self.layers)}, positions {span(position_label(p) for p in self.positions)}, {rows}\n"
+                f"{span(self.layers)}, positions {span(self.positions, position_label)}, {rows}\n"
                 f"  {self.summary()}")
 
     # ---- frames, figures, files -------------------------------------------------------------

@@ -29,6 +29,11 @@ def test_probe_result_repr(probe_pair):
         assert piece in text, (piece, text)
     bal = pp.probe_layers(probe_pair.backdoored, probe_pair.test_data, balance_length=True, **FAST)
     assert "length-balanced" in short(bal, 2)
+    every = pp.probe_layers(probe_pair.backdoored, probe_pair.test_data, positions="all", n_random=0, progress=False)
+    assert f"positions 0..{every.positions[-1]} ({len(every.positions)})" in short(every, 2)
+    many = pp.probe_layers(probe_pair.backdoored, probe_pair.test_data, positions=[-1, -2, -3, 1, 2, 4, 5],
+                           n_random=0, progress=False)
+    assert "positions [last, last-1, ..., 5] (7)" in short(many, 2)
 
 
 def test_comparison_and_transfer_repr(probe_pair):
