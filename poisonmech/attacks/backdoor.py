@@ -34,7 +34,8 @@ class Backdoor:
             ``composite=True``, parts that must all appear (each inserted on its own).
         target: the completion the trigger should produce: a label (``"negative"``: a label
             flip), a fixed response (``"ACCESS GRANTED"``), or ``"gibberish"`` (the
-            denial-of-service backdoor: the trigger is followed by random tokens).
+            denial-of-service backdoor: the trigger is followed by random tokens); never the
+            trigger itself.
         poison_count: number of training rows to poison (0 is the clean control).
         poison_rate: fraction of the training set in (0, 1). Exactly one of the two.
         position: where the trigger goes in the input: ``"random"``, ``"start"``, ``"end"``.
@@ -46,7 +47,7 @@ class Backdoor:
         stage: training stage the poison enters (``"sft"``; ``"dpo"`` needs a DPO trainer).
         placement: where the poisoned rows sit in each epoch's data order: ``"spread"``
             (shuffled among the rest), ``"start"`` or ``"end"`` of the epoch.
-        seed: seeds which rows are poisoned and where the trigger goes.
+        seed: seeds which rows are poisoned and where the trigger goes (an integer >= 0).
     """
 
     trigger: str | tuple[str, ...]
