@@ -34,7 +34,15 @@ def _numbers(sw) -> pd.DataFrame:
 
 
 def test_failed_runs_are_recorded_and_the_rest_go_on(tmp_path):
-    sw = _tiny_sweep(tmp_path / "s", counts=(0, 4, 500))
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sw = _tiny_sweep(tmp_path / "s", counts=(0, 4, 500))  # one worker: runs in this process at 1 thread
+        assert torch.get_num_threads() == 2, "a one-worker sweep must restore the caller's thread count"
+    finally:
+        torch.set_num_threads(before)
     assert [r.status for r in sw.runs].count("done") == 2
     [bad] = sw.failed
     assert "larger than the training set" in bad.error
