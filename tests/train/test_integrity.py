@@ -198,3 +198,23 @@ def test_verify_file_against_a_hand_computed_hash(tmp_path):
         verify_file(f, tmp_path / "w")
     with pytest.raises(ValueError, match="is not inside"):
         save_tensors(tmp_path / "elsewhere.safetensors", {"x": torch.ones(1)}, record_in=tmp_path / "w")
+
+
+def test_a_resume_state_written_before_segments_were_recorded_still_resumes(tmp_path, monkeypatch):
+    from poisonmech.storage import load_tensors
+
+    task, attack = tiny_task(n_train=64), pm.Backdoor(trigger="cf", poison_count=4)
+    kw = dict(model=tiny_model_config(), train=tiny_train_config(epochs=2), progress=False)
+    with monkeypatch.context() as mp:
+        _crash_in_backdoored_twin(mp)
+        with pytest.raises(KeyboardInterrupt):
+            pm.train_pair(task, attack, out_dir=tmp_path / "r", **kw)
+    resume = tmp_path / "r" / "backdoored" / "resume.safetensors"
+    meta = tensors_metadata(resume)
+    del meta["segments"]  # the layout before this change
+    save_tensors(resume, load_tensors(resume), metadata=meta)
+    with pytest.warns(UserWarning, match="resuming the interrupted training"):
+        pair = pm.train_pair(task, attack, out_dir=tmp_path / "r", **kw)
+    last = pair.history["backdoored"][-1]
+    assert last["resumed_from_epoch"] == 1 and last["segments"][0]["seconds"] is None
+    assert last["seconds"] is None  # unknown, rather than only the resumed segment's time
