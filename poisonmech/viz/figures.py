@@ -27,13 +27,36 @@ def _mean_ci(values: pd.Series) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def _sweep_counts(frame: pd.DataFrame) -> list[int]:
+    return sorted({int(c) for c in pd.to_numeric(frame["n_poison"], errors="coerce").dropna()}) \
+        if "n_poison" in frame else []
+
+
+def count_axis(fig: go.Figure, counts) -> go.Figure:
+    """The poison-count x-axis every sweep figure shares: log scale, count 0 drawn at 0.5, one
+    labelled tick per count of the sweep and no minor ticks, and the same range for every figure
+    given the same ``counts`` (so figures whose methods skip count 0 line up with the others)."""
+    counts = sorted({int(c) for c in counts})
+    xs = [float(c) if c > 0 else 0.5 for c in counts]
+    fig.update_xaxes(type="log", title="poisoned training examples (log scale; 0 drawn at the left)",
+                     minor={"ticks": "", "showgrid": False})
+    if xs:
+        lo, hi = np.log10(min(xs)), np.log10(max(xs))
+        pad = 0.1 * max(hi - lo, 1.0)
+        fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=[str(c) for c in counts], range=[lo - pad, hi + pad])
+    return fig
+
+
 def metric_vs_count(frame: pd.DataFrame, metric: str = "asr", group: str | None = None,
-                    twins: tuple[str, ...] = ("backdoored", "clean"), title: str | None = None) -> go.Figure:
+                    twins: tuple[str, ...] = ("backdoored", "clean"), title: str | None = None,
+                    counts=None) -> go.Figure:
     """``metric`` against poison count (log x; count 0 drawn at 0.5), mean and 95% band over seeds.
 
     ``frame`` is ``Sweep.to_frame()``; ``group`` splits lines by a config column such as
-    ``n_train`` or ``d_model``.
+    ``n_train`` or ``d_model``. ``counts``: the poison counts on the x-axis (default: every
+    count in ``frame``, also those without a value of ``metric``), see :func:`count_axis`.
     """
+    counts = _sweep_counts(frame) if counts is None else counts
     f = frame[(frame["metric"] == metric) & frame["twin"].isin(twins)].copy()
     f["value"] = pd.to_numeric(f["value"], errors="coerce")
     f["x"] = f["n_poison"].astype(float).replace(0.0, 0.5)
@@ -56,7 +79,7 @@ def metric_vs_count(frame: pd.DataFrame, metric: str = "asr", group: str | None 
             fig.add_trace(go.Scatter(x=xs, y=mean, mode="lines+markers", name=name, line={"color": color},
                                      line_dash="solid" if twin == "backdoored" else "dot"))
             k += 1
-    fig.update_xaxes(type="log", title="poisoned training examples (0 shown at 0.5)")
+    count_axis(fig, counts)
     fig.update_yaxes(title=metric, rangemode="tozero")
     return style(fig, title or f"{metric} against poison count (mean and 95% CI over seeds)")
 
@@ -64,12 +87,16 @@ def metric_vs_count(frame: pd.DataFrame, metric: str = "asr", group: str | None 
 def analysis_vs_count(frame: pd.DataFrame, metrics: dict[str, str], title: str, yaxis: str = "AUROC",
                       chance: float | None = 0.5) -> go.Figure:
     """Analysis summaries (the sweep table's ``twin == "analysis"`` rows) against poison count:
-    one line per ``{label: metric}`` entry, mean and 95% band over seeds, with a chance line."""
+    one line per ``{label: metric}`` entry, mean and 95% band over seeds, with a chance line.
+    The x-axis spans every poison count of ``frame`` (as :func:`metric_vs_count`'s does), also
+    counts where a method has no value (the clean control has nothing to retrieve)."""
+    counts = _sweep_counts(frame)
     f = frame[(frame["twin"] == "analysis") & frame["metric"].isin(list(metrics.values()))].copy()
     names = {m: label for label, m in metrics.items()}
     f["twin"] = f["metric"].map(names)
     f["metric"] = yaxis
-    fig = metric_vs_count(f, yaxis, twins=tuple(label for label in metrics if label in set(f["twin"])), title=title)
+    fig = metric_vs_count(f, yaxis, twins=tuple(label for label in metrics if label in set(f["twin"])), title=title,
+                          counts=counts)
     fig.update_traces(line_dash="solid")
     if chance is not None:
         fig.add_hline(y=chance, line_dash="dot", line_color="grey", annotation_text="chance")

@@ -21,9 +21,12 @@ from poisonmech.storage import read_json
 from poisonmech.train.pipeline import is_pipeline_dir
 from poisonmech.viz.export import find_chrome
 from poisonmech.viz.figures import _fmt, analysis_vs_count, metric_vs_count, style
+from poisonmech.viz.patching import patching_figure
+from poisonmech.viz.summary import poison_counts, run_findings, sweep_overview
 
-#: analysis name -> function(analysis_dir) -> list of (caption, figure); analyses register here
-ANALYSIS_FIGURES: dict[str, Callable[[Path], list[tuple[str, go.Figure]]]] = {}
+#: analysis name -> function(analysis_dir) -> list of (caption, figure), where a figure may be a
+#: sentence (str) saying why there is none (shown in its place); analyses register here
+ANALYSIS_FIGURES: dict[str, Callable[[Path], list[tuple[str, go.Figure | str]]]] = {}
 
 
 def analysis_figures(name: str):
@@ -34,9 +37,12 @@ def analysis_figures(name: str):
 
 
 @analysis_figures("patching")
-def _patching_figures(out: Path) -> list[tuple[str, go.Figure]]:
+def _patching_figures(out: Path) -> list[tuple[str, go.Figure | str]]:
+    """The patching heatmaps; a zero gap (the count-0 control) gives a note in the figure's place and
+    a gap within noise the raw effect with the recovery masked (:func:`patching_figure`)."""
     from poisonmech.patching.result import PatchResult
 
+    n_poison = poison_counts(out.parent.parent)[0]
     figs = []
     captions = {"heads.safetensors": "Backdoored twin: recovery of the backdoor's logit difference when one head's "
                                      "output at one position is patched from the triggered run into the control run",
@@ -45,7 +51,7 @@ def _patching_figures(out: Path) -> list[tuple[str, go.Figure]]:
                                                  "(all positions) taken from the clean twin"}
     for fname, caption in captions.items():
         if (out / fname).is_file():
-            figs.append((caption, PatchResult.load(out / fname).plot()))
+            figs.append((caption, patching_figure(PatchResult.load(out / fname), n_poison=n_poison)))
     return figs
 
 
@@ -105,6 +111,9 @@ _PAGE = """<!doctype html>
  table.pm td, table.pm th {{ border: 1px solid #ddd; padding: .3em .6em; text-align: right; }}
  table.pm th {{ background: #f4f4f4; }} .caption {{ color: #555; font-size: .9em; margin: .3em 0 1.5em; }}
  pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: .8em; }}
+ .note {{ background: #fff8e5; border-left: 4px solid #e0b040; padding: .6em 1em; margin: 1em 0; }}
+ #summary {{ background: #f6f9fc; border: 1px solid #dde6ef; padding: .2em 1.2em 1em; }}
+ #summary h3 {{ font-size: 1em; margin: 1em 0 .3em; }} #summary li {{ margin: .2em 0; }}
 </style></head><body>
 <h1>{title}</h1>
 {body}
@@ -137,7 +146,23 @@ class _Page:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
         self.parts.append(f'<table class="pm"><tr>{head}</tr>{body}</table>')
 
-    def figure(self, fig: go.Figure, caption: str = "") -> None:
+    def note(self, text: str) -> None:
+        self.parts.append(f'<div class="note">{html.escape(text)}</div>')
+
+    def summary(self, overview: list[str], sections: list[tuple[str, list[str]]]) -> None:
+        """The findings block the page opens with: an overview, then one list of sentences per run."""
+        parts = ['<section id="summary"><h2>Summary</h2>']
+        parts += [f"<p>{html.escape(t)}</p>" for t in overview]
+        for heading, sentences in sections:
+            if sentences:
+                parts.append(f"<h3>{html.escape(heading)}</h3><ul>"
+                             + "".join(f"<li>{html.escape(t)}</li>" for t in sentences) + "</ul>")
+        self.parts.append("\n".join(parts) + "</section>")
+
+    def figure(self, fig: go.Figure | str, caption: str = "") -> None:
+        if isinstance(fig, str):  # no figure to draw: say why, in its place
+            self.note(f"{caption}: {fig}" if caption else fig)
+            return
         self.n += 1
         self.parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{self.n}",
                                       default_height="420px"))
@@ -167,6 +192,15 @@ def _pipeline_section(page: _Page, d: Path, cfg: dict) -> None:
     """A ``train_pipeline`` run: per stage, its poison, both twins' metrics after it, and the
     analyses run on that stage's pair (``run_analyses(pipe[k], ...)`` writes them there)."""
     metrics = read_json(d / "metrics.json")
+    sections, before = [], 0
+    for k, (st, m) in enumerate(zip(cfg["stages"], metrics)):
+        n_poison, n_train = poison_counts(d, f"stage_{k}")
+        sections.append((f"Stage {k}: {st['kind']}, {st['attack'].get('poison_count')} poisons",
+                         run_findings(d / f"stage_{k}_{st['kind']}", m, n_poison=n_poison, n_train=n_train,
+                                      attack=st["attack"], earlier_poison=before)))
+        before += n_poison or 0
+    page.summary([f"A {len(cfg['stages'])}-stage pipeline ({' -> '.join(st['kind'] for st in cfg['stages'])}); "
+                  "each stage's twins are read after that stage."], sections)
     page.h2("Stages")
     page.table(["stage", "kind", "poisons", "asr (backdoored)", "asr (clean)", "clean_acc (backdoored)"],
                [[k, st["kind"], st["attack"].get("poison_count"), m.get("backdoored", {}).get("asr"),
@@ -224,15 +258,18 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
         frame = sw.to_frame()
         runs = sorted(sw.runs, key=lambda r: (r.n_poison if r.n_poison is not None else -1, r.spec.train.get("seed", 0)))
         done = [r for r in runs if r.status == "done"]
+        page.summary(sweep_overview(frame) if not frame.empty else [],
+                     [(f"{r.n_poison} poisoned rows, seed {r.spec.train.get('seed')} (run {r.name})",
+                       run_findings(d / "runs" / r.name, r.metrics, n_poison=r.n_poison)) for r in done])
         page.h2("Attack success and clean accuracy against poison count")
         if done:
             page.figure(metric_vs_count(frame, "asr"), "Attack success rate on triggered test inputs; the clean "
                         "twin (dotted) never saw the trigger. Mean and 95% CI over seeds.")
             page.figure(metric_vs_count(frame, "clean_acc"), "Clean accuracy of both twins.")
-            for metrics, title, caption in _SWEEP_ANALYSIS_FIGURES:
+            for metrics, fig_title, caption in _SWEEP_ANALYSIS_FIGURES:
                 present = {k: v for k, v in metrics.items() if v in set(frame["metric"])}
                 if present:
-                    page.figure(analysis_vs_count(frame, present, title), caption)
+                    page.figure(analysis_vs_count(frame, present, fig_title), caption)
         page.h2("Runs")
         page.table(["run", "status", "poison", "seed", "asr (backdoored)", "asr (clean)", "clean_acc (backdoored)",
                     "error"],
@@ -247,6 +284,7 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
         _pipeline_section(page, d, read_json(d / "config.json"))
     elif (d / "config.json").is_file():
         title = f"poisonmech run: {d.name}"
+        page.summary([], [("Run", run_findings(d))])
         _run_section(page, d, "Run")
     else:
         raise ValueError(f"report: {d} holds no run or pipeline (config.json) or sweep (sweep.json)")

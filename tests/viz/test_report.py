@@ -1,3 +1,6 @@
+import html
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -84,3 +87,70 @@ def test_analyze_cli_writes_cached_summaries(small_sweep):
     result = CliRunner().invoke(app, ["analyze", str(run), "--patching"])
     assert result.exit_code == 0, result.output
     assert "patching_top_head" in result.output and (run / "analyses" / "patching" / "heads.safetensors").is_file()
+
+
+def _text(page: str) -> str:
+    """The page's text: tags dropped, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def test_sweep_report_title_is_the_sweeps_not_a_figures(small_sweep):
+    page = build_report(small_sweep.out_dir).read_text()
+    want = f"poisonmech sweep: {small_sweep.out_dir.name}"
+    assert html.unescape(re.search(r"<title>(.*?)</title>", page).group(1)) == want
+    assert html.unescape(re.search(r"<h1>(.*?)</h1>", page).group(1)) == want
+
+
+def test_every_count_figure_shares_one_axis_with_a_tick_per_count(small_sweep):
+    frame = small_sweep.to_frame()
+    asr = metric_vs_count(frame, "asr")
+    retrieval = analysis_vs_count(frame, {"EK-FAC": "influence_auroc", "loss": "influence_loss_auroc"}, "retrieval")
+    for fig in (asr, retrieval):
+        ax = fig.layout.xaxis
+        assert ax.type == "log" and ax.tickmode == "array"
+        assert list(ax.tickvals) == [0.5, 6.0] and list(ax.ticktext) == ["0", "6"]  # only the counts
+        assert ax.minor.ticks == ""
+    # retrieval has no value at count 0 (nothing to retrieve) but spans the same range as the rest
+    assert list(retrieval.layout.xaxis.range) == list(asr.layout.xaxis.range)
+
+
+def test_report_opens_with_findings_in_sentences_with_numbers(small_sweep):
+    import json
+
+    page = build_report(small_sweep.out_dir).read_text()
+    start, first_fig = page.index('<section id="summary">'), page.index('class="plotly-graph-div"')
+    assert start < first_fig  # findings first, charts after
+    summary = _text(page[start:page.index("</section>", start)])
+    assert "Clean control" in summary and "no poisoned training rows" in summary
+    poisoned = next(r for r in small_sweep.runs if r.status == "done" and r.n_poison)
+    inf = json.loads((small_sweep.out_dir / "runs" / poisoned.name / "analyses" / "influence" / "summary.json")
+                     .read_text())
+    assert f"{poisoned.n_poison} of 96 ({100 * poisoned.n_poison / 96:.1f}%) training rows poisoned" in summary
+    assert f"influence AUROC {inf['influence_auroc']:.3f}" in summary
+    assert f"loss baseline's AUROC {inf['influence_loss_auroc']:.3f}" in summary
+    m = poisoned.metrics["backdoored"]
+    assert f"Backdoored twin: ASR {m['asr']:.3f}" in summary
+    assert "Exact patching" in summary and "Cross-model patching" in summary
+
+
+def test_count_zero_cross_model_heatmap_is_a_note_saying_why(small_sweep):
+    page = _text(build_report(small_sweep.out_dir).read_text())
+    # the count-0 twins are the same model: no heatmap, a note in its place
+    assert "No heatmap: the two runs give the same metric on every one of" in page
+    assert "With 0 poisoned training rows there is no backdoor, so there is nothing to patch" in page
+
+
+def test_run_findings_give_each_rate_its_denominator(small_sweep):
+    from poisonmech.viz.summary import rate_text, run_findings
+
+    assert rate_text({"asr": 1.0, "n_asr": 248}, "asr") == "ASR 1.000 (248/248 triggered rows)"
+    assert rate_text({"clean_acc": 0.75, "n_clean_acc": 20}, "clean_acc") == "clean accuracy 0.750 (15/20 clean rows)"
+    assert rate_text({"clean_acc": 0.7412}, "clean_acc") == "clean accuracy 0.741"  # no denominator known
+    assert rate_text({"clean_acc": 0.7412, "n_clean_acc": 20}, "clean_acc") == "clean accuracy 0.741 (n = 20 clean rows)"
+    assert rate_text({}, "asr") is None
+    run = small_sweep.out_dir / "runs" / small_sweep.runs[-1].name
+    metrics = {"backdoored": {"asr": 0.5, "n_asr": 10, "clean_acc": 0.9, "n_clean_acc": 10},
+               "clean": {"asr": 0.0, "n_asr": 10}}
+    text = " ".join(run_findings(run, metrics))
+    assert "Backdoored twin: ASR 0.500 (5/10 triggered rows), clean accuracy 0.900 (9/10 clean rows)" in text
+    assert "Clean twin: ASR 0.000 (0/10 triggered rows)" in text
