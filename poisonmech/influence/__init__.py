@@ -6,6 +6,8 @@
     inf.poison_auroc(), inf.average_precision(), inf.precision_at(40)
     inf.top(10), inf.by_component(), inf.to_frame(), inf.plot()
     pm.influence.retrain_without(pair, inf.top(40)["example_id"])
+    retrains = pm.influence.subset_retrains(pair, n_subsets=24)        # K retrains on random halves
+    pm.influence.linear_datamodeling_score(retrains, inf).summary()    # do the scores predict them?
 
 Sign convention, the same for every method: a positive score means up-weighting the
 training example raises the query's measurement (by default the log-probability of the
@@ -15,6 +17,13 @@ scores over the training set so that methods can be compared.
 
 from poisonmech.influence.attribution import METHODS, InfluenceConfig, attribute
 from poisonmech.influence.kfac import Factors, fit_factors
+from poisonmech.influence.lds import (
+    LDSResult,
+    SubsetRetrains,
+    linear_datamodeling_score,
+    query_measurements,
+    subset_retrains,
+)
 from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
 from poisonmech.influence.result import InfluenceResult
 from poisonmech.influence.retrain import RetrainResult, retrain_without
@@ -26,12 +35,17 @@ __all__ = [
     "Factors",
     "InfluenceConfig",
     "InfluenceResult",
+    "LDSResult",
     "Query",
     "RetrainResult",
+    "SubsetRetrains",
     "TrackedModule",
     "attribute",
     "backdoor_query",
     "find_modules",
     "fit_factors",
+    "linear_datamodeling_score",
+    "query_measurements",
     "retrain_without",
+    "subset_retrains",
 ]
