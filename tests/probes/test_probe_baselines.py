@@ -3,6 +3,8 @@ the near-miss contrast and length balancing, checked against scikit-learn / nump
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,20 @@ def test_random_distribution_matches_sklearn_and_numpy(probe_pair):
                        ("random_auroc_mean", ref.mean())):
         assert row[col] == pytest.approx(value, abs=1e-6), col
     assert row["n_random"] == 25
+
+
+def test_random_quantiles_on_distinct_values(probe_pair):
+    """Distinct values (the tiny pair's AUROCs tie a lot): median / p95 / max against numpy."""
+    r = pp.probe_layers(probe_pair.backdoored, probe_pair.test_data, **FAST)
+    vals = np.random.default_rng(0).random((1, 1, 101))
+    r = dataclasses.replace(r, random_auroc=torch.tensor(vals, dtype=torch.float32))
+    v = vals[0, 0].astype(np.float32).astype(np.float64)
+    assert float(r.random_auroc_median[0, 0]) == pytest.approx(np.median(v), abs=1e-6)
+    assert float(r.random_auroc_p95[0, 0]) == pytest.approx(np.percentile(v, 95), abs=1e-6)
+    assert float(r.random_auroc_max[0, 0]) == pytest.approx(v.max(), abs=1e-6)
+    assert np.percentile(v, 95) != pytest.approx(np.percentile(v, 90), abs=1e-3)  # the check can tell them apart
+    row = r.to_frame().iloc[0]
+    assert row["random_auroc_p95"] == pytest.approx(np.percentile(v, 95), abs=1e-6)
 
 
 def test_no_random_directions_gives_nan_baselines(probe_pair):
