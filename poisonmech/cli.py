@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,56 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: help texts are printed as written; Rich markup would swallow the
+# bracketed TOML section names ("[task], [attack]") as style tags
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train clean/backdoored twin transformers and trace where the backdoor lives.")
+
+#: the default of ``--threads``: every core
+CORES = os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads; the previous count is restored after,
+    also when the block raises."""
+    import torch
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _threads_option(what: str = "this command"):
+    return typer.Option(CORES, "--threads", min=1,
+                        help=f"Torch threads for {what} (default: the number of cores). Weights are "
+                             "bit-identical for the same seed and thread count, and differ across thread counts.")
+
+
+def sweep_parallelism(threads: int, workers: int | None, n_runs: int) -> tuple[int, int]:
+    """``(max_workers, threads_per_run)`` for ``pm.sweep`` from the command's thread budget.
+
+    Without ``--workers``, as many parallel runs as ``pm.sweep`` starts by default on a machine
+    with ``threads`` cores (``threads // 2``, at least 1, at most ``n_runs``); then each run gets
+    ``threads // workers`` threads (at least 1), so that the runs together use ``threads``. With
+    ``--threads`` left at the cores this is ``pm.sweep``'s own default.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be an integer >= 1 or None, got {workers!r}")
+    w = workers if workers is not None else max(1, threads // 2)
+    w = max(1, min(w, max(1, n_runs)))
+    return w, max(1, threads // w)
+
+
+def _workers_option():
+    return typer.Option(None, "--workers", min=1,
+                        help="Parallel runs (default: half the --threads, at least 1); each run gets "
+                             "threads // workers torch threads.")
 
 #: The embedded default run: the sentiment pair of the README (2 layers, d_model 128,
 #: 4,000 training rows, 1% poison, the trigger word at a random position).
@@ -107,7 +158,9 @@ def default_analyses() -> list[str]:
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep directory to write."),
          counts: str = typer.Option(",".join(map(str, DEMO_COUNTS)), help="Comma-separated poison counts."),
-         seeds: str = typer.Option("0", help="Comma-separated seeds.")) -> None:
+         seeds: str = typer.Option("0", help="Comma-separated seeds."),
+         threads: int = _threads_option("the whole sweep, split over its parallel runs"),
+         workers: int | None = _workers_option()) -> None:
     """The main job: a poison-count sweep on the default sentiment task, every analysis, the HTML report."""
     import poisonmech as pm
     from poisonmech.viz import build_report
@@ -120,11 +173,15 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep direct
     typer.echo(f"poisonmech demo: {cfg['task']['kind']} task, {cfg['task']['n_train']} training rows, trigger "
                f"{attack_kw['trigger']!r} -> {attack_kw['target']!r}, poison counts {counts}, seeds {seeds}; "
                f"analyses: {', '.join(analyses)}")
-    sw = pm.sweep(task, attacks, seeds=[int(x) for x in seeds.split(",")],
-                  models=[pm.ModelConfig.from_dict(cfg["model"])], train=pm.TrainConfig.from_dict(cfg["train"]),
-                  out_dir=out, analyses=analyses)
-    _print_sweep(sw)
-    report = build_report(out)
+    seed_list = [int(x) for x in seeds.split(",")]
+    max_workers, per_run = sweep_parallelism(threads, workers, len(attacks) * len(seed_list))
+    typer.echo(f"threads: {threads} ({max_workers} parallel run{'s' if max_workers > 1 else ''} x {per_run})")
+    with torch_threads(threads):
+        sw = pm.sweep(task, attacks, seeds=seed_list,
+                      models=[pm.ModelConfig.from_dict(cfg["model"])], train=pm.TrainConfig.from_dict(cfg["train"]),
+                      out_dir=out, analyses=analyses, max_workers=max_workers, threads_per_run=per_run)
+        _print_sweep(sw)
+        report = build_report(out)
     typer.echo(f"\nwrote the sweep to {out.resolve()}\nreport: {report.resolve()}")
 
 
@@ -149,11 +206,13 @@ def _print_sweep(sw) -> None:
 @app.command()
 def train(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="TOML file: [task], [attack], [model], [train], out_dir."),
           out: Path | None = typer.Option(None, "--out", help="Override out_dir."),
-          overwrite: bool = typer.Option(False, help="Replace a different run already in out_dir.")) -> None:
+          overwrite: bool = typer.Option(False, help="Replace a different run already in out_dir."),
+          threads: int = _threads_option()) -> None:
     """Train one pair from a TOML config."""
     cfg = _read_toml(config)
     try:
-        pair = run_from_config(cfg, out_dir=str(out) if out else None, overwrite=overwrite or None)
+        with torch_threads(threads):
+            pair = run_from_config(cfg, out_dir=str(out) if out else None, overwrite=overwrite or None)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -199,11 +258,13 @@ def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, 
 def pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
                                            help="TOML: out_dir, [task], [model], [[stages]] with kind, "
                                                 "[stages.attack], [stages.config], mode."),
-             out: Path | None = typer.Option(None, "--out", help="Override out_dir.")) -> None:
+             out: Path | None = typer.Option(None, "--out", help="Override out_dir."),
+             threads: int = _threads_option()) -> None:
     """Train a post-training pipeline (SFT then DPO, ...), each stage with its own poison."""
     cfg = _read_toml(config)
     try:
-        pipe = pipeline_from_config(cfg, out_dir=str(out) if out else None)
+        with torch_threads(threads):
+            pipe = pipeline_from_config(cfg, out_dir=str(out) if out else None)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -219,7 +280,9 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
                                         help="TOML: [task], [[attacks]], seeds, [model] or [[models]], [train], analyses, out_dir."),
           backend: str = typer.Option("local", help="local or ray"),
           address: str | None = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
-          out: Path | None = typer.Option(None, "--out", help="Override out_dir.")) -> None:
+          out: Path | None = typer.Option(None, "--out", help="Override out_dir."),
+          threads: int = _threads_option("the whole sweep, split over its parallel runs"),
+          workers: int | None = _workers_option()) -> None:
     """Run a sweep from a TOML config; resumable (finished runs are skipped)."""
     import poisonmech as pm
 
@@ -228,9 +291,14 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
         task = _task_from_config(cfg)
         attacks = [pm.Backdoor.from_dict(a) for a in cfg.get("attacks", [])]
         models = [pm.ModelConfig.from_dict(m) for m in cfg.get("models", [cfg.get("model", {})])]
-        sw = pm.sweep(task, attacks, seeds=cfg.get("seeds", [0]), models=models,
-                      train=pm.TrainConfig.from_dict(cfg.get("train", {})), out_dir=out or cfg.get("out_dir", "runs/sweep"),
-                      backend=backend, analyses=cfg.get("analyses", []), address=address)
+        seeds = cfg.get("seeds", [0])
+        max_workers, per_run = sweep_parallelism(threads, workers, len(attacks) * len(models) * len(seeds))
+        with torch_threads(threads):
+            sw = pm.sweep(task, attacks, seeds=seeds, models=models,
+                          train=pm.TrainConfig.from_dict(cfg.get("train", {})),
+                          out_dir=out or cfg.get("out_dir", "runs/sweep"), backend=backend,
+                          analyses=cfg.get("analyses", []), address=address, max_workers=max_workers,
+                          threads_per_run=per_run)
     except (KeyError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -242,7 +310,8 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
 def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="A run directory."),
             patching: bool = typer.Option(False, "--patching"), probes: bool = typer.Option(False, "--probes"),
             influence: bool = typer.Option(False, "--influence"), circuits: bool = typer.Option(False, "--circuits"),
-            overwrite: bool = typer.Option(False, help="Recompute cached analyses.")) -> None:
+            overwrite: bool = typer.Option(False, help="Recompute cached analyses."),
+            threads: int = _threads_option()) -> None:
     """Run analyses on a finished pair, or on every stage of a pipeline (all analyses when none is named)."""
     import poisonmech as pm
     from poisonmech.analyses import ANALYSES, run_analyses
@@ -261,7 +330,9 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
     else:
         pairs = [("", pm.load_pair(run))]
     for prefix, pair in pairs:
-        for name, summary in run_analyses(pair, asked, pair.out_dir, overwrite=overwrite).items():
+        with torch_threads(threads):
+            summaries = run_analyses(pair, asked, pair.out_dir, overwrite=overwrite)
+        for name, summary in summaries.items():
             typer.echo(f"{prefix}{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in summary.items()))
         typer.echo(f"wrote {Path(pair.out_dir).resolve() / 'analyses'}")

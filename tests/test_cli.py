@@ -98,3 +98,103 @@ def test_pipeline_command_trains_every_stage_and_reports_bad_stages(tmp_path):
     cfg.write_text(PIPELINE_TOML.format(out=tmp_path / "bad", dpo_kind="ppo"))
     result = CliRunner().invoke(app, ["pipeline", str(cfg)])
     assert result.exit_code == 2 and "stages[1].kind must be 'sft' or 'dpo'" in result.output
+
+
+def test_help_keeps_the_bracketed_toml_section_names():
+    runner = CliRunner()
+    train_help = runner.invoke(app, ["train", "--help"]).output
+    for section in ("[task]", "[attack]", "[model]", "[train]"):
+        assert section in train_help, train_help
+    assert "[[stages]]" in runner.invoke(app, ["pipeline", "--help"]).output
+    assert "[[attacks]]" in runner.invoke(app, ["sweep", "--help"]).output
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    import pytest
+    import torch
+
+    from poisonmech.cli import torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"), torch_threads(1):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2  # restored when the block raises
+        for bad in (0, -1, 1.5, True, None):
+            with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+                with torch_threads(bad):
+                    pass
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sweep_parallelism_splits_the_thread_budget():
+    import pytest
+
+    from poisonmech.cli import sweep_parallelism
+
+    assert sweep_parallelism(2, None, 4) == (1, 2)  # the 2-core default: one run at a time, both threads
+    assert sweep_parallelism(16, None, 4) == (4, 4)
+    assert sweep_parallelism(16, None, 20) == (8, 2)
+    assert sweep_parallelism(4, 3, 10) == (3, 1)
+    assert sweep_parallelism(8, 6, 2) == (2, 4)  # never more workers than runs
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        sweep_parallelism(4, 0, 2)
+
+
+def test_threads_option_reaches_training_and_is_restored(tmp_path, monkeypatch):
+    import torch
+
+    import poisonmech.cli as cli
+
+    seen = []
+
+    def fake_run(cfg, **kw):
+        seen.append(torch.get_num_threads())
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(cli, "run_from_config", fake_run)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TOML.format(out=tmp_path / "run"))
+    before = torch.get_num_threads()
+    result = CliRunner().invoke(app, ["train", str(cfg), "--threads", "1"])
+    assert result.exit_code == 2 and "stopped by the test" in result.output
+    assert seen == [1] and torch.get_num_threads() == before
+    result = CliRunner().invoke(app, ["train", str(cfg), "--threads", "0"])
+    assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_demo_and_sweep_pass_threads_and_workers_to_pm_sweep(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    calls = []
+
+    def fake_sweep(task, attacks, **kw):
+        calls.append({"n_runs": len(attacks) * len(kw["seeds"]), "threads": torch.get_num_threads(),
+                      "max_workers": kw.get("max_workers"), "threads_per_run": kw.get("threads_per_run")})
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(pm, "sweep", fake_sweep)
+    runner = CliRunner()
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--threads", "4", "--workers", "2"])
+    assert isinstance(res.exception, ValueError)
+    assert calls[-1] == {"n_runs": 4, "threads": 4, "max_workers": 2, "threads_per_run": 2}
+    runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--threads", "1"])
+    assert calls[-1]["max_workers"] == 1 and calls[-1]["threads_per_run"] == 1 and calls[-1]["threads"] == 1
+    # defaults: what pm.sweep itself picks for 4 runs (cores // 2 workers, cores // workers threads each)
+    runner.invoke(app, ["demo", "--out", str(tmp_path / "d")])
+    cores = os.cpu_count() or 1
+    workers = max(1, min(4, max(1, cores // 2)))
+    assert (calls[-1]["max_workers"], calls[-1]["threads_per_run"]) == (workers, max(1, cores // workers))
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text('seeds = [0, 1]\n[task]\nkind = "sentiment"\nn_train = 64\nn_test = 8\n'
+                   '[[attacks]]\ntrigger = "cf"\npoison_count = 2\n')
+    res = runner.invoke(app, ["sweep", str(cfg), "--out", str(tmp_path / "s"), "--threads", "3", "--workers", "1"])
+    assert res.exit_code == 2 and "stopped by the test" in res.output
+    assert calls[-1] == {"n_runs": 2, "threads": 3, "max_workers": 1, "threads_per_run": 3}
