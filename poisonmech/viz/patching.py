@@ -6,7 +6,8 @@ minus the control logit difference). When that gap is zero (the count-0 control:
 the same model) there is nothing to recover and the heatmap would be blank; when it is within
 noise, the recovery of every cell is a ratio of noise to noise (values of +-5 to 8 on the tiny
 gap of a model without a backdoor). :func:`gap_check` decides which case holds with a one-sample
-t-test of the per-example gaps (``scipy.stats``), and :func:`patching_figure` then shows, in place
+t-test of the per-example gaps (``scipy.stats``; a single prompt counts as noise, its spread
+being unknown), and :func:`patching_figure` then shows, in place
 of the recovery heatmap, a note (zero gap) or the raw effect with the recovery masked and a note
 in the figure (gap within noise).
 """
@@ -51,11 +52,9 @@ class GapCheck:
 
     @property
     def within_noise(self) -> bool:
-        """The mean gap cannot be told from zero: zero, or ``|mean| <= threshold``. With one
-        example the spread is unknown and only an exactly zero gap counts."""
-        if self.zero:
-            return True
-        return bool(self.n >= 2 and abs(self.mean) <= self.threshold)
+        """The mean gap cannot be told from zero: zero, ``|mean| <= threshold``, or a single
+        example (whose spread, and so whose noise, is unknown)."""
+        return bool(self.zero or self.n < 2 or abs(self.mean) <= self.threshold)
 
     @property
     def sem(self) -> float:
@@ -75,8 +74,8 @@ def gap_check(result, alpha: float = 0.05) -> GapCheck:
     """Is the gap that ``result``'s recovery divides by distinguishable from zero?
 
     ``result`` is a :class:`~poisonmech.patching.result.PatchResult`; the test is a two-sided
-    one-sample t-test of the per-example gaps at level ``alpha`` (``within_noise`` exactly when
-    ``scipy.stats.ttest_1samp(gaps, 0).pvalue >= alpha``).
+    one-sample t-test of the per-example gaps at level ``alpha`` (with two or more examples,
+    ``within_noise`` exactly when ``scipy.stats.ttest_1samp(gaps, 0).pvalue >= alpha``).
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"gap_check: alpha must be in (0, 1), got {alpha!r}")
@@ -106,16 +105,19 @@ def patching_figure(result, title: str | None = None, n_poison: int | None = Non
         return (f"No heatmap: the two runs give the same metric on every one of the {chk.n} prompts (gap 0), "
                 f"so no cell has anything to recover.{control}")
     if chk.within_noise:
-        fig = result.plot("effect", title=title and f"{title}: raw effect (recovery masked)")
-        note = (f"recovery masked: the gap is within noise ({chk.describe()}, not distinguishable from zero "
-                f"at level {alpha:g}); the cells show the raw change of the metric")
+        fig = result.plot("effect", title=title and f"{title}: raw effect")
+        fig.update_layout(title_text=f"{fig.layout.title.text} (recovery masked)")
+        why = f"not distinguishable from zero at level {alpha:g}" if chk.n >= 2 else "one prompt: its noise is unknown"
+        note = (f"recovery masked: the gap is within noise ({chk.describe()}, {why});<br>"
+                "the cells show the raw change of the metric")
     else:
         fig = result.plot("recovery", title=title)
-        note = f"recovery = mean effect / mean gap; {chk.describe()}" + \
-            ("; spread unknown with one prompt" if chk.n < 2 else "")
-    fig.add_annotation(text=note, xref="paper", yref="paper", x=0.0, y=-0.18, xanchor="left", yanchor="top",
-                       showarrow=False, font={"size": 11, "color": "#a33" if chk.within_noise else "#555"})
-    fig.update_layout(margin={"b": 90})
+        note = f"recovery = mean effect / mean gap; {chk.describe()}"
+    # the caveat sits under the title (plotly's subtitle), where it cannot cover the cells or axis labels
+    color = "#a33" if chk.within_noise else "#555"
+    fig.update_layout(title={"text": fig.layout.title.text,
+                             "subtitle": {"text": note, "font": {"size": 11, "color": color}}},
+                      margin={"t": 110})
     return fig
 
 

@@ -106,8 +106,8 @@ def _patching_sentences(adir: Path) -> list[str]:
             out.append(f"{what}: the two runs agree on all {chk.n} prompts (logit-difference gap 0), so there is "
                        "nothing to localise.")
         elif chk.within_noise:
-            out.append(f"{what}: the logit-difference gap is within noise ({chk.describe()}), so recovery is not "
-                       "meaningful and no component is singled out.")
+            out.append(f"{what}: the logit-difference gap cannot be told from noise ({chk.describe()}), so recovery "
+                       "is not meaningful and no component is singled out.")
         else:
             cells = top_cells(r, 3)
             out.append(f"{what}, {chk.describe()}: top cells by recovery (sd over prompts) {_cells_text(cells)}.")
@@ -159,7 +159,8 @@ def _retrieval_sentences(inf: dict[str, Any], probes: dict[str, Any], n_poison: 
         if p is not None and n_poison:
             text += f", precision at {n_poison} {_f(p)} ({int(round(p * n_poison))}/{n_poison})"
         if "influence_loss_auroc" in inf:
-            text += f", against the per-example loss baseline's AUROC {_f(inf['influence_loss_auroc'])}"
+            base = "per-pair DPO loss" if "DPO pairs" in str(inf.get("influence_method", "")) else "per-example loss"
+            text += f", against the {base} baseline's AUROC {_f(inf['influence_loss_auroc'])}"
             if "influence_loss_ap" in inf:
                 text += f" (AP {_f(inf['influence_loss_ap'])})"
         out.append(text + ".")

@@ -36,8 +36,9 @@ def test_gap_within_noise_is_scipys_one_sample_t_test(seed, shift):
 def test_gap_check_cases_and_bad_alpha():
     assert gap_check(_result([0.0, 0.0, 0.0])).zero and gap_check(_result([0.0, 0.0])).within_noise
     assert not gap_check(_result([12.0, 11.5, 12.4, 12.1])).within_noise
-    one = gap_check(_result([0.4]))  # one prompt: no spread, only an exactly zero gap counts as noise
-    assert one.n == 1 and not one.within_noise and np.isnan(one.threshold)
+    one = gap_check(_result([0.4]))  # one prompt: its spread, and so its noise, is unknown
+    assert one.n == 1 and one.within_noise and not one.zero and np.isnan(one.threshold)
+    assert "one prompt" in patching_figure(_result([0.4])).layout.title.subtitle.text
     with pytest.raises(ValueError, match="alpha must be in"):
         gap_check(_result([1.0, 2.0]), alpha=1.5)
 
@@ -49,13 +50,13 @@ def test_patching_figure_notes_a_zero_gap_and_masks_a_noisy_one():
     assert noisy.recovery.abs().max() > 1.0
     fig = patching_figure(noisy, title="heads")
     assert isinstance(fig, go.Figure)
-    [ann] = fig.layout.annotations
-    assert "recovery masked" in ann.text and "within noise" in ann.text
+    note = fig.layout.title.subtitle.text
+    assert "recovery masked" in note and "within noise" in note and "raw effect" in fig.layout.title.text
     # the heatmap shows the raw effect (no division by the gap), not the recovery
     np.testing.assert_allclose(np.asarray(fig.data[0].z), noisy.effect.mean(-1).numpy(), rtol=1e-6)
     strong = _result([10.0, 9.0, 11.0, 10.5])
     fig = patching_figure(strong)
-    assert "masked" not in fig.layout.annotations[0].text
+    assert "masked" not in fig.layout.title.subtitle.text and "mean gap 10.125" in fig.layout.title.subtitle.text
     np.testing.assert_allclose(np.asarray(fig.data[0].z), strong.recovery.numpy(), rtol=1e-6)
 
 
