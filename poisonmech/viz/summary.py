@@ -117,16 +117,18 @@ def _patching_sentences(adir: Path) -> list[str]:
 def _circuit_sentence(s: dict[str, Any], metrics: dict[str, Any]) -> str | None:
     if "circuit_faithfulness" not in s:
         return None
-    text = (f"Backdoor circuit (EAP-IG): {s.get('circuit_edges', '?')} edges on {s.get('circuit_nodes', '?')} nodes, "
-            f"faithfulness {_f(s['circuit_faithfulness'])}")
+    size = f"{s['circuit_edges']} edges" + (f" on {s['circuit_nodes']} nodes" if "circuit_nodes" in s else "") + ", " \
+        if "circuit_edges" in s else ""
+    text = f"Backdoor circuit (EAP-IG): {size}faithfulness {_f(s['circuit_faithfulness'])}"
     if "complement_faithfulness" in s:
         text += f" (its complement {_f(s['complement_faithfulness'])})"
-    if "asr_circuit_ablated" in s:
-        text += (f"; with its edges ablated the backdoored twin's ASR is {_f(s['asr_circuit_ablated'])} "
-                 f"(intact: {_f(metrics.get('asr'))})")
+    if "asr_circuit_ablated" in s:  # evaluated on the same test rows as the intact twin: same denominators
+        def ablated(name: str) -> str:
+            return rate_text({name: s[f"{name}_circuit_ablated"], f"n_{name}": metrics.get(f"n_{name}")}, name)
+
+        text += f"; with its edges ablated the backdoored twin's {ablated('asr')} (intact: {_f(metrics.get('asr'))})"
         if "clean_acc_circuit_ablated" in s:
-            text += (f" and its clean accuracy {_f(s['clean_acc_circuit_ablated'])} "
-                     f"(intact: {_f(metrics.get('clean_acc'))})")
+            text += f" and its {ablated('clean_acc')} (intact: {_f(metrics.get('clean_acc'))})"
     return text + "."
 
 

@@ -154,3 +154,16 @@ def test_run_findings_give_each_rate_its_denominator(small_sweep):
     text = " ".join(run_findings(run, metrics))
     assert "Backdoored twin: ASR 0.500 (5/10 triggered rows), clean accuracy 0.900 (9/10 clean rows)" in text
     assert "Clean twin: ASR 0.000 (0/10 triggered rows)" in text
+
+
+def test_circuit_findings_carry_the_intact_twins_denominators():
+    from poisonmech.viz.summary import _circuit_sentence
+
+    s = {"circuit_faithfulness": 0.9, "circuit_edges": 10, "circuit_nodes": 5, "complement_faithfulness": 0.1,
+         "asr_circuit_ablated": 0.25, "clean_acc_circuit_ablated": 1.0}
+    text = _circuit_sentence(s, {"asr": 1.0, "n_asr": 248, "clean_acc": 0.998, "n_clean_acc": 500})
+    assert text.startswith("Backdoor circuit (EAP-IG): 10 edges on 5 nodes, faithfulness 0.900 (its complement 0.100)")
+    assert "ASR 0.250 (62/248 triggered rows) (intact: 1.000)" in text
+    assert "clean accuracy 1.000 (500/500 clean rows) (intact: 0.998)" in text
+    assert _circuit_sentence({"circuit_faithfulness": 0.5}, {}) == "Backdoor circuit (EAP-IG): faithfulness 0.500."
+    assert _circuit_sentence({}, {}) is None
