@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model
 from poisonmech.storage import (
+    copy_dir,
     load_dataset_file,
     load_tensors,
     publish_dir,
@@ -249,34 +252,60 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     continuation = _continuation(task, tokenizer, train) if train.continue_clean else None
     twins, history, checkpoints = {}, {}, {}
     init = None
-    for twin in TWINS:
-        m = build_model(model, len(tokenizer), seed=train.seed, tokenizer=tokenizer, device=train.device)
-        state = {k: v.clone() for k, v in m.state_dict().items()}
-        if init is None:
-            init = state
-        elif any(not torch.equal(init[k], state[k]) for k in init):  # the twins' defining promise
-            raise RuntimeError("twins were built with different initial weights; the model builder is not deterministic")
-        tdir = out / twin if out is not None else None
-        final = tdir / "model.safetensors" if tdir is not None else None
-        cached = _clean_cache_dir(clean_cache, config, tokenizer) if twin == "clean" and tdir is not None else None
-        if cached is not None and (cached / "model.safetensors").is_file() and not final.is_file():
-            shutil.copytree(cached, tdir, dirs_exist_ok=True)
-        if final is not None and final.is_file():
-            m.load_state_dict(load_tensors(final, device=train.device))
-            verify_weights([tdir], f"train_pair: {twin} twin")
-            history[twin] = read_json(tdir / "history.json")
-        else:
-            history[twin], _ = train_model(m, enc[twin], train, run_dir=tdir, desc=f"{twin} twin", progress=progress,
-                                           placement=attack.placement, marked=marked, continuation=continuation)
-            if tdir is not None:
-                save_tensors(final, m.state_dict(), record_in=tdir)
-                write_json(tdir / "history.json", history[twin])
-                (tdir / "resume.safetensors").unlink(missing_ok=True)
-                if cached is not None:
-                    publish_dir(tdir, cached)
-        m.eval()
-        twins[twin] = m
-        checkpoints[twin] = list_checkpoints(tdir) if tdir is not None else []
+    cached = _clean_cache_dir(clean_cache, config, tokenizer) if out is not None else None
+    # Another run of a sweep may be training this clean twin right now: train the backdoored
+    # twin first and copy the clean one when it is published (the twins are built and trained
+    # independently, so the order changes nothing in their weights).
+    order = TWINS
+    if cached is not None and not (cached / "model.safetensors").is_file() and _lock_holder(cached) is not None:
+        order = ("backdoored", "clean")
+    lock = None
+    try:
+        for twin in order:
+            m = build_model(model, len(tokenizer), seed=train.seed, tokenizer=tokenizer, device=train.device)
+            state = {k: v.clone() for k, v in m.state_dict().items()}
+            if init is None:
+                init = state
+            elif any(not torch.equal(init[k], state[k]) for k in init):  # the twins' defining promise
+                raise RuntimeError("twins were built with different initial weights; the model builder is not deterministic")
+            tdir = out / twin if out is not None else None
+            final = tdir / "model.safetensors" if tdir is not None else None
+            if twin == "clean" and cached is not None and not final.is_file():
+                lock = _wait_or_lock(cached)  # None: the cached twin is ready
+                if lock is None:
+                    shutil.copytree(cached, tdir, dirs_exist_ok=True)
+            # no poisoned row: the backdoored twin would be trained on exactly the clean twin's
+            # rows, from the same weights, in the same order: it is the clean twin, bit for bit
+            same_as_clean = (twin == "backdoored" and "clean" in twins and not marked.numel()
+                             and enc["clean"] == enc["backdoored"])
+            if same_as_clean and final is not None and not final.is_file():
+                copy_dir(out / "clean", tdir)
+            if same_as_clean and final is None:
+                m.load_state_dict(twins["clean"].state_dict())
+                history[twin] = [dict(h) for h in history["clean"]]
+            elif final is not None and final.is_file():
+                m.load_state_dict(load_tensors(final, device=train.device))
+                verify_weights([tdir], f"train_pair: {twin} twin")
+                history[twin] = read_json(tdir / "history.json")
+            else:
+                history[twin], _ = train_model(m, enc[twin], train, run_dir=tdir, desc=f"{twin} twin", progress=progress,
+                                               placement=attack.placement, marked=marked, continuation=continuation)
+                if tdir is not None:
+                    save_tensors(final, m.state_dict(), record_in=tdir)
+                    write_json(tdir / "history.json", history[twin])
+                    (tdir / "resume.safetensors").unlink(missing_ok=True)
+                    if twin == "clean" and cached is not None:
+                        publish_dir(tdir, cached)
+            if twin == "clean" and lock is not None:
+                lock.unlink(missing_ok=True)
+                lock = None
+            m.eval()
+            twins[twin] = m
+            checkpoints[twin] = list_checkpoints(tdir) if tdir is not None else []
+
+    finally:  # a failed run must not leave the other runs waiting on its lock
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
     metrics = {t: evaluate(twins[t], task, attack, test_data=test_data, tokenizer=tokenizer) for t in TWINS}
     if out is not None:
@@ -298,11 +327,68 @@ def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer
     if cache is None:
         return None
     key = {"task": config["task"], "model": config["model"], "train": config["train"],
-           "vocab": sorted(tokenizer.get_vocab().items())}
+           "vocab": sorted(tokenizer.get_vocab().items()),
+           # the weights depend on the thread count too (reduction order)
+           "torch_num_threads": torch.get_num_threads()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache) / digest
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _lock_holder(cached: Path) -> int | None:
+    """The pid of the live process training the clean twin for ``cached``, if any (stale locks are removed)."""
+    lock = cached.with_name(cached.name + ".lock")
+    try:
+        pid = int(lock.read_text() or 0)
+        age = time.time() - lock.stat().st_mtime
+    except (FileNotFoundError, ValueError):
+        return None
+    if pid <= 0:  # being written; a writer that died before writing its pid leaves it empty
+        if age > 30:
+            lock.unlink(missing_ok=True)
+            return None
+        return 0
+    try:
+        os.kill(pid, 0)
+        alive = not _zombie(pid)
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:  # alive, another user's
+        alive = True
+    if not alive:
+        lock.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but not been reaped (Linux; elsewhere: False)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_or_lock(cached: Path, poll: float = 1.0) -> Path | None:
+    """Wait while another process trains this clean twin; then ``None`` if it was published,
+    else take the lock (returned, to be removed once this process has published the twin)."""
+    lock = cached.with_name(cached.name + ".lock")
+    while True:
+        if (cached / "model.safetensors").is_file():
+            return None
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _lock_holder(cached) is not None:
+                time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        if (cached / "model.safetensors").is_file():  # published between the check and the lock
+            lock.unlink(missing_ok=True)
+            return None
+        return lock
 
 
 def _save_task_meta(out: Path, task: Task) -> None:
