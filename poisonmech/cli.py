@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +23,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 CORES = os.cpu_count() or 1
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int):
     """Run the block with ``n`` torch intra-op threads; the previous count is restored after,
-    also when the block raises."""
-    import torch
+    also when the block raises (:func:`poisonmech.runtime.num_threads`)."""
+    from poisonmech.runtime import num_threads
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    if n is None:
+        raise ValueError("threads must be an integer >= 1, got None")
+    return num_threads(n)
 
 
 def _threads_option(what: str = "this command"):
@@ -51,20 +43,20 @@ def sweep_parallelism(threads: int, workers: int | None, n_runs: int) -> tuple[i
     """``(max_workers, threads_per_run)`` for ``pm.sweep`` from the command's thread budget.
 
     Without ``--workers``, as many parallel runs as ``pm.sweep`` starts by default on a machine
-    with ``threads`` cores (``threads // 2``, at least 1, at most ``n_runs``); then each run gets
+    with ``threads`` cores (one per thread, at most ``n_runs``); then each run gets
     ``threads // workers`` threads (at least 1), so that the runs together use ``threads``. With
     ``--threads`` left at the cores this is ``pm.sweep``'s own default.
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be an integer >= 1 or None, got {workers!r}")
-    w = workers if workers is not None else max(1, threads // 2)
+    w = workers if workers is not None else threads
     w = max(1, min(w, max(1, n_runs)))
     return w, max(1, threads // w)
 
 
 def _workers_option():
     return typer.Option(None, "--workers", min=1,
-                        help="Parallel runs (default: half the --threads, at least 1); each run gets "
+                        help="Parallel runs (default: one per --threads, at most one per run); each run gets "
                              "threads // workers torch threads.")
 
 #: The embedded default run: the sentiment pair of the README (2 layers, d_model 128,

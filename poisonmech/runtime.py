@@ -19,7 +19,7 @@ def num_threads(n: int | None) -> Iterator[None]:
         yield
         return
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads must be a positive integer or None, got {n!r}")
+        raise ValueError(f"threads must be an integer >= 1 (or None: unchanged), got {n!r}")
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -137,9 +137,9 @@ def test_sweep_parallelism_splits_the_thread_budget():
 
     from poisonmech.cli import sweep_parallelism
 
-    assert sweep_parallelism(2, None, 4) == (1, 2)  # the 2-core default: one run at a time, both threads
+    assert sweep_parallelism(2, None, 4) == (2, 1)  # the 2-core default: two one-thread runs at a time
     assert sweep_parallelism(16, None, 4) == (4, 4)
-    assert sweep_parallelism(16, None, 20) == (8, 2)
+    assert sweep_parallelism(16, None, 20) == (16, 1)
     assert sweep_parallelism(4, 3, 10) == (3, 1)
     assert sweep_parallelism(8, 6, 2) == (2, 4)  # never more workers than runs
     with pytest.raises(ValueError, match="workers must be an integer >= 1"):
@@ -187,10 +187,10 @@ def test_demo_and_sweep_pass_threads_and_workers_to_pm_sweep(tmp_path, monkeypat
     assert calls[-1] == {"n_runs": 4, "threads": 4, "max_workers": 2, "threads_per_run": 2}
     runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--threads", "1"])
     assert calls[-1]["max_workers"] == 1 and calls[-1]["threads_per_run"] == 1 and calls[-1]["threads"] == 1
-    # defaults: what pm.sweep itself picks for 4 runs (cores // 2 workers, cores // workers threads each)
+    # defaults: what pm.sweep itself picks for 4 runs (a worker per core, cores // workers threads each)
     runner.invoke(app, ["demo", "--out", str(tmp_path / "d")])
     cores = os.cpu_count() or 1
-    workers = max(1, min(4, max(1, cores // 2)))
+    workers = max(1, min(4, cores))
     assert (calls[-1]["max_workers"], calls[-1]["threads_per_run"]) == (workers, max(1, cores // workers))
     cfg = tmp_path / "sweep.toml"
     cfg.write_text('seeds = [0, 1]\n[task]\nkind = "sentiment"\nn_train = 64\nn_test = 8\n'

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from poisonmech.encoding import Encoded
 from poisonmech.influence.grads import forward_backward, iter_batches
 from poisonmech.influence.tracking import TrackedModule, activation_covariance, times_activations
+from poisonmech.runtime import num_threads
 from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
 
 Tensor = torch.Tensor
@@ -165,22 +165,12 @@ class Factors:
                    n_positions=int(meta["n_positions"]), n_rows=int(meta["n_rows"]), **parts)
 
 
-@contextmanager
-def _single_thread():
-    """LAPACK's threaded ``eigh`` on small matrices is slow, and very slow on a shared
-    machine (spinning threads); one thread, restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _eigh(t: TrackedModule, what: str, m: Tensor) -> tuple[Tensor, Tensor]:
     m64 = m.double()
     m64 = 0.5 * (m64 + m64.T)
-    with _single_thread():
+    # LAPACK's threaded eigh on small matrices is slow, and very slow on a shared machine
+    # (spinning threads): one thread, restored after
+    with num_threads(1):
         evals, evecs = torch.linalg.eigh(m64)
     evals, evecs = evals.clamp(min=0.0).float(), evecs.float()
     check_finite(t, f"{what} eigendecomposition", evals)
