@@ -43,6 +43,25 @@ def _preference_data(pair) -> bool:
     return is_preference_data(pair.train_data)
 
 
+def _contrast(pair, n: int):
+    """``trigger_contrast(pair, n)`` with its controls checked; a model that fails the check on
+    every row (e.g. one that has not learned the task) falls back to unchecked controls, and
+    the summary says so (``controls_checked: False``)."""
+    import warnings
+
+    from poisonmech.patching import trigger_contrast
+
+    try:
+        tc = trigger_contrast(pair, n=n)
+        return tc, {"controls_checked": True, "controls_dropped": tc.check["n_dropped"],
+                    "controls_tried": tc.check["n_candidates"]}
+    except ValueError as exc:
+        if "kept the untriggered prompt's answer" not in str(exc):
+            raise
+        warnings.warn(f"{exc}; using unchecked controls", stacklevel=2)
+        return trigger_contrast(pair, n=n, check=False), {"controls_checked": False}
+
+
 @register("patching")
 def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
     """Where the backdoor lives, by exact patching on triggered prompts and their controls.
@@ -52,9 +71,9 @@ def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
     and ``cross_model_heads.safetensors`` (backdoored twin on triggered prompts with each
     head's output taken from the clean twin).
     """
-    from poisonmech.patching import activation_patch, cross_model_patch, trigger_contrast
+    from poisonmech.patching import activation_patch, cross_model_patch
 
-    tc = trigger_contrast(pair, n=n)
+    tc, check = _contrast(pair, n)
     metric = tc.logit_diff()
     heads = activation_patch(pair.backdoored, tc.triggered, tc.control, metric, site="attn_head",
                              by_position=True, progress=False)
@@ -67,33 +86,57 @@ def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
     cross.save(out / "cross_model_heads.safetensors")
     top_head, top_val = _top(heads)
     top_cross, cross_val = _top(cross)
-    return {"patching_n_examples": int(tc.triggered.shape[0]),
+    return {"patching_n_examples": int(tc.triggered.shape[0]), **{f"patching_{k}": v for k, v in check.items()},
             "patching_top_head": top_head, "patching_top_head_recovery": top_val,
             "cross_model_top_head": top_cross, "cross_model_top_head_recovery": cross_val,
             "logit_diff_triggered": float(heads.reference.mean()), "logit_diff_control": float(heads.baseline.mean())}
 
 
 @register("circuits")
-def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10) -> dict[str, Any]:
+def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_edges: int = 5) -> dict[str, Any]:
     """The backdoor's edge circuit in the backdoored twin (EAP-IG, top ``top_n`` edges), its
-    faithfulness, and the twin's ASR / clean accuracy with the circuit's edges patch-ablated
-    (each ablated edge carries its value from the same prompt with the trigger replaced)."""
+    faithfulness (patching, mean and zero ablation x logit difference and target log-probability,
+    ``faithfulness.json``), and the twin's ASR / clean accuracy with the circuit's edges
+    patch-ablated (each ablated edge carries its value from the same prompt with the trigger
+    replaced), beside ``n_random_edges`` sets of as many random edges of the same kinds."""
     from poisonmech.circuits import discover
     from poisonmech.metrics import evaluate
-    from poisonmech.patching import control_fn, trigger_contrast
+    from poisonmech.patching import control_fn
 
-    tc = trigger_contrast(pair, n=n)
+    tc, check = _contrast(pair, n)
     metric = tc.logit_diff()
     circuit = discover(pair.backdoored, tc.triggered, tc.control, metric, method="eap-ig", top_n=top_n,
                        progress=False, label=f"backdoor circuit (eap-ig top {top_n})")
-    faith = circuit.faithfulness(pair.backdoored, tc.triggered, tc.control, metric, ablation="patching")
+    # the same circuit under three ablations and two metrics (circuit metrics are fragile to
+    # both choices: Miller et al. 2024); the headline is patching ablation of the logit difference
+    table = circuit.faithfulness_table(pair.backdoored, tc.triggered, tc.control,
+                                       metrics={"logit_diff": metric, "target_logprob": tc.target_logprob()},
+                                       ablations=("patching", "mean", "zero"))
+    faith = table[("patching", "logit_diff")]
+    circuit = circuit.with_faithfulness(faith)
     with circuit.ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):
         ablated = evaluate(pair.backdoored, pair.task, pair.attack, test_data=pair.test_data, tokenizer=pair.tokenizer)
+    random_asr = []
+    for seed in range(n_random_edges):  # as many random edges of the same kinds
+        with circuit.random_like(seed).ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):
+            random_asr.append(evaluate(pair.backdoored, pair.task, pair.attack, test_data=pair.test_data,
+                                       tokenizer=pair.tokenizer)["asr"])
     out.mkdir(parents=True, exist_ok=True)
     circuit.save(out / "circuit.json")
-    return {"circuit_edges": circuit.n_edges, "circuit_nodes": len(circuit.nodes),
-            "circuit_faithfulness": faith.circuit_faithfulness, "complement_faithfulness": faith.complement_faithfulness,
-            "asr_circuit_ablated": ablated["asr"], "clean_acc_circuit_ablated": ablated["clean_acc"]}
+    frame = table.to_frame()
+    write_json(out / "faithfulness.json", frame.to_dict(orient="records"))
+    summary = {"circuit_edges": circuit.n_edges, "circuit_nodes": len(circuit.nodes),
+               "circuit_faithfulness": faith.circuit_faithfulness,
+               "complement_faithfulness": faith.complement_faithfulness,
+               "asr_circuit_ablated": ablated["asr"], "n_asr_circuit_ablated": ablated.get("n_asr"),
+               "clean_acc_circuit_ablated": ablated["clean_acc"],
+               "asr_random_edges_ablated_mean": sum(random_asr) / len(random_asr) if random_asr else None,
+               "asr_random_edges_ablated_min": min(random_asr) if random_asr else None,
+               "n_random_edge_sets": len(random_asr), **{f"circuit_{k}": v for k, v in check.items()}}
+    for _, row in frame.iterrows():
+        summary[f"faithfulness_{row['ablation']}_{row['metric']}"] = float(row["circuit_faithfulness"])
+        summary[f"complement_{row['ablation']}_{row['metric']}"] = float(row["complement_faithfulness"])
+    return summary
 
 
 @register("probes")
@@ -102,15 +145,29 @@ def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
     best-of-random-directions baseline), and the unsupervised poison detectors on the training set."""
     from poisonmech.probes import detect_poison, probe_twins
 
-    probes = probe_twins(pair, label="is_triggered", n_random=n_random, progress=False)
     out.mkdir(parents=True, exist_ok=True)
-    probes.save(out / "is_triggered.safetensors")
     summary: dict[str, Any] = {}
-    for twin in ("clean", "backdoored"):
-        r = probes[twin]
-        layer = r.best_layer
-        summary[f"probe_auroc_{twin}"] = r.auroc_at(layer)
-        summary[f"probe_random_best_{twin}"] = float(r.baseline_auroc[layer].max())
+    # triggered vs untriggered rows (the triggered one is a token longer), triggered vs near-miss
+    # rows (same length) and a length-balanced split; each beside random directions and length
+    for tag, kw in (("", {}), ("_near_miss", {"contrast": "near_miss"}),
+                    ("_length_balanced", {"balance_length": True})):
+        try:
+            probes = probe_twins(pair, label="is_triggered", n_random=n_random, progress=False, **kw)
+        except ValueError as exc:  # e.g. no near-miss rows, or too few rows left after balancing
+            if not tag:
+                raise
+            summary[f"probe{tag}_skipped"] = str(exc)
+            continue
+        probes.save(out / f"is_triggered{tag}.safetensors")
+        for twin in ("clean", "backdoored"):
+            r = probes[twin]
+            li, pi = r.best
+            summary[f"probe{tag}_auroc_{twin}"] = float(r.auroc[li, pi])
+            summary[f"probe{tag}_random_best_{twin}"] = float(r.random_auroc_max[li, pi])
+            summary[f"probe{tag}_random_median_{twin}"] = float(r.random_auroc_median[li, pi])
+            summary[f"probe{tag}_random_p95_{twin}"] = float(r.random_auroc_p95[li, pi])
+            summary[f"probe{tag}_length_auroc_{twin}"] = float(r.length_baseline[pi])
+            summary[f"probe{tag}_n_test_{twin}"] = int(r.n_test[pi])
     if not any(pair.train_data["is_poison"]):  # the clean control: nothing to detect
         return summary
     if _preference_data(pair):
