@@ -139,16 +139,22 @@ def plot(frame: pd.DataFrame, figs: Path) -> None:
     from poisonmech.viz import save_figure
 
     panels = [
-        ("circuit faithfulness (logit diff)", [("patching", "faithfulness_patching_logit_diff"),
-                                               ("mean", "faithfulness_mean_logit_diff"),
-                                               ("zero", "faithfulness_zero_logit_diff")]),
+        ("top head x position cell (recovery)", [("exact patching", "patching_top_head_recovery"),
+                                                 ("clean twin -> backdoored", "cross_model_top_head_recovery")]),
+        ("circuit faithfulness (patching abl.)", [("logit diff", "faithfulness_patching_logit_diff"),
+                                                  ("target logprob", "faithfulness_patching_target_logprob"),
+                                                  ("complement", "complement_patching_logit_diff"),
+                                                  ("mean abl., logit diff", "faithfulness_mean_logit_diff")]),
         ("ASR", [("intact", "backdoored_asr"), ("circuit ablated", "asr_circuit_ablated"),
                  ("random edges ablated", "asr_random_edges_ablated_mean"), ("clean twin", "clean_asr")]),
         ("poison retrieval AUROC", [("EK-FAC unit", "influence_auroc"), ("spectral", "spectral_auroc"),
                                     ("act. clustering", "activation_clustering_auroc"),
                                     ("loss baseline", "loss_baseline_auroc")]),
-        ("is_triggered probe AUROC", [("backdoored", "probe_auroc_backdoored"), ("clean twin", "probe_auroc_clean"),
-                                      ("random best (bd)", "probe_random_best_backdoored")]),
+        ("is_triggered probe AUROC", [("backdoored", "probe_auroc_backdoored"),
+                                      ("random median (bd)", "probe_random_median_backdoored"),
+                                      ("random max (bd)", "probe_random_best_backdoored"),
+                                      ("length only", "probe_length_auroc_backdoored"),
+                                      ("clean twin", "probe_auroc_clean")]),
     ]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels])
     for col, (_, items) in enumerate(panels, start=1):
@@ -159,10 +165,10 @@ def plot(frame: pd.DataFrame, figs: Path) -> None:
                 fig.add_box(y=g[key], x=[label] * len(g), name=f"{t} thread(s)", boxpoints="all",
                             legendgroup=str(t), showlegend=col == 1 and label == items[0][0],
                             marker_color=["#1f77b4", "#ff7f0e", "#2ca02c"][int(t) % 3], row=1, col=col)
-    fig.update_layout(boxmode="group", height=450, width=1500,
+    fig.update_layout(boxmode="group", height=480, width=1900,
                       title=f"Default pair over {frame['seed'].nunique()} seeds x {frame['threads'].nunique()} "
                             "thread counts (each point one trained pair)")
-    save_figure(fig, figs / "robustness")
+    save_figure(fig, figs / "robustness", formats=("html", "png"))
 
 
 if __name__ == "__main__":
