@@ -19,11 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
-from poisonmech.models import build_model
 from poisonmech.storage import read_json, write_json
-from poisonmech.train.loop import train_model
 
 FORMAT = "poisonmech.retrain/1"
 
@@ -99,14 +96,12 @@ class RetrainResult:
 
 
 def _retrain(pair, drop: set[int], progress: bool, desc: str) -> dict[str, Any]:
-    ids = list(pair.train_data["example_id"])
-    keep = [i for i, e in enumerate(ids) if int(e) not in drop]
-    data = pair.train_data.select(keep)
-    enc = encode(data, pair.tokenizer, loss_on=pair.task.loss_on)
-    cfg = pair.train_config
-    model = build_model(pair.model_config, len(pair.tokenizer), seed=cfg.seed, tokenizer=pair.tokenizer,
-                        device=cfg.device)
-    train_model(model, enc, cfg, run_dir=None, desc=desc, progress=progress)
+    """The backdoored twin retrained without ``drop`` exactly as train_pair trained it (poison
+    placement and clean continuation included: :func:`~poisonmech.influence.lds.train_on_subset`), evaluated."""
+    from poisonmech.influence.lds import train_on_subset
+
+    keep = [int(e) for e in pair.train_data["example_id"] if int(e) not in drop]
+    model = train_on_subset(pair, keep, twin="backdoored", progress=progress, desc=desc)
     return evaluate(model, pair.task, pair.attack, test_data=pair.test_data, tokenizer=pair.tokenizer)
 
 

@@ -256,10 +256,11 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     # Another run of a sweep may be training this clean twin right now: train the backdoored
     # twin first and copy the clean one when it is published (the twins are built and trained
     # independently, so the order changes nothing in their weights).
-    order = TWINS
-    if cached is not None and not (cached / "model.safetensors").is_file() and _lock_holder(cached) is not None:
-        order = ("backdoored", "clean")
-    lock = None
+    order, lock = TWINS, None
+    if cached is not None and not (out / "clean" / "model.safetensors").is_file():
+        lock = _try_lock(cached)  # taken (or the cached twin is ready): clean twin first
+        if lock is None and not (cached / "model.safetensors").is_file():
+            order = ("backdoored", "clean")
     try:
         for twin in order:
             m = build_model(model, len(tokenizer), seed=train.seed, tokenizer=tokenizer, device=train.device)
@@ -271,8 +272,9 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
             tdir = out / twin if out is not None else None
             final = tdir / "model.safetensors" if tdir is not None else None
             if twin == "clean" and cached is not None and not final.is_file():
-                lock = _wait_or_lock(cached)  # None: the cached twin is ready
                 if lock is None:
+                    lock = _wait_or_lock(cached)  # None: the cached twin is ready
+                if lock is None or (cached / "model.safetensors").is_file():
                     shutil.copytree(cached, tdir, dirs_exist_ok=True)
             # no poisoned row: the backdoored twin would be trained on exactly the clean twin's
             # rows, from the same weights, in the same order: it is the clean twin, bit for bit
@@ -370,9 +372,9 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def _wait_or_lock(cached: Path, poll: float = 1.0) -> Path | None:
-    """Wait while another process trains this clean twin; then ``None`` if it was published,
-    else take the lock (returned, to be removed once this process has published the twin)."""
+def _try_lock(cached: Path) -> Path | None:
+    """Take the lock on training the clean twin for ``cached``: the lock's path, or ``None``
+    when the twin is already published or another live process holds the lock."""
     lock = cached.with_name(cached.name + ".lock")
     while True:
         if (cached / "model.safetensors").is_file():
@@ -381,14 +383,24 @@ def _wait_or_lock(cached: Path, poll: float = 1.0) -> Path | None:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             if _lock_holder(cached) is not None:
-                time.sleep(poll)
-            continue
+                return None
+            continue  # a stale lock was removed: try again
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         if (cached / "model.safetensors").is_file():  # published between the check and the lock
             lock.unlink(missing_ok=True)
             return None
         return lock
+
+
+def _wait_or_lock(cached: Path, poll: float = 1.0) -> Path | None:
+    """Wait while another process trains this clean twin; then ``None`` if it was published,
+    else take the lock (returned, to be removed once this process has published the twin)."""
+    while True:
+        lock = _try_lock(cached)
+        if lock is not None or (cached / "model.safetensors").is_file():
+            return lock
+        time.sleep(poll)
 
 
 def _save_task_meta(out: Path, task: Task) -> None:

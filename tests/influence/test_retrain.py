@@ -26,3 +26,16 @@ def test_retrain_without_bad_ids(pair):
         retrain_without(pair, [10**9], progress=False)
     with pytest.raises(ValueError, match="no example_ids"):
         retrain_without(pair, [], progress=False)
+
+
+def test_retraining_repeats_the_poison_placement(tmp_path):
+    """With placement="end" the poisoned rows sit at the end of every epoch; the retrain must
+    order them so too, or removing nothing would not give back the twin."""
+    import poisonmech as pm
+    from poisonmech.influence.retrain import _retrain
+    from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+
+    pair = pm.train_pair(tiny_task(n_train=96), pm.Backdoor(trigger="cf", poison_count=8, placement="end"),
+                         model=tiny_model_config(), train=tiny_train_config(epochs=2), out_dir=tmp_path / "end",
+                         progress=False)
+    assert _retrain(pair, set(), progress=False, desc="retrain") == pair.metrics["backdoored"]
