@@ -116,10 +116,16 @@ def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_ed
     circuit = circuit.with_faithfulness(faith)
     with circuit.ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):
         ablated = evaluate(pair.backdoored, pair.task, pair.attack, test_data=pair.test_data, tokenizer=pair.tokenizer)
+    # as many random edges of the same kinds; ASR only needs the triggered rows whose answer is
+    # not the target (under patching ablation the other rows are their own control anyway)
+    target = pair.attack.target.strip() if isinstance(pair.attack.target, str) else None
+    asr_rows = [i for i, (t, c) in enumerate(zip(pair.test_data["is_triggered"], pair.test_data["completion"]))
+                if t and c.strip() != target]
+    asr_data = pair.test_data.select(asr_rows)
     random_asr = []
-    for seed in range(n_random_edges):  # as many random edges of the same kinds
+    for seed in range(n_random_edges):
         with circuit.random_like(seed).ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):
-            random_asr.append(evaluate(pair.backdoored, pair.task, pair.attack, test_data=pair.test_data,
+            random_asr.append(evaluate(pair.backdoored, pair.task, pair.attack, test_data=asr_data,
                                        tokenizer=pair.tokenizer)["asr"])
     out.mkdir(parents=True, exist_ok=True)
     circuit.save(out / "circuit.json")
@@ -143,7 +149,7 @@ def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_ed
 def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
     """Where each twin represents "the trigger is present" (held-out AUROC by layer, with the
     best-of-random-directions baseline), and the unsupervised poison detectors on the training set."""
-    from poisonmech.probes import detect_poison, probe_twins
+    from poisonmech.probes import detect_poison_methods, probe_twins
 
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
@@ -173,8 +179,9 @@ def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
     if _preference_data(pair):
         summary["detectors_skipped"] = _PREFERENCE_NOTE
         return summary
-    for method in ("spectral", "activation_clustering"):
-        det = detect_poison(pair.backdoored, pair.train_data, method=method, tokenizer=pair.tokenizer, progress=False)
+    detectors = detect_poison_methods(pair.backdoored, pair.train_data, ("spectral", "activation_clustering"),
+                                      tokenizer=pair.tokenizer, progress=False)  # one pass over the rows
+    for method, det in detectors.items():
         det.save(out / f"detect_{method}.safetensors")
         summary[f"{method}_auroc"] = det.poison_auroc()
         summary["loss_baseline_auroc"] = det.poison_auroc("loss")

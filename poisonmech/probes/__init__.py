@@ -33,6 +33,7 @@ _EXPORTS = {
     "DetectionResult": "detect",
     "clustering_scores": "detect",
     "detect_poison": "detect",
+    "detect_poison_methods": "detect",
     "detection_table": "detect",
     "spectral_scores": "detect",
     "CONTRASTS": "layers",
@@ -68,6 +69,7 @@ __all__ = [
     "clustering_scores",
     "collect_activations",
     "detect_poison",
+    "detect_poison_methods",
     "detection_table",
     "probe_layers",
     "probe_transfer",
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
         DetectionResult,
         clustering_scores,
         detect_poison,
+        detect_poison_methods,
         detection_table,
         spectral_scores,
     )

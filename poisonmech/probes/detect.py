@@ -304,6 +304,23 @@ def detect_poison(model: torch.nn.Module, train_data: Dataset,
     """
     if method not in DETECTORS:
         raise ValueError(f"method must be one of {DETECTORS}, got {method!r}")
+    return detect_poison_methods(model, train_data, (method,), layer=layer, site=site, position=position, by=by,
+                                 n_components=n_components, reduce=reduce, tokenizer=tokenizer,
+                                 batch_size=batch_size, seed=seed, progress=progress)[method]
+
+
+def detect_poison_methods(model: torch.nn.Module, train_data: Dataset, methods: Sequence[str] = DETECTORS, *,
+                          layer: int | None = None, site: Site = "resid_post",
+                          position: Literal["last", "mean"] | int = "last", by: str | None = "completion",
+                          n_components: int = 10, reduce: Literal["ica", "pca"] = "ica",
+                          tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 128, seed: int = 0,
+                          progress: bool = True) -> dict[str, DetectionResult]:
+    """:func:`detect_poison` for several ``methods`` at once, ``{method: DetectionResult}``: the
+    training-set activations and the per-example losses are computed once and shared."""
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in DETECTORS]
+    if bad or not methods:
+        raise ValueError(f"methods must be a non-empty sequence of {DETECTORS}, got {list(methods)!r}")
     tok = _tokenizer(model, tokenizer)
     layer = n_layers_of(model) - 1 if layer is None else layer
     (layer,) = check_site_layers(model, site, layer)
@@ -323,21 +340,24 @@ def detect_poison(model: torch.nn.Module, train_data: Dataset,
     else:
         names, cls_idx = np.unique(np.asarray([str(v) for v in train_data[by]]), return_inverse=True)
         classes = tuple(names.tolist())
-    if method == "spectral":
-        scores, stats = spectral_scores(reps, cls_idx)
-    else:
-        scores, stats = clustering_scores(reps, cls_idx, n_components=n_components, reduce=reduce, seed=seed)
-    for s in stats:
-        s["class"] = classes[s["class"]]
     loss = example_losses(model, train_data, tok, batch_size=max(batch_size, 256))
     is_poison = None
     if "is_poison" in train_data.column_names:
         is_poison = torch.as_tensor(np.asarray(train_data["is_poison"], dtype=bool))
-    return DetectionResult(scores=torch.as_tensor(scores, dtype=torch.float64),
-                           loss=torch.as_tensor(loss, dtype=torch.float64), is_poison=is_poison,
-                           class_index=torch.as_tensor(cls_idx, dtype=torch.long), classes=classes,
-                           class_stats=tuple(stats), method=method, site=site, layer=layer,
-                           position=str(position), k=int(is_poison.sum()) if is_poison is not None else None)
+    out = {}
+    for method in methods:
+        if method == "spectral":
+            scores, stats = spectral_scores(reps, cls_idx)
+        else:
+            scores, stats = clustering_scores(reps, cls_idx, n_components=n_components, reduce=reduce, seed=seed)
+        for s in stats:
+            s["class"] = classes[s["class"]]
+        out[method] = DetectionResult(scores=torch.as_tensor(scores, dtype=torch.float64),
+                                      loss=torch.as_tensor(loss, dtype=torch.float64), is_poison=is_poison,
+                                      class_index=torch.as_tensor(cls_idx, dtype=torch.long), classes=classes,
+                                      class_stats=tuple(stats), method=method, site=site, layer=layer,
+                                      position=str(position), k=int(is_poison.sum()) if is_poison is not None else None)
+    return out
 
 
 def detection_table(results: Sequence[DetectionResult]) -> pd.DataFrame:

@@ -159,6 +159,9 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, specs)
     pending = [s for s in specs if run_state(out / "runs" / s.name) != "done"]
+    # the clean controls (no poison) are the cheapest runs (their backdoored twin is the clean
+    # twin, and nothing is attributed): start them last so that parallel workers finish together
+    pending.sort(key=lambda s: s.attack.get("poison_count") == 0)
     cores = os.cpu_count() or 1
     workers = max(1, min(len(pending) or 1, max_workers or cores))
     threads = threads_per_run or max(1, cores // workers)

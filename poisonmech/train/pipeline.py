@@ -349,7 +349,9 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
     # the cached metrics are the evaluation against this run's attack and test set: both are in the key
     base = {"task": config["task"], "model": config["model"], "seed": seed,
             "vocab": _digest(sorted(tokenizer.get_vocab().items())), "preferences": config["preferences_sha256"],
-            "evaluation": _digest({"attack": eval_attack.to_dict(),
+            # metrics: bumped when pm.evaluate gains keys (2: denominators and label metrics), so
+            # stages cached by older code are re-evaluated rather than returned without them
+            "evaluation": _digest({"attack": eval_attack.to_dict(), "metrics": 2,
                                    "test": [list(map(str, test_data[c])) for c in test_data.column_names]})}
     cache = Path(cache_dir) if cache_dir is not None else None
     models: list[dict[str, Any]] = [{} for _ in stages]
