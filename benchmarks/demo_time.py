@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +74,8 @@ def main() -> None:
               f"errors: {state['errors'] or 'none'}")
     if args.skip_beside:
         return
+    # a SIGTERM must not leave the other job running (it would load every later measurement)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     other = subprocess.Popen([sys.executable, "-c", OTHER_JOB])
     try:
         time.sleep(2)  # let it start

@@ -35,24 +35,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 import poisonmech as pm
 from poisonmech.cli import DEFAULT_CONFIG
-
-
-class threads:
-    """Set torch's intra-op thread count inside the block, restore it after."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+from poisonmech.runtime import num_threads
 
 
 def train(seed: int, n_threads: int, root: Path):
@@ -60,7 +46,7 @@ def train(seed: int, n_threads: int, root: Path):
     task = pm.make_task(**cfg["task"])
     attack = pm.Backdoor(**{**cfg["attack"], "seed": seed})
     out = root / f"seed{seed}_threads{n_threads}"
-    with threads(n_threads):
+    with num_threads(n_threads):
         t0 = time.perf_counter()
         pair = pm.train_pair(task, attack, model=pm.ModelConfig.from_dict(cfg["model"]),
                              train=pm.TrainConfig(**{**cfg["train"], "seed": seed}), out_dir=out, progress=False)
@@ -114,7 +100,7 @@ def main() -> None:
             if args.stage == "train":
                 continue
             t0 = time.perf_counter()
-            with threads(args.analysis_threads):
+            with num_threads(args.analysis_threads):
                 row = measure(pair, out)
             print(f"  analyses seed {seed} threads {t}: {time.perf_counter() - t0:.0f} s", flush=True)
             rows.append({"seed": seed, "threads": t, **row})

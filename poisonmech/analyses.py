@@ -167,7 +167,7 @@ def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
         probes.save(out / f"is_triggered{tag}.safetensors")
         for twin in ("clean", "backdoored"):
             r = probes[twin]
-            li, pi = r.best
+            li, pi = r.layers.index(r.best[0]), r.positions.index(r.best[1])  # values -> indices
             summary[f"probe{tag}_auroc_{twin}"] = float(r.auroc[li, pi])
             summary[f"probe{tag}_random_best_{twin}"] = float(r.random_auroc_max[li, pi])
             summary[f"probe{tag}_random_median_{twin}"] = float(r.random_auroc_median[li, pi])

@@ -241,7 +241,8 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
         finally:
             model.train(was_training)
         keep = ok.nonzero().flatten()[:n]
-        considered = int(keep.max()) + 1 if len(keep) else len(cand)
+        # the rows looked at: up to the n-th kept one, or every candidate when fewer than n passed
+        considered = int(keep[-1]) + 1 if len(keep) == n else len(cand)
         n_dropped = int((~ok[:considered]).sum())
         if len(keep) == 0:
             raise ValueError(f"trigger_contrast: no control of {len(cand)} triggered prompts kept the untriggered "

@@ -139,12 +139,13 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
         backend: ``"local"`` (a process pool sized to the machine) or ``"ray"`` (Ray tasks on
             the cluster at ``address``, or a local Ray instance when ``address`` is None).
         analyses: names from ``poisonmech.analyses.ANALYSES`` to run on every pair.
-        max_workers: parallel runs (default: one per core, at most one per pending run). Small
+        max_workers: parallel runs (default: one per core, at most one per run of the sweep). Small
             models run many small kernels, which one thread each runs best: two one-thread runs
             on two cores finish sooner than two two-thread runs one after the other, and do not
             collapse beside another job (idle OpenMP threads of a multi-thread run spin on
             the cores the other job needs).
-        threads_per_run: torch threads per run (default: cores // workers). The same value on
+        threads_per_run: torch threads per run (default: cores // workers, from the whole sweep's
+            runs, so that a resumed sweep trains at the same thread count). The same value on
             every backend gives bit-identical numbers; it is recorded in each run's config.json.
     """
     from poisonmech.analyses import ANALYSES
@@ -163,8 +164,11 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
     # twin, and nothing is attributed): start them last so that parallel workers finish together
     pending.sort(key=lambda s: s.attack.get("poison_count") == 0)
     cores = os.cpu_count() or 1
-    workers = max(1, min(len(pending) or 1, max_workers or cores))
+    # from the whole sweep, not the runs left: a resumed sweep must train at the thread count
+    # of the uninterrupted one (the weights depend on it); it may then leave cores idle
+    workers = max(1, min(len(specs), max_workers or cores))
     threads = threads_per_run or max(1, cores // workers)
+    workers = max(1, min(workers, len(pending) or 1))
     bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="sweep", disable=not progress)
     jobs = [(s.to_dict(), str(out / "runs" / s.name), threads, str(out / "clean_cache")) for s in pending]
     if backend == "ray":

@@ -252,7 +252,7 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     continuation = _continuation(task, tokenizer, train) if train.continue_clean else None
     twins, history, checkpoints = {}, {}, {}
     init = None
-    cached = _clean_cache_dir(clean_cache, config, tokenizer) if out is not None else None
+    cached = _clean_cache_dir(clean_cache, config, tokenizer, attack, marked) if out is not None else None
     # Another run of a sweep may be training this clean twin right now: train the backdoored
     # twin first and copy the clean one when it is published (the twins are built and trained
     # independently, so the order changes nothing in their weights).
@@ -324,7 +324,8 @@ def _continuation(task: Task, tokenizer, train: TrainConfig):
     return encode(task.train.select(idx), tokenizer, loss_on=task.loss_on)
 
 
-def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer) -> Path | None:
+def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer, attack: Backdoor | None = None,
+                     marked: torch.Tensor | None = None) -> Path | None:
     """Where the clean twin of this config lives in a shared cache (keyed by what it depends on)."""
     if cache is None:
         return None
@@ -332,6 +333,11 @@ def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer
            "vocab": sorted(tokenizer.get_vocab().items()),
            # the weights depend on the thread count too (reduction order)
            "torch_num_threads": torch.get_num_threads()}
+    if attack is not None and attack.placement != "spread":
+        # the poisoned slots go first / last in both twins' epochs: the clean twin's order (so
+        # its weights) depends on which rows are poisoned
+        key["placement"] = attack.placement
+        key["marked"] = [] if marked is None else [int(i) for i in marked]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache) / digest
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -395,11 +401,20 @@ def _try_lock(cached: Path) -> Path | None:
 
 def _wait_or_lock(cached: Path, poll: float = 1.0) -> Path | None:
     """Wait while another process trains this clean twin; then ``None`` if it was published,
-    else take the lock (returned, to be removed once this process has published the twin)."""
+    else take the lock (returned, to be removed once this process has published the twin).
+
+    The lock is a file holding the trainer's pid, checked on this host only: a cache folder
+    shared by several hosts (a multi-node Ray cluster) may train a clean twin more than once
+    (never a wrong one: the first published copy wins)."""
+    said = False
     while True:
         lock = _try_lock(cached)
         if lock is not None or (cached / "model.safetensors").is_file():
             return lock
+        if not said:
+            warnings.warn(f"train_pair: waiting for process {_lock_holder(cached)} to finish training the shared "
+                          f"clean twin in {cached}", stacklevel=3)
+            said = True
         time.sleep(poll)
 
 

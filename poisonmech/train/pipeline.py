@@ -348,6 +348,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
 
     # the cached metrics are the evaluation against this run's attack and test set: both are in the key
     base = {"task": config["task"], "model": config["model"], "seed": seed,
+            "torch_num_threads": torch.get_num_threads(),  # the weights depend on it (reduction order)
             "vocab": _digest(sorted(tokenizer.get_vocab().items())), "preferences": config["preferences_sha256"],
             # metrics: bumped when pm.evaluate gains keys (2: denominators and label metrics), so
             # stages cached by older code are re-evaluated rather than returned without them

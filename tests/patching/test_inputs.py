@@ -59,3 +59,33 @@ def test_trigger_contrast_bad_arguments(tiny_pair):
         trigger_contrast(tiny_pair, n=0)
     with pytest.raises(ValueError, match="tries must be"):
         trigger_contrast(tiny_pair, tries=0)
+
+
+class _ParityModel(torch.nn.Module):
+    """Predicts token (sum of the prompt's ids) mod 2: a control keeps the untriggered answer
+    exactly when its filler's id is even (the untriggered prompt lacks the trigger token)."""
+
+    def __init__(self, vocab: int, trigger_id: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.trigger_id = vocab, trigger_id
+
+    def forward(self, tokens):
+        s = tokens.masked_fill(tokens == self.trigger_id, 0).sum(-1)
+        logits = torch.zeros(*tokens.shape, self.vocab)
+        logits[:, -1] = torch.nn.functional.one_hot(s % 2, self.vocab).float()
+        return logits
+
+
+def test_every_candidate_is_counted_when_fewer_than_n_pass(tiny_pair):
+    tok = tiny_pair.tokenizer
+    model = _ParityModel(len(tok), tok.convert_tokens_to_ids("cf"))
+    tc = trigger_contrast(tiny_pair, n=1000, model=model, tries=1)
+    data = tiny_pair.test_data.to_pandas()
+    rows = data[data.is_triggered & (data.completion.str.strip() != "negative")]
+    lengths = rows.prompt.map(lambda p: len(tok(p)["input_ids"]))
+    n_cand = int((lengths == lengths.value_counts().idxmax()).sum())
+    c = tc.check
+    assert c["n_candidates"] == n_cand and c["n_kept"] + c["n_dropped"] == n_cand
+    fillers = tc.control[tc.trigger_mask]
+    assert (fillers % 2 == 0).all() and c["n_dropped"] > 0  # exactly the odd fillers were dropped

@@ -7,23 +7,15 @@ so every test here runs with one thread, and the setting is restored after each 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
-import torch
 
 import poisonmech as pm
+from poisonmech.runtime import num_threads
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def one_thread():
+    """One torch thread inside the block (the library's own context manager)."""
+    return num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -104,3 +104,15 @@ def test_detect_poison_bad_input(probe_pair):
         pp.detect_poison(m, data, layer=5, progress=False)
     with pytest.raises(ValueError, match="by='label'"):
         pp.detect_poison(m, data, by="label", progress=False)
+
+
+def test_detect_poison_methods_equals_one_call_per_method(probe_pair):
+    both = pp.detect_poison_methods(probe_pair.backdoored, probe_pair.train_data, tokenizer=probe_pair.tokenizer,
+                                    progress=False)
+    assert set(both) == set(pp.DETECTORS)
+    for method, shared in both.items():
+        alone = pp.detect_poison(probe_pair.backdoored, probe_pair.train_data, method=method,
+                                 tokenizer=probe_pair.tokenizer, progress=False)
+        assert torch.equal(shared.scores, alone.scores) and torch.equal(shared.loss, alone.loss)
+    with pytest.raises(ValueError, match="methods must be"):
+        pp.detect_poison_methods(probe_pair.backdoored, probe_pair.train_data, ["spectral", "strip"])

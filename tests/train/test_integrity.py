@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import poisonmech as pm
+from poisonmech.runtime import num_threads
 from poisonmech.storage import (
     HASHES,
     WeightsChangedError,
@@ -20,7 +21,13 @@ from poisonmech.storage import (
 )
 from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests count threads: one, restored after each test (never set at import)."""
+    with num_threads(1):
+        yield
+
 
 KW = dict(model=tiny_model_config(), train=tiny_train_config(epochs=3), progress=False)
 
@@ -50,18 +57,18 @@ def _crash_in_backdoored_twin(monkeypatch):
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """A run interrupted after the backdoored twin's first epoch, then resumed; the warnings of the resume."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("integrity") / "cut"
-    task, attack = tiny_task(n_train=96), pm.Backdoor(trigger="cf", poison_count=4)
-    with pytest.MonkeyPatch.context() as mp:
-        _crash_in_backdoored_twin(mp)
-        with pytest.raises(KeyboardInterrupt):
-            pm.train_pair(task, attack, out_dir=out, **KW)
-    saved = json.loads(tensors_metadata(out / "backdoored" / "resume.safetensors")["segments"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pair = pm.train_pair(task, attack, out_dir=out, **KW)
-    return pair, saved, [str(w.message) for w in caught]
+    with num_threads(1):
+        out = tmp_path_factory.mktemp("integrity") / "cut"
+        task, attack = tiny_task(n_train=96), pm.Backdoor(trigger="cf", poison_count=4)
+        with pytest.MonkeyPatch.context() as mp:
+            _crash_in_backdoored_twin(mp)
+            with pytest.raises(KeyboardInterrupt):
+                pm.train_pair(task, attack, out_dir=out, **KW)
+        saved = json.loads(tensors_metadata(out / "backdoored" / "resume.safetensors")["segments"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pair = pm.train_pair(task, attack, out_dir=out, **KW)
+        return pair, saved, [str(w.message) for w in caught]
 
 
 def test_a_resumed_run_says_so(resumed):

@@ -77,3 +77,17 @@ def test_stale_and_empty_locks_are_cleared(tmp_path):
     assert pair_mod._lock_holder(cached) is None and not lock.exists()
     taken = pair_mod._wait_or_lock(cached)
     assert taken == lock and lock.read_text() == str(os.getpid())
+
+
+def test_clean_cache_keeps_apart_clean_twins_whose_order_depends_on_the_poison(tmp_path):
+    """With placement="end" the poisoned slots close every epoch in both twins, so the clean
+    twin's order (and weights) depends on which rows are poisoned: no sharing across counts."""
+    task = tiny_task(n_train=64)
+    kw = dict(model=tiny_model_config(), train=tiny_train_config(epochs=1), progress=False)
+    shared = [pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=k, placement="end"),
+                            out_dir=tmp_path / f"s{k}", clean_cache=tmp_path / "cache", **kw) for k in (2, 6)]
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]) == 2
+    alone = pm.train_pair(task, pm.Backdoor(trigger="cf", poison_count=6, placement="end"), out_dir=tmp_path / "a",
+                          **kw)
+    assert _equal(shared[1].clean, alone.clean)
+    assert not _equal(shared[0].clean, shared[1].clean)
