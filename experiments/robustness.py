@@ -16,6 +16,8 @@ measures on each pair, beside its controls:
 - probes: the best layer's ``is_triggered`` probe AUROC in each twin beside the random-direction
   distribution (median / 95th percentile / max of 100) and a length-only baseline, and the
   triggered-vs-near-miss and length-balanced variants;
+- direction ablation: ASR and clean accuracy with the logistic probe's or the mean-difference
+  direction ablated at the best layer, beside a random unit direction there (the control);
 - detectors: spectral signatures and activation clustering AUROC beside the per-example loss baseline;
 - influence: unit-normalised EK-FAC retrieval AUROC / AP beside the loss baseline.
 
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 import poisonmech as pm
 from poisonmech.cli import DEFAULT_CONFIG
@@ -67,6 +70,36 @@ def measure(pair, out: Path) -> dict:
                 row[f"{twin}_{k}"] = v
     for summary in run_analyses(pair, ["patching", "circuits", "probes", "influence"], out).values():
         row.update(summary)
+    row.update(direction_ablation(pair, out))
+    return row
+
+
+def direction_ablation(pair, out: Path) -> dict:
+    """Does the model use the probe's direction? The backdoored twin's ASR and clean accuracy
+    with the best layer's logistic-probe and mean-difference directions ablated (every
+    position), beside a random unit direction at the same layer (the control). Cached in
+    ``out/direction_ablation.json``."""
+    import poisonmech.probes as pp
+    from poisonmech.storage import read_json, write_json
+
+    cache = out / "direction_ablation.json"
+    if cache.is_file():
+        return read_json(cache)
+    ev = {"test_data": pair.test_data, "tokenizer": pair.tokenizer}
+    row: dict = {}
+    layer = None
+    for method in ("logistic", "mean_diff"):
+        r = pp.probe_layers(pair.backdoored, pair.test_data, "is_triggered", method=method, n_random=0,
+                            progress=False)
+        layer = r.best_layer
+        c = pp.causal_check(pair.backdoored, pair.task, pair.attack, layer, r.direction(), **ev)
+        row["ablate_before_asr"], row["ablate_before_clean_acc"] = c.before["asr"], c.before["clean_acc"]
+        row[f"ablate_{method}_asr"], row[f"ablate_{method}_clean_acc"] = c.after[0]["asr"], c.after[0]["clean_acc"]
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(pair.backdoored.cfg.d_model, generator=g)
+    c = pp.causal_check(pair.backdoored, pair.task, pair.attack, layer, rand / rand.norm(), **ev)
+    row["ablate_random_asr"], row["ablate_random_clean_acc"] = c.after[0]["asr"], c.after[0]["clean_acc"]
+    write_json(cache, row)
     return row
 
 
@@ -136,6 +169,10 @@ def plot(frame: pd.DataFrame, figs: Path) -> None:
         ("poison retrieval AUROC", [("EK-FAC unit", "influence_auroc"), ("spectral", "spectral_auroc"),
                                     ("act. clustering", "activation_clustering_auroc"),
                                     ("loss baseline", "loss_baseline_auroc")]),
+        ("ASR with a direction ablated", [("none", "ablate_before_asr"), ("logistic probe", "ablate_logistic_asr"),
+                                          ("mean difference", "ablate_mean_diff_asr"),
+                                          ("random direction", "ablate_random_asr"),
+                                          ("clean acc., mean diff.", "ablate_mean_diff_clean_acc")]),
         ("is_triggered probe AUROC", [("backdoored", "probe_auroc_backdoored"),
                                       ("random median (bd)", "probe_random_median_backdoored"),
                                       ("random max (bd)", "probe_random_best_backdoored"),
@@ -151,7 +188,7 @@ def plot(frame: pd.DataFrame, figs: Path) -> None:
                 fig.add_box(y=g[key], x=[label] * len(g), name=f"{t} thread(s)", boxpoints="all",
                             legendgroup=str(t), showlegend=col == 1 and label == items[0][0],
                             marker_color=["#1f77b4", "#ff7f0e", "#2ca02c"][int(t) % 3], row=1, col=col)
-    fig.update_layout(boxmode="group", height=480, width=1900,
+    fig.update_layout(boxmode="group", height=480, width=2250,
                       title=f"Default pair over {frame['seed'].nunique()} seeds x {frame['threads'].nunique()} "
                             "thread counts (each point one trained pair)")
     save_figure(fig, figs / "robustness", formats=("html", "png"))
