@@ -33,20 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import poisonmech as pm  # noqa: E402
-from poisonmech.influence import attribute, linear_datamodeling_score, subset_retrains  # noqa: E402
+from poisonmech.influence import METHODS, attribute, linear_datamodeling_score, subset_retrains  # noqa: E402
 
-#: (label, method, settings): the eight methods of pm.influence.attribute, and EK-FAC on unit gradients
-VARIANTS: list[tuple[str, str, dict]] = [
-    ("loss", "loss", {}),
-    ("repsim", "repsim", {}),
-    ("graddot", "graddot", {}),
-    ("gradcos", "gradcos", {}),
-    ("tracin", "tracin", {}),
-    ("trak", "trak", {}),
-    ("kfac", "kfac", {}),
-    ("ekfac", "ekfac", {}),
-    ("ekfac_unit", "ekfac", {"renormalize": "unit"}),
-]
+#: (label, method, settings): the eight methods of pm.influence.attribute, baselines first, and
+#: EK-FAC on unit gradients
+VARIANTS: list[tuple[str, str, dict]] = [(m, m, {}) for m in reversed(METHODS)] + [
+    ("ekfac_unit", "ekfac", {"renormalize": "unit"})]
 
 
 def main() -> None:
