@@ -48,14 +48,22 @@ def save_figure(fig, path: str | Path, formats: Sequence[str] = ("html",), scale
             raise RuntimeError("static figure export (png/svg/pdf) needs Chrome or Chromium for plotly's kaleido: "
                                "install it (Debian/Ubuntu: apt-get install chromium) or set BROWSER_PATH; "
                                "HTML export works without it")
-        os.environ.setdefault("BROWSER_PATH", chrome)
-    for fmt in formats:
-        out = stem.with_suffix(f".{fmt}")
-        tmp = out.with_name(f".{out.name}.tmp")
-        if fmt == "html":
-            fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
-        else:
-            fig.write_image(str(tmp), format=fmt, scale=scale)
-        os.replace(tmp, out)
-        written.append(out)
+    # kaleido finds the browser through BROWSER_PATH: set it for these writes only, so the
+    # process's environment is as it was afterwards
+    had = "BROWSER_PATH" in os.environ
+    if static and not had:
+        os.environ["BROWSER_PATH"] = chrome
+    try:
+        for fmt in formats:
+            out = stem.with_suffix(f".{fmt}")
+            tmp = out.with_name(f".{out.name}.tmp")
+            if fmt == "html":
+                fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+            else:
+                fig.write_image(str(tmp), format=fmt, scale=scale)
+            os.replace(tmp, out)
+            written.append(out)
+    finally:
+        if static and not had:
+            os.environ.pop("BROWSER_PATH", None)
     return written

@@ -1,4 +1,5 @@
 import html
+import os
 import re
 
 import pytest
@@ -60,9 +61,11 @@ def test_static_export_without_chrome_says_what_to_install(tmp_path, small_sweep
 
 
 @needs_chrome
-def test_static_export_png_svg_pdf(tmp_path, small_sweep):
+def test_static_export_png_svg_pdf(tmp_path, small_sweep, monkeypatch):
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
     files = save_figure(metric_vs_count(small_sweep.to_frame()), tmp_path / "fig", formats=("png", "svg", "pdf"))
     assert [f.suffix for f in files] == [".png", ".svg", ".pdf"] and all(f.stat().st_size > 1000 for f in files)
+    assert "BROWSER_PATH" not in os.environ  # set for the export only, not for the whole process
 
 
 @needs_chrome
