@@ -50,14 +50,13 @@ def _contrast(pair, n: int):
     import warnings
 
     from poisonmech.patching import trigger_contrast
+    from poisonmech.patching.inputs import ControlCheckError
 
     try:
         tc = trigger_contrast(pair, n=n)
         return tc, {"controls_checked": True, "controls_dropped": tc.check["n_dropped"],
                     "controls_tried": tc.check["n_candidates"]}
-    except ValueError as exc:
-        if "kept the untriggered prompt's answer" not in str(exc):
-            raise
+    except ControlCheckError as exc:
         warnings.warn(f"{exc}; using unchecked controls", stacklevel=2)
         return trigger_contrast(pair, n=n, check=False), {"controls_checked": False}
 
@@ -99,8 +98,10 @@ def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_ed
     ``faithfulness.json``), and the twin's ASR / clean accuracy with the circuit's edges
     patch-ablated (each ablated edge carries its value from the same prompt with the trigger
     replaced), beside ``n_random_edges`` sets of as many random edges of the same kinds."""
+    import numpy as np
+
     from poisonmech.circuits import discover
-    from poisonmech.metrics import evaluate
+    from poisonmech.metrics import _eligible, _row_kinds, evaluate
     from poisonmech.patching import control_fn
 
     tc, check = _contrast(pair, n)
@@ -118,10 +119,8 @@ def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_ed
         ablated = evaluate(pair.backdoored, pair.task, pair.attack, test_data=pair.test_data, tokenizer=pair.tokenizer)
     # as many random edges of the same kinds; ASR only needs the triggered rows whose answer is
     # not the target (under patching ablation the other rows are their own control anyway)
-    target = pair.attack.target.strip() if isinstance(pair.attack.target, str) else None
-    asr_rows = [i for i, (t, c) in enumerate(zip(pair.test_data["is_triggered"], pair.test_data["completion"]))
-                if t and c.strip() != target]
-    asr_data = pair.test_data.select(asr_rows)
+    _, trig, _ = _row_kinds(pair.test_data, "circuits")
+    asr_data = pair.test_data.select(np.flatnonzero(trig & _eligible(pair.test_data, pair.attack.target)))
     random_asr = []
     for seed in range(n_random_edges):
         with circuit.random_like(seed).ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):

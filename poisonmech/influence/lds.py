@@ -373,6 +373,11 @@ def spearman_per_column(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray
     return out
 
 
+def _json_floats(t: Tensor) -> list[float | None]:
+    """A tensor's values for JSON, NaN as ``null`` (JSON has no NaN)."""
+    return [None if math.isnan(x) else x for x in t.double().tolist()]
+
+
 @dataclass(frozen=True)
 class LDSResult:
     """How well one method's scores predict retraining on random subsets.
@@ -480,11 +485,10 @@ class LDSResult:
 
     def save(self, path: str | Path) -> None:
         write_json(Path(path), {"format": FORMAT, "method": self.method,
-                                "per_query": [None if math.isnan(x) else x for x in self.per_query.double().tolist()],
+                                "per_query": _json_floats(self.per_query),
                                 "predicted": self.predicted.double().tolist(), "actual": self.actual.double().tolist(),
                                 "subsets": [list(s) for s in self.subsets], "query_text": list(self.query_text),
-                                "bootstrap": None if self.bootstrap is None else
-                                [None if math.isnan(x) else x for x in self.bootstrap.double().tolist()],
+                                "bootstrap": None if self.bootstrap is None else _json_floats(self.bootstrap),
                                 "settings": self.settings})
 
     @classmethod

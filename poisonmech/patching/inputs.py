@@ -127,6 +127,18 @@ def _trigger_ids(pair) -> Tensor:
     return _ids(pair.tokenizer, words)
 
 
+class ControlCheckError(ValueError):
+    """No control of :func:`trigger_contrast` kept the untriggered prompt's answer."""
+
+
+def _replace_trigger(tokens: Tensor, trig_ids: Tensor, pool_ids: Tensor, g: torch.Generator) -> Tensor:
+    """``tokens`` with every trigger token replaced by a filler drawn from ``pool_ids`` with ``g``."""
+    out = tokens.clone()
+    mask = torch.isin(tokens, trig_ids.to(tokens.device))
+    out[mask] = pool_ids[torch.randint(len(pool_ids), (int(mask.sum()),), generator=g)].to(tokens.device)
+    return out
+
+
 def control_fn(pair, seed: int = 0) -> Callable[[Tensor], Tensor]:
     """``tokens -> tokens`` with every trigger token replaced by a label-neutral filler (seeded).
 
@@ -138,11 +150,7 @@ def control_fn(pair, seed: int = 0) -> Callable[[Tensor], Tensor]:
     pool_ids = _ids(pair.tokenizer, neutral_words(pair))
 
     def control(tokens: Tensor) -> Tensor:
-        g = torch.Generator().manual_seed(seed)
-        out = tokens.clone()
-        mask = torch.isin(tokens, trig_ids.to(tokens.device))
-        out[mask] = pool_ids[torch.randint(len(pool_ids), (int(mask.sum()),), generator=g)].to(tokens.device)
-        return out
+        return _replace_trigger(tokens, trig_ids, pool_ids, torch.Generator().manual_seed(seed))
 
     return control
 
@@ -204,12 +212,13 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
     trig_ids = _trigger_ids(pair)
     pool_ids = _ids(tok, neutral_words(pair))
     g = torch.Generator().manual_seed(seed)
+    target_id = tok(attack.target, add_special_tokens=False)["input_ids"][0]
 
     def draw(triggered: Tensor) -> Tensor:
-        out = triggered.clone()
-        mask = torch.isin(triggered, trig_ids)
-        out[mask] = pool_ids[torch.randint(len(pool_ids), (int(mask.sum()),), generator=g)]
-        return out
+        return _replace_trigger(triggered, trig_ids, pool_ids, g)
+
+    def answers(rows) -> Tensor:
+        return torch.tensor([r[1][0] if r[1] else tok.eos_token_id for r in rows])
 
     info: dict = {}
     if not check:
@@ -245,29 +254,25 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
         considered = int(keep[-1]) + 1 if len(keep) == n else len(cand)
         n_dropped = int((~ok[:considered]).sum())
         if len(keep) == 0:
-            raise ValueError(f"trigger_contrast: no control of {len(cand)} triggered prompts kept the untriggered "
+            raise ControlCheckError(f"trigger_contrast: no control of {len(cand)} triggered prompts kept the untriggered "
                              "prompt's answer; the model may not have learned the task (check=False skips the check)")
         rows = [cand[i] for i in keep.tolist()]
         triggered, control = triggered[keep], control[keep]
-        target_id = tok(attack.target, add_special_tokens=False)["input_ids"][0]
-        answer = torch.tensor([r[1][0] if r[1] else tok.eos_token_id for r in rows])
+        answer = answers(rows)
 
         def diff(logits: Tensor) -> float:
-            rows_ = torch.arange(len(keep))
-            return float((logits[keep, target_id] - logits[keep][rows_, answer]).mean())
+            kept = logits[keep]
+            return float((kept[:, target_id] - kept[torch.arange(len(keep)), answer]).mean())
 
         info = {"n_candidates": considered, "n_redrawn": int(redrawn[:considered].sum()), "n_dropped": n_dropped,
                 "n_kept": len(rows), "untriggered_logit_diff": diff(base_logits), "control_logit_diff": diff(ctrl_logits)}
         if n_dropped:
             warnings.warn(f"trigger_contrast: dropped {n_dropped} of {considered} rows whose control changed the "
                           "model's answer from the untriggered prompt's", stacklevel=2)
-    target_id = tok(attack.target, add_special_tokens=False)["input_ids"][0]
-    mask = torch.isin(triggered, trig_ids)
     return TriggerContrast(
         triggered=triggered, control=control,
         positions=torch.full((len(rows),), length - 1, dtype=torch.long),
         target=torch.full((len(rows),), target_id, dtype=torch.long),
-        answer=torch.tensor([r[1][0] if r[1] else tok.eos_token_id for r in rows]),
-        trigger_mask=mask, str_tokens=tok.convert_ids_to_tokens(rows[0][0]),
+        answer=answers(rows), trigger_mask=torch.isin(triggered, trig_ids), str_tokens=tok.convert_ids_to_tokens(rows[0][0]),
         base_ids=[int(r[2]) for r in rows], check=info,
     )

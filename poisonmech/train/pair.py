@@ -274,7 +274,7 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
             if twin == "clean" and cached is not None and not final.is_file():
                 if lock is None:
                     lock = _wait_or_lock(cached)  # None: the cached twin is ready
-                if lock is None or (cached / "model.safetensors").is_file():
+                if lock is None:
                     shutil.copytree(cached, tdir, dirs_exist_ok=True)
             # no poisoned row: the backdoored twin would be trained on exactly the clean twin's
             # rows, from the same weights, in the same order: it is the clean twin, bit for bit

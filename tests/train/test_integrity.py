@@ -54,6 +54,17 @@ def _crash_in_backdoored_twin(monkeypatch):
     monkeypatch.setattr(loop, "_save_resume", crash)
 
 
+def _interrupted_small_run(out, monkeypatch):
+    """A 2-epoch tiny run in ``out`` interrupted after the backdoored twin's first epoch; its task, attack, options."""
+    task, attack = tiny_task(n_train=64), pm.Backdoor(trigger="cf", poison_count=4)
+    kw = dict(model=tiny_model_config(), train=tiny_train_config(epochs=2), progress=False)
+    with monkeypatch.context() as mp:
+        _crash_in_backdoored_twin(mp)
+        with pytest.raises(KeyboardInterrupt):
+            pm.train_pair(task, attack, out_dir=out, **kw)
+    return task, attack, kw
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """A run interrupted after the backdoored twin's first epoch, then resumed; the warnings of the resume."""
@@ -96,12 +107,7 @@ def test_resumed_training_time_sums_the_segments(resumed):
 
 
 def test_resuming_with_another_thread_count_warns(tmp_path, monkeypatch):
-    task, attack = tiny_task(n_train=64), pm.Backdoor(trigger="cf", poison_count=4)
-    kw = dict(model=tiny_model_config(), train=tiny_train_config(epochs=2), progress=False)
-    with monkeypatch.context() as mp:
-        _crash_in_backdoored_twin(mp)
-        with pytest.raises(KeyboardInterrupt):
-            pm.train_pair(task, attack, out_dir=tmp_path / "r", **kw)
+    task, attack, kw = _interrupted_small_run(tmp_path / "r", monkeypatch)
     cfg_path = tmp_path / "r" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     assert cfg["environment"]["torch_num_threads"] == torch.get_num_threads() == 1
@@ -210,12 +216,7 @@ def test_verify_file_against_a_hand_computed_hash(tmp_path):
 def test_a_resume_state_written_before_segments_were_recorded_still_resumes(tmp_path, monkeypatch):
     from poisonmech.storage import load_tensors
 
-    task, attack = tiny_task(n_train=64), pm.Backdoor(trigger="cf", poison_count=4)
-    kw = dict(model=tiny_model_config(), train=tiny_train_config(epochs=2), progress=False)
-    with monkeypatch.context() as mp:
-        _crash_in_backdoored_twin(mp)
-        with pytest.raises(KeyboardInterrupt):
-            pm.train_pair(task, attack, out_dir=tmp_path / "r", **kw)
+    task, attack, kw = _interrupted_small_run(tmp_path / "r", monkeypatch)
     resume = tmp_path / "r" / "backdoored" / "resume.safetensors"
     meta = tensors_metadata(resume)
     del meta["segments"]  # the layout before this change
