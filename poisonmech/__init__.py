@@ -11,9 +11,12 @@ from poisonmech import circuits, influence, patching, probes, viz
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
+from poisonmech.subject import Subject, resolve
 from poisonmech.sweeps import Sweep, load_sweep, sweep
 from poisonmech.tasks import TASK_KINDS, Task, make_preferences, make_task
+from poisonmech.config import Config, ConfigError
 from poisonmech.train import (
+    Between,
     DPOConfig,
     Pair,
     Pipeline,
@@ -30,11 +33,15 @@ __version__ = "0.1.0"
 __all__ = [
     "TASK_KINDS",
     "Backdoor",
+    "Between",
+    "Config",
+    "ConfigError",
     "DPOConfig",
     "ModelConfig",
     "Pair",
     "Pipeline",
     "Stage",
+    "Subject",
     "Sweep",
     "Task",
     "TrainConfig",
@@ -52,6 +59,7 @@ __all__ = [
     "patching",
     "poison_dataset",
     "probes",
+    "resolve",
     "sweep",
     "train_pair",
     "train_pipeline",

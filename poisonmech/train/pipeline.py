@@ -11,7 +11,7 @@ evaluated at every stage boundary, so analyses compare SFT-only, DPO-only and bo
     pipe = train_pipeline(task, [sft, dpo], out_dir="runs/pipe")
     pipe.metrics            # [{"clean": {...}, "backdoored": {...}}, ...] per stage
     pipe[0], pipe[-1]       # Pair at the SFT boundary / at the end (clean vs backdoored twin)
-    pipe.between(0, 1)      # Pair of the backdoored twin before vs after DPO
+    pipe.between(0, 1)      # the backdoored twin before vs after DPO (roles "before" / "after")
     pipe = load_pipeline("runs/pipe")
 
 Run directory (safetensors + JSON + parquet only)::
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -142,6 +143,54 @@ def as_stage(x: Stage | Backdoor) -> Stage:
                      f"got {type(x).__name__}")
 
 
+@dataclass(eq=False)
+class Between:
+    """One twin of a pipeline at two stage boundaries (``Pipeline.between(a, b)``).
+
+    ``before`` is the model after stage ``stage_before``, ``after`` the same twin after
+    ``stage_after``; ``train_data`` is that twin's data of the later stage. It is not a
+    ``Pair``: its earlier model is not a clean twin. It has no run directory, so nothing
+    cached for a stage (analyses, reference log-probabilities) is read or written for it.
+    """
+
+    before: Any
+    after: Any
+    twin: str
+    stage_before: str
+    stage_after: str
+    index_before: int
+    index_after: int
+    stage_kind: str
+    task: Task
+    attack: Backdoor
+    tokenizer: PreTrainedTokenizerBase
+    train_data: Dataset
+    test_data: Dataset
+    model_config: ModelConfig
+    train_config: TrainConfig
+    metrics_before: dict[str, Any]
+    metrics_after: dict[str, Any]
+    out_dir: None = None
+
+    @property
+    def clean(self):
+        warnings.warn("Between.clean is deprecated: use Between.before", DeprecationWarning, stacklevel=2)
+        return self.before
+
+    @property
+    def backdoored(self):
+        warnings.warn("Between.backdoored is deprecated: use Between.after", DeprecationWarning, stacklevel=2)
+        return self.after
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        return {"before": self.metrics_before, "after": self.metrics_after}
+
+    def __repr__(self) -> str:
+        return (f"Between({self.twin} twin: {self.stage_before} -> {self.stage_after}, asr "
+                f"{self.metrics_before.get('asr', float('nan')):.3f} -> {self.metrics_after.get('asr', float('nan')):.3f})")
+
+
 @dataclass
 class Pipeline:
     """The twins at every stage boundary of a pipeline run.
@@ -185,16 +234,22 @@ class Pipeline:
 
     __getitem__ = pair
 
-    def between(self, a: int | str, b: int | str, twin: str = "backdoored") -> Pair:
-        """One twin at two stage boundaries as a ``Pair``: ``clean`` = after stage ``a``,
-        ``backdoored`` = after stage ``b`` (e.g. what DPO changed, for cross-model patching)."""
+    def between(self, a: int | str, b: int | str, twin: str = "backdoored") -> Between:
+        """One twin at two stage boundaries: ``before`` = after stage ``a``, ``after`` = after
+        stage ``b`` (e.g. what DPO changed, for cross-model patching). Every analysis takes it
+        as its subject (roles ``"before"`` / ``"after"``)."""
         if twin not in TWINS:
             raise ValueError(f"Pipeline.between: twin must be one of {TWINS}, got {twin!r}")
         ka, kb = self._index(a), self._index(b)
-        metrics = {"clean": self.metrics[ka][twin], "backdoored": self.metrics[kb][twin]}
-        # no run directory: its "clean" model is not stage b's clean twin, so nothing cached or
-        # saved there (analyses, reference log-probabilities) may be read for it
-        return self._pair(kb, self.models[ka][twin], self.models[kb][twin], metrics, with_dir=False)
+        st = self.stages[kb]
+        cfg = st.config if isinstance(st.config, TrainConfig) else st.config.train_config()
+        return Between(before=self.models[ka][twin], after=self.models[kb][twin], twin=twin,
+                       stage_before=stage_name(ka, self.stages[ka]), stage_after=stage_name(kb, st),
+                       index_before=ka, index_after=kb, stage_kind=st.kind, task=self.task, attack=st.attack,
+                       tokenizer=self.tokenizer,
+                       train_data=self.train_data[kb] if twin == "backdoored" else self.clean_data[kb],
+                       test_data=self.test_data, model_config=self.model_config, train_config=cfg,
+                       metrics_before=self.metrics[ka][twin], metrics_after=self.metrics[kb][twin])
 
     def _pair(self, k: int, clean, backdoored, metrics, with_dir: bool = True) -> Pair:
         st = self.stages[k]
