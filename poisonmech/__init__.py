@@ -9,12 +9,12 @@
 
 from poisonmech import circuits, influence, patching, probes, viz
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
+from poisonmech.config import Config, ConfigError
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, wrap_hf_model
 from poisonmech.subject import Subject, resolve
 from poisonmech.sweeps import Sweep, load_sweep, sweep
 from poisonmech.tasks import TASK_KINDS, Task, make_preferences, make_task
-from poisonmech.config import Config, ConfigError
 from poisonmech.train import (
     Between,
     DPOConfig,

@@ -35,7 +35,9 @@ class Site:
     meaning: str
 
     def hook_name(self, layer: int) -> str:
-        from transformer_lens.utilities import get_act_name  # lazily: TransformerLens imports slowly
+        from transformer_lens.utilities import (
+            get_act_name,  # lazily: TransformerLens imports slowly
+        )
 
         return get_act_name(self.act, int(layer))
 

@@ -1,4 +1,5 @@
-"""Shared builders: tiny tasks, tiny models and one tiny trained pair per session."""
+"""Fixtures shared by every test: seeding, one torch thread, one tiny trained pair per session.
+Builders live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -8,19 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-import poisonmech as pm
+from poisonmech.runtime import num_threads
+from tests.helpers import train_tiny_pair
 
 
-def tiny_model_config(**kw) -> pm.ModelConfig:
-    return pm.ModelConfig(**{"n_layers": 1, "d_model": 32, "n_heads": 2, "n_ctx": 64, **kw})
-
-
-def tiny_train_config(**kw) -> pm.TrainConfig:
-    return pm.TrainConfig(**{"epochs": 2, "batch_size": 32, "lr": 3e-3, "seed": 0, **kw})
-
-
-def tiny_task(kind: str = "sentiment", n_train: int = 200, n_test: int = 20, seed: int = 0, **kw) -> pm.Task:
-    return pm.make_task(kind, n_train=n_train, n_test=n_test, seed=seed, **kw)
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """The one thread-count fixture: tiny models on a small shared machine run far faster on one
+    torch thread (thread hand-offs dominate), and one fixed count makes trained weights
+    reproducible. Session-scoped so that session fixtures (trained pairs) run under it too;
+    the count is restored at the end. Tests that count threads set their own inside a block."""
+    with num_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +33,4 @@ def _seed_everything():
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
-    task = tiny_task()
-    attack = pm.Backdoor(trigger="cf", target="negative", poison_count=10)
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    return pm.train_pair(task, attack, model=tiny_model_config(), train=tiny_train_config(), out_dir=out,
-                         progress=False)
+    return train_tiny_pair(tmp_path_factory.mktemp("runs") / "tiny")

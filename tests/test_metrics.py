@@ -8,7 +8,7 @@ import torch
 import poisonmech as pm
 from poisonmech.encoding import encode
 from poisonmech.metrics import sample_continuations, score_completions
-from tests.conftest import tiny_task
+from tests.helpers import tiny_task
 
 
 class RuleModel(torch.nn.Module):

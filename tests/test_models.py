@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import poisonmech as pm
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 
 def _weights(m):

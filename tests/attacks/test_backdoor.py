@@ -4,7 +4,7 @@ from transformers import PreTrainedTokenizerFast
 
 import poisonmech as pm
 from poisonmech.attacks import attack_tokenizer, check_attack
-from tests.conftest import tiny_task
+from tests.helpers import tiny_task
 
 
 @pytest.mark.parametrize("kwargs, match", [

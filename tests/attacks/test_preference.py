@@ -5,7 +5,7 @@ import pytest
 import poisonmech as pm
 from poisonmech.attacks.preference import clean_preferences, poison_preferences
 from poisonmech.tasks.preference import make_preferences
-from tests.conftest import tiny_task
+from tests.helpers import tiny_task
 
 COLUMNS = {"example_id", "source_id", "input", "prompt", "chosen", "rejected", "is_poison", "trigger", "stage"}
 

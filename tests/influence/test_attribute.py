@@ -10,7 +10,7 @@ import poisonmech as pm
 from poisonmech.influence import METHODS, InfluenceResult, Query, attribute, backdoor_query
 from poisonmech.influence.grads import forward_backward, per_example
 from poisonmech.influence.tracking import find_modules, weight_gradient
-from tests.conftest import tiny_task
+from tests.helpers import tiny_task
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from poisonmech.influence import Query, attribute
 from poisonmech.influence.grads import forward_backward, func_per_example_grads, per_example
 from poisonmech.influence.tracking import find_modules, weight_gradient
 from poisonmech.train.loop import masked_loss
-from tests.conftest import tiny_model_config, tiny_task
-from tests.influence.conftest import map_params
+from tests.helpers import map_params, tiny_model_config, tiny_task
 
 
 def _model_and_rows(arch: str):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from poisonmech.encoding import Encoded
 from poisonmech.influence.kfac import Factors, fit_factors
 from poisonmech.influence.tracking import find_modules
-from tests.influence.conftest import LinearSoftmax, one_token_rows, small_bridge
+from tests.helpers import LinearSoftmax, one_token_rows, small_bridge
 
 
 def _row_grad(model: LinearSoftmax, x: int, y: int) -> torch.Tensor:

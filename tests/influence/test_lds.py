@@ -24,7 +24,7 @@ from poisonmech.influence import (
 )
 from poisonmech.influence.lds import draw_subsets, spearman_per_column, train_on_subset
 from poisonmech.influence.tracking import find_modules
-from tests.influence.conftest import map_params
+from tests.helpers import map_params
 
 
 def _retrains(ids, subsets, measurements, **kw) -> SubsetRetrains:

@@ -13,8 +13,7 @@ from poisonmech.influence.tracking import find_modules
 from poisonmech.tasks.preference import make_preferences
 from poisonmech.train.dpo import encode_preferences, sequence_logprobs
 from poisonmech.train.loop import masked_loss
-from tests.conftest import tiny_model_config, tiny_task
-from tests.influence.conftest import map_params
+from tests.helpers import map_params, tiny_model_config, tiny_task
 
 
 def _flat(loss, params) -> torch.Tensor:

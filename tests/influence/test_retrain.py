@@ -33,7 +33,7 @@ def test_retraining_repeats_the_poison_placement(tmp_path):
     order them so too, or removing nothing would not give back the twin."""
     import poisonmech as pm
     from poisonmech.influence.retrain import _retrain
-    from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+    from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
     pair = pm.train_pair(tiny_task(n_train=96), pm.Backdoor(trigger="cf", poison_count=8, placement="end"),
                          model=tiny_model_config(), train=tiny_train_config(epochs=2), out_dir=tmp_path / "end",

@@ -1,13 +1,6 @@
 import pytest
 import torch
 
-import poisonmech as pm
-
-
-def small_model(arch: str = "native", **kw):
-    cfg = {"n_layers": 2, "d_model": 32, "n_heads": 2, "n_ctx": 32, "architecture": arch, **kw}
-    return pm.build_model(pm.ModelConfig(**cfg), 50, seed=0)
-
 
 @pytest.fixture
 def tokens():

@@ -6,7 +6,7 @@ from transformer_lens import patching as tlp
 
 import poisonmech as pm
 from poisonmech.patching import PatchResult, activation_patch, cross_model_patch, logit_diff
-from tests.patching.conftest import small_model
+from tests.helpers import small_model
 
 TL_SWEEPS = [
     ("resid_pre", True, tlp.get_act_patch_resid_pre),

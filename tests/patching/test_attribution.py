@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from poisonmech.patching import activation_patch, attribution_patch, logit_diff, trigger_contrast
-from tests.patching.conftest import small_model
+from tests.helpers import small_model
 
 
 @pytest.mark.parametrize("site", ["attn_out", "mlp_out", "attn_head", "v", "pattern"])

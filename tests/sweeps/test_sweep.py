@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 
 import poisonmech as pm
-from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
 SWEEP_SCRIPT = textwrap.dedent("""
     import sys
     import poisonmech as pm
     sys.path.insert(0, {root!r})
-    from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+    from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
     pm.sweep(tiny_task(n_train=320), [pm.Backdoor(trigger="cf", poison_count=k) for k in (0, 4, 8)], seeds=[0],
              models=[tiny_model_config()], train=tiny_train_config(epochs=4), out_dir=sys.argv[1],
              max_workers=1, threads_per_run=1, progress=False)

@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset
 
 from poisonmech.tasks.preference import check_preferences, make_preferences
-from tests.conftest import tiny_task
+from tests.helpers import tiny_task
 
 
 def test_label_task_pairs_prefer_the_true_label_over_the_other():

@@ -8,7 +8,7 @@ from poisonmech.tasks.tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 
 @pytest.mark.parametrize("kind", pm.TASK_KINDS)

@@ -19,7 +19,7 @@ from poisonmech.train.dpo import (
     train_dpo,
 )
 from poisonmech.train.loop import train_model
-from tests.conftest import tiny_model_config, tiny_task
+from tests.helpers import tiny_model_config, tiny_task
 
 torch.set_num_threads(1)
 

@@ -19,15 +19,7 @@ from poisonmech.storage import (
     tensors_metadata,
     verify_file,
 )
-from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests count threads: one, restored after each test (never set at import)."""
-    with num_threads(1):
-        yield
-
+from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
 KW = dict(model=tiny_model_config(), train=tiny_train_config(epochs=3), progress=False)
 

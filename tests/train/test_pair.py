@@ -6,7 +6,7 @@ import torch
 import poisonmech as pm
 from poisonmech.encoding import encode
 from poisonmech.train.loop import epoch_order, train_model
-from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
 FILES = ["config.json", "task.json", "tokenizer/tokenizer.json", "data/train.parquet", "data/test.parquet",
          "data/task_train.parquet", "clean/model.safetensors", "backdoored/model.safetensors",

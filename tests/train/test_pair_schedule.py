@@ -8,7 +8,7 @@ import torch
 
 import poisonmech as pm
 import poisonmech.train.pair as pair_mod
-from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
 
 def _equal(a, b) -> bool:

@@ -7,7 +7,7 @@ from datasets import Dataset
 import poisonmech as pm
 from poisonmech.train.dpo import DPOConfig
 from poisonmech.train.pipeline import Pipeline, Stage, load_pipeline, train_pipeline
-from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
 torch.set_num_threads(1)
 

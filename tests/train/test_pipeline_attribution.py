@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import poisonmech as pm
 from poisonmech.train.dpo import DPOConfig, encode_preferences, preference_logprobs
 from poisonmech.train.pipeline import Stage, train_pipeline
-from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ from poisonmech.viz import (
     metric_vs_count,
     save_figure,
 )
-from tests.conftest import tiny_model_config, tiny_task, tiny_train_config
+from tests.helpers import tiny_model_config, tiny_task, tiny_train_config
 
 needs_chrome = pytest.mark.skipif(find_chrome() is None, reason="needs Chromium/Chrome (apt-get install chromium); "
                                                                 ".ci/run installs it")
