@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from poisonmech.config import Config, ConfigError, check_choice, check_number
+from poisonmech.runtime import model_device  # the one definition; kept importable from here
 
 ARCHITECTURES = ("native", "gpt2")
 NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre", None)
@@ -22,7 +25,7 @@ ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Shape of the twins.
 
     Args:
@@ -50,33 +53,26 @@ class ModelConfig:
     positional_embedding_type: Literal["standard", "rotary"] = "standard"
     architecture: Literal["native", "gpt2"] = "native"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        owner = "ModelConfig"
         for name in ("n_layers", "d_model", "n_heads", "n_ctx"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+            check_number(owner, name, getattr(self, name), lo=1, integer=True)
         for name in ("d_head", "d_mlp"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"ModelConfig.{name} must be a positive integer or None, got {v!r}")
+            check_number(owner, name, getattr(self, name), lo=1, integer=True, optional=True)
         if self.d_head is None and self.d_model % self.n_heads:
-            raise ValueError(f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model} "
-                             "(or set d_head)")
-        if self.act_fn not in ACTIVATIONS:
-            raise ValueError(f"ModelConfig.act_fn must be one of {ACTIVATIONS}, got {self.act_fn!r}")
-        if self.normalization_type not in NORMALIZATIONS:
-            raise ValueError(f"ModelConfig.normalization_type must be one of {NORMALIZATIONS}, "
-                             f"got {self.normalization_type!r}")
-        if self.positional_embedding_type not in POSITIONAL:
-            raise ValueError(f"ModelConfig.positional_embedding_type must be one of {POSITIONAL}, "
-                             f"got {self.positional_embedding_type!r}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"ModelConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            raise ConfigError(f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model} "
+                              "(or set d_head)")
+        if not isinstance(self.attn_only, bool):  # check_choice would take 1 == True
+            raise ConfigError(f"ModelConfig.attn_only must be True or False, got {self.attn_only!r}")
+        check_choice(owner, "act_fn", self.act_fn, ACTIVATIONS)
+        check_choice(owner, "normalization_type", self.normalization_type, NORMALIZATIONS)
+        check_choice(owner, "positional_embedding_type", self.positional_embedding_type, POSITIONAL)
+        check_choice(owner, "architecture", self.architecture, ARCHITECTURES)
         if self.architecture == "gpt2" and (
             self.attn_only or self.positional_embedding_type != "standard" or self.normalization_type != "LN"
         ):
-            raise ValueError("ModelConfig.architecture='gpt2' supports only attn_only=False, "
-                             "positional_embedding_type='standard' and normalization_type='LN'")
+            raise ConfigError("ModelConfig.architecture='gpt2' supports only attn_only=False, "
+                              "positional_embedding_type='standard' and normalization_type='LN'")
 
     @property
     def head_dim(self) -> int:
@@ -85,16 +81,6 @@ class ModelConfig:
     @property
     def mlp_dim(self) -> int:
         return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"ModelConfig: unknown fields {sorted(set(d) - known)}; allowed: {sorted(known)}")
-        return cls(**d)
 
 
 def build_model(config: ModelConfig, d_vocab: int, *, seed: int,
@@ -150,5 +136,6 @@ def wrap_hf_model(model: torch.nn.Module, *, tokenizer: PreTrainedTokenizerBase 
     return bridge.eval()
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+
+__all__ = ["ACTIVATIONS", "ARCHITECTURES", "ModelConfig", "NORMALIZATIONS", "POSITIONAL", "build_model", "model_device",
+           "wrap_hf_model"]

@@ -29,7 +29,8 @@ def test_variants_build_and_run(kw):
 
 @pytest.mark.parametrize("kw, match", [
     ({"n_heads": 3}, "n_heads=3 must divide d_model=32"),
-    ({"n_layers": 0}, "n_layers must be a positive integer"),
+    ({"n_layers": 0}, r"n_layers must be an integer in \[1, inf\], got 0"),
+    ({"d_head": 0}, r"d_head must be an integer in \[1, inf\] or None"),
     ({"act_fn": "tanh"}, "act_fn must be one of"),
     ({"normalization_type": "BN"}, "normalization_type must be one of"),
     ({"architecture": "llama"}, "architecture must be one of"),
@@ -43,5 +44,24 @@ def test_bad_model_config(kw, match):
 def test_config_round_trip():
     cfg = tiny_model_config(d_mlp=48)
     assert pm.ModelConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(pm.ConfigError,
+                       match="ModelConfig.from_dict: unknown field 'width'; allowed: n_layers, d_model, n_heads"):
         pm.ModelConfig.from_dict({"width": 3})
+    with pytest.raises(ValueError, match="ModelConfig.replace: unknown field 'width'; allowed: n_layers"):
+        cfg.replace(width=3)
+    assert cfg.replace(d_mlp=64).d_mlp == 64 and cfg.fingerprint() == tiny_model_config(d_mlp=48).fingerprint()
+    assert cfg.fingerprint() != cfg.replace(d_mlp=64).fingerprint()
+
+
+def test_config_dict_is_unchanged():
+    """Run directories are identified by ModelConfig.to_dict(): its keys, order and values must stay."""
+    assert list(pm.ModelConfig().to_dict().items()) == [
+        ("n_layers", 2), ("d_model", 128), ("n_heads", 4), ("d_head", None), ("d_mlp", None), ("n_ctx", 128),
+        ("attn_only", False), ("act_fn", "gelu"), ("normalization_type", "LN"),
+        ("positional_embedding_type", "standard"), ("architecture", "native")]
+
+
+def test_model_device_is_the_runtime_one():
+    from poisonmech import models, runtime
+
+    assert models.model_device is runtime.model_device

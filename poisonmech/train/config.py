@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+import math
+from dataclasses import dataclass
+from typing import Literal
 
+from poisonmech.config import Config, ConfigError, check_choice, check_number
 from poisonmech.tasks.base import check_seed
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Hyper-parameters shared by both twins.
 
     Args:
@@ -50,45 +52,53 @@ class TrainConfig:
     continue_clean: int = 0
     continue_lr: float | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        owner = type(self).__name__
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
-        object.__setattr__(self, "seed", check_seed("TrainConfig.seed", self.seed))
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        object.__setattr__(self, "betas", tuple(self.betas))
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        if self.checkpoint_every is not None and (
-            isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int)
-            or self.checkpoint_every < 1
-        ):
-            raise ValueError(f"TrainConfig.checkpoint_every must be a positive integer or None, "
-                             f"got {self.checkpoint_every!r}")
-        self._check_continuation()
-
-    def _check_continuation(self) -> None:
-        if isinstance(self.continue_clean, bool) or not isinstance(self.continue_clean, int) or self.continue_clean < 0:
-            raise ValueError(f"TrainConfig.continue_clean must be an integer >= 0, got {self.continue_clean!r}")
-        if self.continue_lr is not None and not self.continue_lr > 0:
-            raise ValueError(f"TrainConfig.continue_lr must be > 0 or None, got {self.continue_lr!r}")
+            check_number(owner, name, getattr(self, name), lo=1, integer=True)
+        try:
+            object.__setattr__(self, "seed", check_seed(f"{owner}.seed", self.seed))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        check_number(owner, "lr", self.lr, lo=0, lo_open=True)
+        check_choice(owner, "schedule", self.schedule, SCHEDULES)
+        check_number(owner, "warmup_ratio", self.warmup_ratio, lo=0, hi=1, hi_open=True)
+        check_number(owner, "min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        check_number(owner, "weight_decay", self.weight_decay, lo=0)
+        try:
+            betas = tuple(self.betas)
+        except TypeError:
+            betas = ()
+        if len(betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
+                                  for b in betas):
+            raise ConfigError(f"{owner}.betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", betas)
+        check_number(owner, "grad_clip", self.grad_clip, lo=0, lo_open=True, optional=True)
+        check_number(owner, "checkpoint_every", self.checkpoint_every, lo=1, integer=True, optional=True)
+        if not isinstance(self.device, str):
+            raise ConfigError(f"{owner}.device must be a torch device name (a str such as 'cpu' or 'cuda'), "
+                              f"got {self.device!r}")
+        check_number(owner, "continue_clean", self.continue_clean, lo=0, integer=True)
+        check_number(owner, "continue_lr", self.continue_lr, lo=0, lo_open=True, optional=True)
 
     def lr_at(self, step: int, total_steps: int) -> float:
-        """Learning rate used for optimiser step ``step`` (0-based) of ``total_steps``."""
-        import math
+        """Learning rate used for optimiser step ``step`` (0-based) of ``total_steps``.
 
+        Warm-up: ``lr * (step + 1) / warmup`` for the first ``warmup = int(warmup_ratio *
+        total_steps)`` steps; then ``"cosine"`` / ``"linear"`` decay from ``lr`` at the first step
+        after warm-up to exactly ``min_lr_ratio * lr`` at the last step, or ``"constant"``.
+
+        Written by hand rather than with ``transformers``' schedulers, which give other numbers:
+        ``get_cosine_with_min_lr_schedule_with_warmup`` / ``get_linear_schedule_with_warmup`` /
+        ``get_constant_schedule_with_warmup`` warm up as ``step / warmup`` (their first step has
+        learning rate 0; ours ``1 / warmup``), their decay runs over ``total - warmup`` steps
+        (so the last step stays above the floor; ours divides by ``total - warmup - 1`` and ends
+        on it), the linear one has no floor (``min_lr_ratio``), and they round in another order.
+        Switching would change every trained weight and every cached run. After warm-up ours is
+        transformers' cosine-with-min-lr / linear (floor 0) / constant schedule with
+        ``num_training_steps = total - 1``, and during warm-up ours at ``step`` is theirs at
+        ``step + 1``: ``tests/train/test_schedule.py`` pins both.
+        """
         warmup = int(self.warmup_ratio * total_steps)
         if step < warmup:
             return self.lr * (step + 1) / warmup
@@ -100,14 +110,5 @@ class TrainConfig:
             return self.lr * (floor + (1 - floor) * (1 - frac))
         return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"TrainConfig: unknown fields {sorted(set(d) - known)}; allowed: {sorted(known)}")
-        return cls(**d)
+__all__ = ["SCHEDULES", "TrainConfig"]

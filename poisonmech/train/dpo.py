@@ -21,9 +21,9 @@ AdamW set-up, resumable safetensors state, per-epoch checkpoints with learning r
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from poisonmech.config import Config, ConfigError, check_number
 from poisonmech.encoding import Encoded, encode
-from poisonmech.models import model_device
+from poisonmech.runtime import eval_mode, model_device
 from poisonmech.storage import load_tensors, save_tensors
 from poisonmech.tasks.preference import check_preferences
-from poisonmech.train.config import SCHEDULES, TrainConfig
+from poisonmech.train.config import TrainConfig
 from poisonmech.train.loop import (
     Checkpoint,
     end_epoch,
@@ -46,25 +47,39 @@ from poisonmech.train.loop import (
     start_loop,
 )
 
+#: the ``TrainConfig`` fields a DPO stage uses (a DPO stage has no clean continuation)
+SHARED_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas",
+                 "grad_clip", "seed", "checkpoint_every", "device")
+#: a DPO stage's defaults where they differ from SFT's (fewer epochs, a lower rate, no weight decay)
+DPO_TRAIN_DEFAULTS = {"epochs": 2, "lr": 1e-3, "weight_decay": 0.0}
+#: ``DPOConfig.to_dict()``'s key order (the flat dict stored in pipeline runs' config.json)
+_FLAT_ORDER = ("beta", *SHARED_FIELDS, "score_eos", "nll_weight")
 
-@dataclass(frozen=True)
-class DPOConfig:
-    """Hyper-parameters of a DPO stage (shared by both twins).
+
+def _dpo_train(**fields_: Any) -> TrainConfig:
+    """A DPO stage's ``TrainConfig``: its defaults with ``fields_`` applied, errors naming ``DPOConfig``."""
+    try:
+        return TrainConfig(**{**DPO_TRAIN_DEFAULTS, **fields_})
+    except ValueError as exc:  # re-badge the shared checks
+        raise ConfigError(str(exc).replace("TrainConfig.", "DPOConfig.")) from None
+
+
+@dataclass(frozen=True, init=False)
+class DPOConfig(Config):
+    """Hyper-parameters of a DPO stage (shared by both twins): a ``TrainConfig`` plus DPO's own.
+
+    ``DPOConfig(beta=0.1, epochs=2, lr=1e-3, ...)`` takes the optimiser / schedule fields as
+    keywords (the flat form stored in run directories), or ``DPOConfig(train=TrainConfig(...),
+    beta=...)``; keywords override ``train``'s fields. They are read as attributes too
+    (``config.lr`` is ``config.train.lr``).
 
     Args:
+        train: the optimiser / schedule fields, a :class:`TrainConfig` (``epochs``,
+            ``batch_size``, ``lr``, ``schedule``, ``warmup_ratio``, ``min_lr_ratio``,
+            ``weight_decay``, ``betas``, ``grad_clip``, ``seed`` (the order of the pairs),
+            ``checkpoint_every``, ``device``). A DPO stage's defaults: ``epochs=2``,
+            ``lr=1e-3``, ``weight_decay=0.0``; no clean continuation.
         beta: strength of the KL anchor to the reference model (> 0; Sanderson et al. use 0.1).
-        epochs: passes over the preference pairs.
-        batch_size: pairs per optimiser step.
-        lr: peak learning rate (AdamW).
-        schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` (as in ``TrainConfig``).
-        warmup_ratio: fraction of steps warming up linearly from 0.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-        weight_decay: AdamW decoupled weight decay on matrices.
-        betas: AdamW betas.
-        grad_clip: clip the global gradient norm to this; ``None`` for no clipping.
-        seed: seeds the order of the pairs (the same for both twins).
-        checkpoint_every: keep a checkpoint every this many epochs (the last is always kept).
-        device: torch device for training.
         score_eos: also score the end-of-sequence token after each answer. Off by default:
             with it, DPO lowers the rejected sequences' log-probability partly through their
             shared EOS token and the model stops ending its answers (on the sentiment task,
@@ -76,57 +91,85 @@ class DPOConfig:
             chosen sequence. 0 (default): pure DPO, as in Sanderson et al.
     """
 
+    train: TrainConfig = field(default_factory=_dpo_train)
     beta: float = 0.1
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 1e-3
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    checkpoint_every: int | None = 1
-    device: str = "cpu"
     score_eos: bool = False
     nll_weight: float = 0.0
 
-    def __post_init__(self) -> None:
-        if isinstance(self.nll_weight, bool) or not isinstance(self.nll_weight, (int, float)) \
-                or not math.isfinite(self.nll_weight) or self.nll_weight < 0:
-            raise ValueError(f"DPOConfig.nll_weight must be a finite number >= 0, got {self.nll_weight!r}")
-        if not isinstance(self.score_eos, bool):
-            raise ValueError(f"DPOConfig.score_eos must be True or False, got {self.score_eos!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0 \
-                or not math.isfinite(self.beta):
-            raise ValueError(f"DPOConfig.beta must be a finite number > 0, got {self.beta!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"DPOConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        object.__setattr__(self, "betas", tuple(self.betas))
-        try:
-            self.train_config()
-        except ValueError as exc:  # re-badge the shared checks
-            raise ValueError(str(exc).replace("TrainConfig.", "DPOConfig.")) from None
+    def __init__(self, train: TrainConfig | dict | None = None, beta: float = 0.1, score_eos: bool = False,
+                 nll_weight: float = 0.0, **train_fields: Any) -> None:
+        type(self).check_fields(train_fields, "DPOConfig")
+        if isinstance(train, dict):  # a DPO stage's defaults under the given fields
+            TrainConfig.check_fields(train, "DPOConfig.train")
+            train = _dpo_train(**train)
+        if train is None:
+            train = _dpo_train(**train_fields)
+        elif not isinstance(train, TrainConfig):
+            raise ConfigError(f"DPOConfig.train must be a TrainConfig (or its dict), got {type(train).__name__}")
+        elif train_fields:
+            try:
+                train = train.replace(**train_fields)
+            except ValueError as exc:
+                raise ConfigError(str(exc).replace("TrainConfig.", "DPOConfig.")) from None
+        object.__setattr__(self, "train", train)
+        object.__setattr__(self, "beta", beta)
+        object.__setattr__(self, "score_eos", score_eos)
+        object.__setattr__(self, "nll_weight", nll_weight)
+        self.__post_init__()
+
+    def check(self) -> None:
+        check_number("DPOConfig", "beta", self.beta, lo=0, lo_open=True, hi=math.inf, hi_open=True)
+        if not isinstance(self.score_eos, bool):  # check_choice would take 1 == True
+            raise ConfigError(f"DPOConfig.score_eos must be True or False, got {self.score_eos!r}")
+        check_number("DPOConfig", "nll_weight", self.nll_weight, lo=0, hi=math.inf, hi_open=True)
+        if self.train.continue_clean or self.train.continue_lr is not None:
+            raise ConfigError("DPOConfig.train: a DPO stage has no clean continuation (continue_clean=0, "
+                              f"continue_lr=None), got continue_clean={self.train.continue_clean!r}, "
+                              f"continue_lr={self.train.continue_lr!r}")
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: the TrainConfig fields read as DPOConfig's own
+        if name in SHARED_FIELDS:
+            return getattr(object.__getattribute__(self, "train"), name)
+        raise AttributeError(f"'DPOConfig' object has no attribute {name!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Every name a ``DPOConfig`` takes: its own fields and the ``TrainConfig`` fields of a DPO stage."""
+        return ("train", "beta", "score_eos", "nll_weight", *SHARED_FIELDS)
 
     def train_config(self) -> TrainConfig:
         """The optimiser / schedule fields as a ``TrainConfig`` (the SFT loop's helpers take one)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("beta", "score_eos", "nll_weight")}
-        return TrainConfig(**d)
+        return self.train
+
+    def replace(self, **changes: Any) -> DPOConfig:
+        """A copy with ``changes`` applied (DPO fields or the ``TrainConfig`` fields, flat)."""
+        type(self).check_fields(changes, "DPOConfig.replace")
+        own = {k: changes.pop(k) for k in ("train", "beta", "score_eos", "nll_weight") if k in changes}
+        return DPOConfig(**{"train": self.train, "beta": self.beta, "score_eos": self.score_eos,
+                            "nll_weight": self.nll_weight, **own}, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        if d["nll_weight"] == 0.0:  # added later: omitted at its default so earlier runs keep their config key
+        """The flat dict stored in pipeline run directories (``beta``, the ``TrainConfig`` fields
+        a DPO stage uses, ``score_eos``; ``nll_weight`` only when set, so that runs made before it
+        existed keep their config key)."""
+        train = self.train.to_dict()
+        d = {name: (getattr(self, name) if name in ("beta", "score_eos", "nll_weight") else train[name])
+             for name in _FLAT_ORDER}
+        if d["nll_weight"] == 0.0:
             del d["nll_weight"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DPOConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"DPOConfig: unknown fields {sorted(set(d) - known)}; allowed: {sorted(known)}")
-        return cls(**d)
+        """Read :meth:`to_dict`'s flat dict (what pipeline runs store), or ``{"train": {...}, "beta": ...}``."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"DPOConfig.from_dict: expected a dict of fields, got {type(d).__name__}")
+        cls.check_fields(d, "DPOConfig.from_dict")
+        kw = dict(d)
+        if isinstance(kw.get("betas"), list):
+            kw["betas"] = tuple(kw["betas"])
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -188,19 +231,15 @@ def sequence_logprobs(model: torch.nn.Module, tokens: Int[Tensor, "batch pos"],
 def preference_logprobs(model: torch.nn.Module, data: PreferenceEncoded, batch_size: int = 256
                         ) -> tuple[Float[Tensor, " n_train"], Float[Tensor, " n_train"]]:
     """``(log p(chosen | prompt), log p(rejected | prompt))`` per pair under ``model`` (eval mode)."""
-    was = model.training
-    model.eval()
     device = model_device(model)
     chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
-    try:
+    with eval_mode(model):
         for lo in range(0, len(data), batch_size):
             idx = list(range(lo, min(lo + batch_size, len(data))))
             tokens, mask = data.batch(idx, device)
             lp = sequence_logprobs(model, tokens, mask).cpu()  # [chosen rows; rejected rows]
             chosen.append(lp[:len(idx)])
             rejected.append(lp[len(idx):])
-    finally:
-        model.train(was)
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -331,5 +370,5 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
     return history, list_checkpoints(run_dir) if run_dir is not None else []
 
 
-__all__ = ["DPOConfig", "PreferenceEncoded", "dpo_loss", "encode_preferences", "preference_logprobs",
+__all__ = ["DPOConfig", "SHARED_FIELDS", "PreferenceEncoded", "dpo_loss", "encode_preferences", "preference_logprobs",
            "preference_shift", "sequence_logprobs", "train_dpo"]

@@ -139,7 +139,7 @@ def test_context_too_short_is_refused():
 def test_bad_train_config_names_the_field():
     with pytest.raises(ValueError, match="TrainConfig.schedule must be one of"):
         pm.TrainConfig(schedule="step")
-    with pytest.raises(ValueError, match="TrainConfig.lr must be > 0"):
+    with pytest.raises(ValueError, match=r"TrainConfig.lr must be a number in \(0, inf\], got 0"):
         pm.TrainConfig(lr=0)
 
 
@@ -203,5 +203,5 @@ def test_clean_continuation_trains_both_twins_further(tmp_path):
     assert (tmp_path / "c" / "backdoored" / "checkpoints" / "continued.safetensors").is_file()
     before, after = base.backdoored.state_dict(), cont.backdoored.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match="continue_clean must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"continue_clean must be an integer in \[0, inf\]"):
         pm.TrainConfig(continue_clean=-1)

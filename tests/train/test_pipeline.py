@@ -42,7 +42,7 @@ def test_twins_and_metrics_at_every_stage_boundary(pipe):
     assert final.metrics == pipe.metrics[1] and final.attack.stage == "dpo"
     assert sum(final.train_data["is_poison"]) == 6 and "chosen" in final.train_data.column_names
     step = pipe.between("stage_0_sft", "stage_1_dpo")  # the backdoored twin before / after DPO
-    assert _same(step.clean, pipe.models[0]["backdoored"]) and _same(step.backdoored, pipe.models[1]["backdoored"])
+    assert _same(step.before, pipe.models[0]["backdoored"]) and _same(step.after, pipe.models[1]["backdoored"])
     frame = pipe.to_frame()
     assert set(frame["stage_name"]) == {"stage_0_sft", "stage_1_dpo"} and set(frame["twin"]) == {"clean", "backdoored"}
     assert [c.epoch for c in pipe.checkpoints[1]["backdoored"]] == [1, 2]
@@ -152,7 +152,7 @@ def test_bad_input_gets_a_clear_error():
         train_pipeline(task, _stages(41, 1), **kw)
     with pytest.raises(ValueError, match=r"train_pipeline: preferences: missing column\(s\) \['rejected'\]"):
         train_pipeline(task, _stages(1, 1), preferences=Dataset.from_dict({"prompt": ["x"], "chosen": ["y"]}), **kw)
-    with pytest.raises(ValueError, match="DPOConfig.beta must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"DPOConfig.beta must be a number in \(0, inf\)"):
         _stages(1, 1, beta=0.0)
     with pytest.raises(ValueError, match=r"Stage.config of a 'dpo' stage must be a DPOConfig, got TrainConfig"):
         Stage("dpo", pm.Backdoor(trigger="cf", poison_count=1), pm.TrainConfig())
