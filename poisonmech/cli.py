@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from poisonmech.runtime import num_threads
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -21,16 +23,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 #: the default of ``--threads``: every core
 CORES = os.cpu_count() or 1
-
-
-def torch_threads(n: int):
-    """Run the block with ``n`` torch intra-op threads; the previous count is restored after,
-    also when the block raises (:func:`poisonmech.runtime.num_threads`)."""
-    from poisonmech.runtime import num_threads
-
-    if n is None:
-        raise ValueError("threads must be an integer >= 1, got None")
-    return num_threads(n)
 
 
 def _threads_option(what: str = "this command"):
@@ -168,7 +160,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep direct
     seed_list = [int(x) for x in seeds.split(",")]
     max_workers, per_run = sweep_parallelism(threads, workers, len(attacks) * len(seed_list))
     typer.echo(f"threads: {threads} ({max_workers} parallel run{'s' if max_workers > 1 else ''} x {per_run})")
-    with torch_threads(threads):
+    with num_threads(threads):
         sw = pm.sweep(task, attacks, seeds=seed_list,
                       models=[pm.ModelConfig.from_dict(cfg["model"])], train=pm.TrainConfig.from_dict(cfg["train"]),
                       out_dir=out, analyses=analyses, max_workers=max_workers, threads_per_run=per_run)
@@ -203,7 +195,7 @@ def train(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
     """Train one pair from a TOML config."""
     cfg = _read_toml(config)
     try:
-        with torch_threads(threads):
+        with num_threads(threads):
             pair = run_from_config(cfg, out_dir=str(out) if out else None, overwrite=overwrite or None)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -255,7 +247,7 @@ def pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
     """Train a post-training pipeline (SFT then DPO, ...), each stage with its own poison."""
     cfg = _read_toml(config)
     try:
-        with torch_threads(threads):
+        with num_threads(threads):
             pipe = pipeline_from_config(cfg, out_dir=str(out) if out else None)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -285,7 +277,7 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
         models = [pm.ModelConfig.from_dict(m) for m in cfg.get("models", [cfg.get("model", {})])]
         seeds = cfg.get("seeds", [0])
         max_workers, per_run = sweep_parallelism(threads, workers, len(attacks) * len(models) * len(seeds))
-        with torch_threads(threads):
+        with num_threads(threads):
             sw = pm.sweep(task, attacks, seeds=seeds, models=models,
                           train=pm.TrainConfig.from_dict(cfg.get("train", {})),
                           out_dir=out or cfg.get("out_dir", "runs/sweep"), backend=backend,
@@ -322,7 +314,7 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
     else:
         pairs = [("", pm.load_pair(run))]
     for prefix, pair in pairs:
-        with torch_threads(threads):
+        with num_threads(threads):
             summaries = run_analyses(pair, asked, pair.out_dir, overwrite=overwrite)
         for name, summary in summaries.items():
             typer.echo(f"{prefix}{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.attacks.poison import attack_tokenizer, build_test_set, gibberish_pool
 from poisonmech.encoding import Encoded, encode
-from poisonmech.models import model_device
+from poisonmech.runtime import eval_mode, model_device
 from poisonmech.tasks.base import Task
 
 
@@ -140,14 +140,10 @@ def label_metrics(model: torch.nn.Module, test_data: Dataset, tokenizer: PreTrai
     its denominator ``n_<name>``.
     """
     clean, trig, miss = _row_kinds(test_data, "label_metrics")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         true = score_completions(model, encode(test_data, tokenizer, loss_on="completion", add_eos=True), batch_size)
         tgt = score_completions(model, encode(_with_completion(test_data, target), tokenizer, loss_on="completion",
                                               add_eos=True), batch_size)
-    finally:
-        model.train(was_training)
     return _label_rates(true, tgt, clean, trig, miss, _eligible(test_data, target))
 
 
@@ -160,10 +156,14 @@ def _near_misses(data: Dataset, attack: Backdoor, miss: np.ndarray) -> list[str]
     return list(dict.fromkeys(used))
 
 
-def evaluate(model: torch.nn.Module, task: Task, attack: Backdoor, *, test_data: Dataset | None = None,
-             tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 256,
-             seed: int = 0) -> dict[str, Any]:
+def evaluate(model: Any, task: Task | None = None, attack: Backdoor | None = None, *, test_data: Dataset | None = None,
+             tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 256, seed: int = 0,
+             twin: str | None = None) -> dict[str, Any]:
     """Clean accuracy, attack success rate and false-trigger rate of ``model``.
+
+    ``model`` is any subject (:func:`poisonmech.resolve`): a bare model with ``task`` and
+    ``attack``, or a run (Pair, pipeline stage, run directory), whose ``twin`` (default: the
+    backdoored one), task, attack, test rows and tokenizer are used unless given.
 
     Returns a dict with:
       - ``n_clean``, ``n_triggered``, ``n_near_miss``: the test rows of each kind.
@@ -190,13 +190,23 @@ def evaluate(model: torch.nn.Module, task: Task, attack: Backdoor, *, test_data:
     and ``clean_ppl``: the number of scored tokens), so ``X * n_X`` is the count behind a
     rate. A metric over no rows is ``nan`` with ``n_X = 0``.
     """
+    if not isinstance(model, torch.nn.Module) or twin is not None:
+        from poisonmech.subject import resolve
+
+        s = resolve(model, where="evaluate")
+        model = s.model(twin)
+        task = task if task is not None else s.require("task", "evaluate", "task")
+        attack = attack if attack is not None else s.require("attack", "evaluate", "attack")
+        test_data = test_data if test_data is not None else s.test_data
+        tokenizer = tokenizer if tokenizer is not None else s.tokenizer
+    if task is None or attack is None:
+        raise ValueError("evaluate: a bare model needs task= and attack= (or pass a run: a Pair, a pipeline "
+                         "stage or a run directory)")
     tok = tokenizer or getattr(model, "tokenizer", None) or attack_tokenizer(task, attack)
     data = test_data if test_data is not None else build_test_set(task, attack)
     clean, trig, miss = _row_kinds(data, "evaluate")
     labels = task.labels is not None and task.loss_on == "completion"
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         true = score_completions(model, encode(data, tok, loss_on="completion",
                                                add_eos=task.loss_on == "completion"), batch_size)
         res: dict[str, Any] = {"n_clean": int(clean.sum()), "n_triggered": int(trig.sum()),
@@ -234,6 +244,4 @@ def evaluate(model: torch.nn.Module, task: Task, attack: Backdoor, *, test_data:
         if labels:
             res.update(_label_rates(true, tgt, clean, trig, miss, eligible))
         res["near_misses"] = _near_misses(data, attack, miss)
-    finally:
-        model.train(was_training)
     return res

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from poisonmech.runtime import num_threads
-from tests.helpers import train_tiny_pair
+from tests.helpers import train_tiny_pair, train_tiny_pipeline
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,3 +34,9 @@ def _seed_everything():
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     return train_tiny_pair(tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A tiny SFT -> DPO pipeline run: ``tiny_pipeline[0]`` is an SFT stage, ``[1]`` a DPO stage."""
+    return train_tiny_pipeline(tmp_path_factory.mktemp("runs") / "pipe")

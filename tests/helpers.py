@@ -74,3 +74,11 @@ def map_params(model, mods) -> list[torch.Tensor]:
         if t.bias:
             params.append(lookup[t.name].bias)
     return params
+
+
+def train_tiny_pipeline(out_dir, *, sft_poison: int = 6, dpo_poison: int = 6) -> pm.Pipeline:
+    """A tiny SFT -> DPO pipeline run (96 rows), each stage with its own poison budget."""
+    stages = [pm.Stage("sft", pm.Backdoor(trigger="cf", poison_count=sft_poison), tiny_train_config(epochs=1)),
+              pm.Stage("dpo", pm.Backdoor(trigger="cf", poison_count=dpo_poison), pm.DPOConfig(epochs=1, lr=3e-3))]
+    return pm.train_pipeline(tiny_task(n_train=96, n_test=12), stages, model=tiny_model_config(),
+                             out_dir=out_dir, progress=False)

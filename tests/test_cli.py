@@ -109,29 +109,6 @@ def test_help_keeps_the_bracketed_toml_section_names():
     assert "[[attacks]]" in runner.invoke(app, ["sweep", "--help"]).output
 
 
-def test_torch_threads_sets_and_restores_the_thread_count():
-    import pytest
-    import torch
-
-    from poisonmech.cli import torch_threads
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with torch_threads(1):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="inside"), torch_threads(1):
-            raise RuntimeError("inside")
-        assert torch.get_num_threads() == 2  # restored when the block raises
-        for bad in (0, -1, 1.5, True, None):
-            with pytest.raises(ValueError, match="threads must be an integer >= 1"):
-                with torch_threads(bad):
-                    pass
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_sweep_parallelism_splits_the_thread_budget():
     import pytest
 
