@@ -45,7 +45,7 @@ def test_pipeline_stages_between_and_run_dirs(tiny_pipeline):
     assert b.kind == "between" and b.roles == ("after", "before") and b.run_dir is None
     assert _same(b.model("before"), pipe.models[0]["backdoored"]) and _same(b.model(), pipe.models[1]["backdoored"])
     with pytest.warns(DeprecationWarning, match="Between.clean is deprecated"):
-        pipe.between(0, 1).clean
+        assert pipe.between(0, 1).clean is pipe.models[0]["backdoored"]
 
 
 def test_a_bare_model_takes_its_data_from_the_call(tiny_pair):
