@@ -1,4 +1,4 @@
-"""``Sweep``: the runs of a sweep directory as a tidy table."""
+"""``Sweep``: the runs of a sweep directory as a tidy table, a figure and a result file."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from poisonmech.results import Result
 from poisonmech.storage import read_json
 from poisonmech.sweeps.spec import DONE, FAILED, RunSpec, run_state
 
@@ -21,6 +22,15 @@ class RunRecord:
     analyses: dict[str, dict[str, Any]]
     error: str | None
     n_poison: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec.to_dict(), "status": self.status, "metrics": self.metrics,
+                "analyses": self.analyses, "error": self.error, "n_poison": self.n_poison}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        return cls(name=d["name"], spec=RunSpec.from_dict(d["spec"]), status=d["status"], metrics=d.get("metrics", {}),
+                   analyses=d.get("analyses", {}), error=d.get("error"), n_poison=d.get("n_poison"))
 
     def __repr__(self) -> str:
         asr = (self.metrics.get("backdoored") or {}).get("asr")
@@ -39,7 +49,15 @@ def _config_columns(spec: RunSpec) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Sweep:
+class Sweep(Result):
+    """The runs of a sweep (``pm.sweep`` / :func:`load_sweep`): each run's spec, status, metrics
+    and analysis summaries. ``to_frame()`` (tidy), ``metric_frame()`` (wide), ``plot()`` (a
+    metric against poison count), ``save(path)`` / ``Sweep.load(path)`` (one JSON file, its
+    format checked; ``load`` also reads a sweep directory), ``pair(name)`` (a run's twins)."""
+
+    kind = "sweep_result"  # "poisonmech.sweep/1" is the sweep directory's manifest (sweep.json)
+    version = 1
+
     out_dir: Path
     runs: tuple[RunRecord, ...]
 
@@ -80,6 +98,35 @@ class Sweep:
         keys = ["run", "task", "n_train", "trigger", "poison_count", "poison_rate", "n_poison", "n_layers",
                 "d_model", "seed"]
         return f[keys].drop_duplicates("run").merge(wide, on="run")
+
+    def plot(self, metric: str = "asr", group: str | None = None, title: str | None = None):
+        """``metric`` (a twin metric such as ``"asr"`` or ``"clean_acc"``) against poison count, one
+        line per twin (and per value of the config column ``group``, e.g. ``"d_model"``), mean
+        and 95% band over seeds: a plotly Figure."""
+        from poisonmech.viz.figures import metric_vs_count, style
+
+        frame = self.to_frame()
+        if frame.empty or "metric" not in frame or not (frame["metric"] == metric).any():
+            import plotly.graph_objects as go
+
+            return style(go.Figure(), title or f"{metric}: no finished run of this sweep has it")
+        return metric_vs_count(frame, metric, group=group, title=title)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the sweep's records (specs, statuses, metrics, analysis summaries) as one JSON file."""
+        return self._write(path, {"out_dir": str(self.out_dir), "runs": [r.to_dict() for r in self.runs]})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sweep:
+        """A sweep saved by :meth:`save`, or a sweep directory (or its ``sweep.json``) as :func:`load_sweep` reads it.
+        A file of another kind or of a newer version is a :class:`~poisonmech.results.ResultFormatError`."""
+        path = Path(path)
+        if path.is_dir():
+            return load_sweep(path)
+        if path.name == "sweep.json" and (path.parent / "runs").is_dir():
+            return load_sweep(path.parent)
+        meta, _ = cls._read(path)
+        return cls(out_dir=Path(meta["out_dir"]), runs=tuple(RunRecord.from_dict(r) for r in meta["runs"]))
 
     def pair(self, name: str):
         from poisonmech.train.pair import load_pair
