@@ -1,19 +1,24 @@
 """Linear probes, unsupervised poison detectors and direction interventions.
 
+Every analysis takes the subject first (a ``Pair``, a pipeline stage, a run directory,
+``pipe.between(a, b)`` or a bare model with its data; see :func:`poisonmech.resolve`), then the
+data (defaulting to the run's own), then the options of one config (keywords or ``config=``):
+
     import poisonmech as pm
-    p = pm.probes.probe_layers(pair.backdoored, pair.test_data, label="is_triggered")
+    p = pm.probes.probe_layers(pair, label="is_triggered")           # the backdoored twin, its test rows
+    p = pm.probes.probe_layers(model, dataset, label="is_triggered", tokenizer=tok)   # a bare model
     p.auroc, p.directions, p.plot(), print(p)                         # a two-line summary
     p.random_auroc_median, p.random_auroc_p95, p.random_auroc_max     # random directions (max = baseline_auroc)
     p.length_auroc                                                    # prompt length alone, same rows
-    pm.probes.probe_layers(..., contrast="near_miss")                 # triggered vs near-miss rows only
-    pm.probes.probe_layers(..., balance_length=True)                  # same length distribution per class
+    pm.probes.probe_layers(pair, contrast="near_miss")                # triggered vs near-miss rows only
+    pm.probes.probe_layers(pair, balance_length=True)                 # same length distribution per class
+    pm.probes.probe_layers(pair, config=pm.probes.ProbeConfig(site="mlp_out", n_random=20))
     both = pm.probes.probe_twins(pair, label="is_triggered")          # clean and backdoored, one split
-    t = pm.probes.probe_transfer(pair.backdoored, pair.test_data, test_model=pair.clean)
-    with pm.probes.ablate_direction(pair.backdoored, p.best_layer, p.direction()):
+    t = pm.probes.probe_transfer(pair, test_twin="clean")             # fit on one twin, test on the other
+    with pm.probes.ablate_direction(pair, p.best_layer, p.direction()):
         ...                                                           # hooks come off on exit
-    c = pm.probes.causal_check(pair.backdoored, pair.task, pair.attack, p.best_layer, p.direction(),
-                               test_data=pair.test_data, tokenizer=pair.tokenizer)
-    s = pm.probes.detect_poison(pair.backdoored, pair.train_data, method="spectral")
+    c = pm.probes.causal_check(pair, p.best_layer, p.direction())     # pm.evaluate without / with ablation
+    s = pm.probes.detect_poison(pair, method="spectral")              # the run's training rows
     s.poison_auroc(), s.poison_auroc("loss"), s.to_frame(), s.plot()
 
 The names below load on first use (PEP 562), so ``import poisonmech`` does not pay for
@@ -36,7 +41,11 @@ _EXPORTS = {
     "detect_poison_methods": "detect",
     "detection_table": "detect",
     "spectral_scores": "detect",
-    "CONTRASTS": "layers",
+    "CONTRASTS": "config",
+    "ActivationConfig": "config",
+    "CausalCheckConfig": "config",
+    "DetectConfig": "config",
+    "ProbeConfig": "config",
     "CausalCheck": "intervene",
     "ablate_direction": "intervene",
     "causal_check": "intervene",
@@ -55,12 +64,16 @@ _EXPORTS = {
 
 __all__ = [
     "CONTRASTS",
+    "ActivationConfig",
     "Activations",
     "CausalCheck",
+    "CausalCheckConfig",
+    "DetectConfig",
     "DETECTORS",
     "DetectionResult",
     "LinearProbe",
     "ProbeComparison",
+    "ProbeConfig",
     "ProbeResult",
     "SITES",
     "TransferResult",
@@ -83,6 +96,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from poisonmech.probes.activations import SITES, Activations, collect_activations
+    from poisonmech.probes.config import (
+        CONTRASTS,
+        ActivationConfig,
+        CausalCheckConfig,
+        DetectConfig,
+        ProbeConfig,
+    )
     from poisonmech.probes.detect import (
         DETECTORS,
         DetectionResult,
@@ -94,7 +114,7 @@ if TYPE_CHECKING:
     )
     from poisonmech.probes.intervene import CausalCheck, ablate_direction, causal_check, steer
     from poisonmech.probes.labels import split_by_example, will_emit_target
-    from poisonmech.probes.layers import CONTRASTS, probe_layers, probe_twins, random_directions
+    from poisonmech.probes.layers import probe_layers, probe_twins, random_directions
     from poisonmech.probes.linear import LinearProbe
     from poisonmech.probes.result import ProbeComparison, ProbeResult
     from poisonmech.probes.transfer import TransferResult, probe_transfer

@@ -27,19 +27,18 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from poisonmech import sites
+from poisonmech.config import takes_config
 from poisonmech.encoding import Encoded, encode
-from poisonmech.models import model_device
+from poisonmech.probes.config import ActivationConfig
+from poisonmech.runtime import eval_mode, model_device
+from poisonmech.subject import Subject, resolve
 
 Tensor = torch.Tensor
 
-#: activation sites a probe can read, and their TransformerLens hook names
-SITES: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-}
+#: activation sites a probe can read (the residual-basis sites of :mod:`poisonmech.sites`) and
+#: their TransformerLens hook names, ``{layer}`` standing for the layer number
+SITES: dict[str, str] = {name: sites.SITES[name].hook_template() for name in sites.RESIDUAL_SITES}
 Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 PositionSpec = Literal["last", "all"] | Sequence[int]
 
@@ -54,10 +53,8 @@ def n_layers_of(model: torch.nn.Module) -> int:
 
 
 def hook_name(site: str, layer: int) -> str:
-    """The hook name of ``site`` at ``layer`` (``blocks.{layer}.hook_{site}``)."""
-    if site not in SITES:
-        raise ValueError(f"site must be one of {tuple(SITES)}, got {site!r}")
-    return SITES[site].format(layer=layer)
+    """The hook name of the residual-basis ``site`` at ``layer`` (from :mod:`poisonmech.sites`)."""
+    return sites.get_site(site, sites.RESIDUAL_SITES).hook_name(layer)
 
 
 def check_site_layers(model: torch.nn.Module, site: str, layers: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -66,8 +63,7 @@ def check_site_layers(model: torch.nn.Module, site: str, layers: int | Sequence[
     Raises ``ValueError`` naming the site or layer the model lacks (for example ``mlp_out``
     on an attention-only model) and the allowed values.
     """
-    if site not in SITES:
-        raise ValueError(f"site must be one of {tuple(SITES)}, got {site!r}")
+    sites.get_site(site, sites.RESIDUAL_SITES)
     n = n_layers_of(model)
     if layers is None:
         out = tuple(range(n))
@@ -190,11 +186,9 @@ def gather_activations(model: torch.nn.Module, enc: Encoded, *, site: str, layer
             return x
         return hook
 
-    was_training = model.training
-    model.eval()
     kwargs = _forward_kwargs(model, max(layers))
     starts = range(0, n, batch_size)
-    try:
+    with eval_mode(model):
         with model.hooks(fwd_hooks=[(name, make_hook(i)) for i, name in enumerate(names)]):
             for lo in tqdm(starts, desc=desc, disable=not progress, leave=False):
                 rows = torch.arange(lo, min(lo + batch_size, n))
@@ -210,8 +204,6 @@ def gather_activations(model: torch.nn.Module, enc: Encoded, *, site: str, layer
                 except NotImplementedError:  # a bridge without a standard block stack
                     kwargs = {}
                     model(tokens)
-    finally:
-        model.train(was_training)
     acts = acts * valid_all[None, :, :, None]
     for li, layer in enumerate(layers):
         bad = ~torch.isfinite(acts[li])
@@ -221,37 +213,41 @@ def gather_activations(model: torch.nn.Module, enc: Encoded, *, site: str, layer
     return Activations(acts=acts, valid=valid_all, lengths=lengths, layers=layers, positions=positions, site=site)
 
 
-def collect_activations(model: torch.nn.Module, dataset: Dataset, *, site: Site = "resid_post",
-                        layers: int | Sequence[int] | None = None, positions: PositionSpec = "last",
-                        tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 64,
-                        progress: bool = True) -> Activations:
+@takes_config(ActivationConfig)
+def collect_activations(subject, dataset: Dataset | None = None, *, twin: str | None = None,
+                        tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True,
+                        config: ActivationConfig) -> Activations:
     """Activations of ``site`` at ``layers`` and ``positions`` for every row's ``prompt``.
 
     Args:
-        model: a ``TransformerBridge``.
-        dataset: rows with a ``prompt`` column (e.g. ``pair.test_data``).
-        site: ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"`` or ``"mlp_out"``.
-        layers: layer numbers; ``None`` for all.
-        positions: ``"last"`` (each row's last prompt token), ``"all"`` (every absolute
-            position up to the longest prompt) or a list of ints (negative ones count from
-            the end of each prompt, see the module docstring).
-        tokenizer: defaults to ``model.tokenizer``.
-        batch_size: rows per forward pass.
+        subject: a run (``Pair``, pipeline stage, run directory, ...) or a bare model
+            (:func:`poisonmech.resolve`).
+        dataset: rows with a ``prompt`` column; default: the run's test rows (a bare model
+            needs it).
+        twin: the role read (default: the subject's default role, e.g. the backdoored twin).
+        tokenizer: default: the subject's (a bare bridge's ``.tokenizer``).
+        site, layers, positions, batch_size: :class:`ActivationConfig`'s.
 
     Raises ``ValueError`` for a site or layer the model lacks, and for NaN/inf activations
     (naming the layer).
     """
-    tok = _tokenizer(model, tokenizer)
-    layer_t = check_site_layers(model, site, layers)
-    enc = prompt_encoding(dataset, tok)
+    s = resolve(subject, test=dataset, tokenizer=tokenizer, where="collect_activations")
+    data = s.require("test_data", "collect_activations", "dataset")
+    return collect(s.model(twin), data, tokenizer_of(s, "collect_activations"), config, progress=progress)
+
+
+def collect(model: torch.nn.Module, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: ActivationConfig,
+            *, progress: bool = False, positions: PositionSpec | None = None,
+            layers: int | Sequence[int] | None = None) -> Activations:
+    """:func:`collect_activations` on one model (``positions`` / ``layers`` override the config's)."""
+    layer_t = check_site_layers(model, config.site, config.layers if layers is None else layers)
+    enc = prompt_encoding(dataset, tokenizer)
     lengths = torch.tensor([len(r) for r in enc.ids], dtype=torch.long)
-    pos = resolve_positions(positions, lengths)
-    return gather_activations(model, enc, site=site, layers=layer_t, positions=pos, batch_size=batch_size,
-                              progress=progress)
+    pos = resolve_positions(config.positions if positions is None else positions, lengths)
+    return gather_activations(model, enc, site=config.site, layers=layer_t, positions=pos,
+                              batch_size=config.batch_size, progress=progress)
 
 
-def _tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ValueError("tokenizer: the model carries no tokenizer; pass tokenizer=pair.tokenizer")
-    return tok
+def tokenizer_of(s: Subject, where: str) -> PreTrainedTokenizerBase:
+    """The subject's tokenizer, or an error saying to pass one."""
+    return s.require("tokenizer", where, "tokenizer")

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,22 +33,25 @@ from datasets import Dataset
 from jaxtyping import Bool, Float, Int
 from transformers import PreTrainedTokenizerBase
 
+from poisonmech import ranking
+from poisonmech.config import takes_config
 from poisonmech.encoding import encode
 from poisonmech.metrics import score_completions
 from poisonmech.probes.activations import (
-    Site,
-    _tokenizer,
     check_site_layers,
     gather_activations,
     n_layers_of,
     prompt_encoding,
+    tokenizer_of,
 )
-from poisonmech.probes.labels import auroc_columns, precision_at
+from poisonmech.probes.config import DETECTORS, DetectConfig
 from poisonmech.probes.linear import few_threads
-from poisonmech.probes.result import num, read_result, write_result
+from poisonmech.probes.result import num, read_probe_file
+from poisonmech.results import Result
+from poisonmech.runtime import eval_mode
+from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
-DETECTORS = ("spectral", "activation_clustering")
 SCORES = ("detector", "loss")
 
 
@@ -122,7 +125,7 @@ def clustering_scores(reps: Float[np.ndarray, "n_train d_model"], classes: Int[n
 
 # ---- the result --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DetectionResult:
+class DetectionResult(Result):
     """A poison score for every training row, with the loss baseline and the known poison flags.
 
     Attributes:
@@ -134,6 +137,9 @@ class DetectionResult:
         class_stats: per-class statistics of the detector (sizes, singular values, silhouettes).
         method, site, layer, position: where the representations were read.
         k: the default ``k`` of ``precision_at`` (the number of poisoned rows when known).
+
+    The metrics are :mod:`poisonmech.ranking`'s: NaN where the flags have one class (AUROC) or
+    no poisoned row (AP, the default precision@k); a ``k`` < 1 is an error.
     """
 
     scores: Float[Tensor, " n_train"]
@@ -147,6 +153,9 @@ class DetectionResult:
     layer: int
     position: str
     k: int | None = None
+
+    kind: ClassVar[str] = "probes.detection"
+    version: ClassVar[int] = 1
 
     def __repr__(self) -> str:
         head = (f"DetectionResult {self.method!r} at {self.site} layer {self.layer} ({self.position}): "
@@ -170,26 +179,31 @@ class DetectionResult:
         return self.is_poison.numpy()
 
     def poison_auroc(self, scores: Literal["detector", "loss"] = "detector") -> float:
-        """AUROC of ``scores`` (the detector's or the loss baseline's) against ``is_poison``."""
-        return float(auroc_columns(self._pick(scores)[:, None], self._truth())[0])
+        """AUROC of ``scores`` (the detector's or the loss baseline's) against ``is_poison``
+        (NaN when every row or none is poisoned)."""
+        return ranking.auroc(self._pick(scores), self._truth())
 
     def average_precision(self, scores: Literal["detector", "loss"] = "detector") -> float:
-        from sklearn.metrics import average_precision_score
-
-        y = self._truth()
-        return float(average_precision_score(y, self._pick(scores))) if y.any() else float("nan")
+        """Average precision of retrieving the poisoned rows by ``scores`` (NaN without poison)."""
+        return ranking.average_precision(self._pick(scores), self._truth())
 
     def precision_at(self, k: int | None = None, scores: Literal["detector", "loss"] = "detector") -> float:
-        """Fraction of poisoned rows among the ``k`` highest scores (default: ``k`` = number of poisons)."""
+        """Fraction of poisoned rows among the ``k`` highest scores (ties by row order).
+
+        ``k`` defaults to the number of poisoned rows (NaN when there are none); an explicit
+        ``k`` must be an integer >= 1 (:func:`poisonmech.ranking.check_k`), and one larger than
+        the number of rows uses every row.
+        """
         y = self._truth()
-        k = self.k if k is None else k
-        if not k:
-            return float("nan")
-        return precision_at(self._pick(scores), y, k)
+        if k is None:
+            if not self.k:
+                return float("nan")
+            k = self.k
+        return ranking.precision_at_k(self._pick(scores), y, ranking.check_k(k, "precision_at: k"))
 
     def top(self, k: int) -> Int[Tensor, " k"]:
-        """Row indices of the ``k`` most suspicious rows."""
-        return torch.as_tensor(np.argsort(-self.scores.numpy(), kind="stable")[:k])
+        """Row indices of the ``k`` most suspicious rows (ties by row order)."""
+        return torch.as_tensor(ranking.top_k(self.scores.numpy(), k))
 
     def to_frame(self, per_example: bool = False) -> pd.DataFrame:
         """Summary: one row per (score, metric) for the detector and the loss baseline;
@@ -246,18 +260,19 @@ class DetectionResult:
         fig.update_layout(title=title, template="plotly_white")
         return fig
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (scores, loss, flags + JSON header)."""
         tensors = {"scores": self.scores, "loss": self.loss, "class_index": self.class_index}
         if self.is_poison is not None:
             tensors["is_poison"] = self.is_poison
-        write_result(path, tensors, {"kind": "DetectionResult", "classes": list(self.classes),
-                                     "class_stats": list(self.class_stats), "method": self.method,
-                                     "site": self.site, "layer": self.layer, "position": self.position,
-                                     "k": self.k})
+        return self._write(path, {"classes": list(self.classes), "class_stats": list(self.class_stats),
+                                  "method": self.method, "site": self.site, "layer": self.layer,
+                                  "position": self.position, "k": self.k}, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> DetectionResult:
-        t, m = read_result(path, "DetectionResult")
+        """Read a file written by :meth:`save` (another kind of file is an error)."""
+        t, m = read_probe_file(cls, path)
         return cls(scores=t["scores"], loss=t["loss"], is_poison=t.get("is_poison"), class_index=t["class_index"],
                    classes=tuple(m["classes"]), class_stats=tuple(m["class_stats"]), method=m["method"],
                    site=m["site"], layer=m["layer"], position=m["position"], k=m["k"])
@@ -271,67 +286,72 @@ def example_losses(model: torch.nn.Module, data: Dataset, tokenizer: PreTrainedT
     comps = list(data["completion"]) if "completion" in data.column_names else [""] * len(data)
     loss_on = "completion" if any(c.strip() for c in comps) else "all"
     rows = Dataset.from_dict({"prompt": list(data["prompt"]), "completion": comps})
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         res = score_completions(model, encode(rows, tokenizer, loss_on=loss_on), batch_size=batch_size)
-    finally:
-        model.train(was_training)
     return res["nll"] / np.maximum(res["n"], 1)
 
 
-def detect_poison(model: torch.nn.Module, train_data: Dataset,
-                  method: Literal["spectral", "activation_clustering"] = "spectral", *, layer: int | None = None,
-                  site: Site = "resid_post", position: Literal["last", "mean"] | int = "last",
-                  by: str | None = "completion", n_components: int = 10, reduce: Literal["ica", "pca"] = "ica",
-                  tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 128, seed: int = 0,
-                  progress: bool = True) -> DetectionResult:
+@takes_config(DetectConfig)
+def detect_poison(subject, train_data: Dataset | None = None, method: str | None = None, *, twin: str | None = None,
+                  tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True,
+                  config: DetectConfig) -> DetectionResult:
     """Score every training row for how likely it is poisoned, without using the poison flags.
 
     Args:
-        model: the model trained on ``train_data`` (e.g. ``pair.backdoored``).
-        train_data: its training rows (``prompt``; ``completion``; ``is_poison`` if known).
-        method: ``"spectral"`` (Tran et al. 2018) or ``"activation_clustering"`` (Chen et al. 2018).
-        layer: layer to read (default: the last).
-        site: activation site (see ``probe_layers``).
-        position: ``"last"`` prompt token, ``"mean"`` over prompt tokens, or a position int.
-        by: the column defining classes (default ``completion``); ``None``: one class.
-        n_components, reduce: activation clustering's reduction (ICA or PCA to a few dims).
-        seed: seeds ICA / PCA and 2-means (nothing global is seeded).
+        subject: a run (``Pair``, pipeline stage, run directory, ...) or a bare model
+            (:func:`poisonmech.resolve`); the model read is the trained one (``twin``,
+            default: the backdoored twin / the model after the stages).
+        train_data: its training rows (``prompt``; ``completion``; ``is_poison`` if known);
+            default: the run's training rows (a bare model needs them).
+        method: ``"spectral"`` (Tran et al. 2018) or ``"activation_clustering"`` (Chen et
+            al. 2018); default ``"spectral"``.
+        tokenizer: default: the subject's.
+        The options are :class:`DetectConfig`'s (``layer``: default the last; ``site``;
+        ``position``: ``"last"``, ``"mean"`` or an int; ``by``: the class column; ``n_components``
+        and ``reduce`` for activation clustering; ``batch_size``; ``seed``).
 
     Returns a ``DetectionResult``: ``.poison_auroc()``, ``.average_precision()``,
     ``.precision_at(k)`` (each also for ``scores="loss"``), ``.to_frame()``, ``.plot()``.
     """
-    if method not in DETECTORS:
-        raise ValueError(f"method must be one of {DETECTORS}, got {method!r}")
-    return detect_poison_methods(model, train_data, (method,), layer=layer, site=site, position=position, by=by,
-                                 n_components=n_components, reduce=reduce, tokenizer=tokenizer,
-                                 batch_size=batch_size, seed=seed, progress=progress)[method]
+    s = resolve(subject, tokenizer=tokenizer, where="detect_poison")
+    return _detect(s, twin, train_data, (config.method,), config, progress)[config.method]
 
 
-def detect_poison_methods(model: torch.nn.Module, train_data: Dataset, methods: Sequence[str] = DETECTORS, *,
-                          layer: int | None = None, site: Site = "resid_post",
-                          position: Literal["last", "mean"] | int = "last", by: str | None = "completion",
-                          n_components: int = 10, reduce: Literal["ica", "pca"] = "ica",
-                          tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 128, seed: int = 0,
-                          progress: bool = True) -> dict[str, DetectionResult]:
-    """:func:`detect_poison` for several ``methods`` at once, ``{method: DetectionResult}``: the
-    training-set activations and the per-example losses are computed once and shared."""
-    methods = tuple(methods)
+@takes_config(DetectConfig)
+def detect_poison_methods(subject, train_data: Dataset | None = None, methods: Sequence[str] | None = None, *,
+                          twin: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                          progress: bool = True, config: DetectConfig) -> dict[str, DetectionResult]:
+    """:func:`detect_poison` for several ``methods`` at once (default: every detector),
+    ``{method: DetectionResult}``: the training-set activations and the per-example losses are
+    computed once and shared. ``methods`` replaces the config's ``method``."""
+    methods = DETECTORS if methods is None else tuple(methods) if not isinstance(methods, str) else (methods,)
     bad = [m for m in methods if m not in DETECTORS]
     if bad or not methods:
         raise ValueError(f"methods must be a non-empty sequence of {DETECTORS}, got {list(methods)!r}")
-    tok = _tokenizer(model, tokenizer)
-    layer = n_layers_of(model) - 1 if layer is None else layer
+    s = resolve(subject, tokenizer=tokenizer, where="detect_poison_methods")
+    return _detect(s, twin, train_data, methods, config, progress)
+
+
+def _detect(s, twin: str | None, train_data: Dataset | None, methods: tuple[str, ...], cfg: DetectConfig,
+            progress: bool) -> dict[str, DetectionResult]:
+    """The detectors on ``twin``'s training rows (``train_data``, else that role's own)."""
+    where = "detect_poison" if len(methods) == 1 else "detect_poison_methods"
+    model = s.model(twin)
+    if train_data is None:
+        train_data = s.train_data_of(twin)
+    if train_data is None:
+        s.require("train_data", where, "train_data")  # a subject without training rows: says so
+        raise ValueError(f"{where}: the subject carries no training rows of {s.role(twin)!r}; pass train_data=")
+    tok = tokenizer_of(s, where)
+    site, position, by = cfg.site, cfg.position, cfg.by
+    layer = n_layers_of(model) - 1 if cfg.layer is None else cfg.layer
     (layer,) = check_site_layers(model, site, layer)
     if by is not None and by not in train_data.column_names:
         raise ValueError(f"by={by!r}: the training data has no such column; columns: {train_data.column_names}")
-    if isinstance(position, str) and position not in ("last", "mean"):
-        raise ValueError(f"position must be 'last', 'mean' or an int, got {position!r}")
     enc = prompt_encoding(train_data, tok)
     pos = (-1,) if position in ("last", "mean") else (int(position),)
     acts = gather_activations(model, enc, site=site, layers=(layer,), positions=pos, mean=position == "mean",
-                              batch_size=batch_size, progress=progress, desc="training-set activations")
+                              batch_size=cfg.batch_size, progress=progress, desc="training-set activations")
     if not acts.valid.all():
         raise ValueError(f"position={position}: {int((~acts.valid[:, 0]).sum())} rows are shorter than that")
     reps = acts.acts[0, :, 0].double().numpy()
@@ -340,7 +360,7 @@ def detect_poison_methods(model: torch.nn.Module, train_data: Dataset, methods: 
     else:
         names, cls_idx = np.unique(np.asarray([str(v) for v in train_data[by]]), return_inverse=True)
         classes = tuple(names.tolist())
-    loss = example_losses(model, train_data, tok, batch_size=max(batch_size, 256))
+    loss = example_losses(model, train_data, tok, batch_size=max(cfg.batch_size, 256))
     is_poison = None
     if "is_poison" in train_data.column_names:
         is_poison = torch.as_tensor(np.asarray(train_data["is_poison"], dtype=bool))
@@ -349,9 +369,10 @@ def detect_poison_methods(model: torch.nn.Module, train_data: Dataset, methods: 
         if method == "spectral":
             scores, stats = spectral_scores(reps, cls_idx)
         else:
-            scores, stats = clustering_scores(reps, cls_idx, n_components=n_components, reduce=reduce, seed=seed)
-        for s in stats:
-            s["class"] = classes[s["class"]]
+            scores, stats = clustering_scores(reps, cls_idx, n_components=cfg.n_components, reduce=cfg.reduce,
+                                              seed=cfg.seed)
+        for st in stats:
+            st["class"] = classes[st["class"]]
         out[method] = DetectionResult(scores=torch.as_tensor(scores, dtype=torch.float64),
                                       loss=torch.as_tensor(loss, dtype=torch.float64), is_poison=is_poison,
                                       class_index=torch.as_tensor(cls_idx, dtype=torch.long), classes=classes,

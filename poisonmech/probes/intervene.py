@@ -8,11 +8,12 @@ intervention, so a probe direction can be tested for whether the model *uses* it
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,10 +23,13 @@ from jaxtyping import Float
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
+from poisonmech.config import takes_config
 from poisonmech.metrics import evaluate
 from poisonmech.probes.activations import Site, check_site_layers, hook_name
-from poisonmech.probes.result import FORMAT, num
-from poisonmech.storage import read_json, write_json
+from poisonmech.probes.config import CausalCheckConfig
+from poisonmech.probes.result import num, read_probe_file
+from poisonmech.results import Result
+from poisonmech.subject import resolve
 from poisonmech.tasks.base import Task
 
 Tensor = torch.Tensor
@@ -55,16 +59,19 @@ def _layers(model: torch.nn.Module, site: str, layer: int | Sequence[int]) -> tu
 
 
 @contextmanager
-def ablate_direction(model: torch.nn.Module, layer: int | Sequence[int],
+def ablate_direction(subject, layer: int | Sequence[int],
                      direction: Float[Tensor, " d_model"] | Float[Tensor, "layer d_model"], *,
-                     site: Site = "resid_post", value: float = 0.0) -> Iterator[torch.nn.Module]:
-    """Inside the block, remove ``direction`` from ``site`` at ``layer`` (every position).
+                     site: Site = "resid_post", value: float = 0.0, twin: str | None = None
+                     ) -> Iterator[torch.nn.Module]:
+    """Inside the block, remove ``direction`` from ``site`` at ``layer`` (every position) of the
+    subject's model (``twin``, default: its default role; see :func:`poisonmech.resolve`).
 
     Each activation ``x`` becomes ``x - (x·d - value) d`` with ``d`` the unit direction: its
     component along ``d`` is set to ``value`` (0: projected out; a class mean: mean-ablation).
     ``layer`` may be a list (one direction for all, or one per layer: ``(layer, d_model)``).
     Hooks are removed on exit, also when the body raises. Yields the model.
     """
+    model = resolve(subject, where="ablate_direction").model(twin)
     layers = _layers(model, site, layer)
     dirs = _unit_directions(model, layers, direction)
 
@@ -79,16 +86,18 @@ def ablate_direction(model: torch.nn.Module, layer: int | Sequence[int],
 
 
 @contextmanager
-def steer(model: torch.nn.Module, layer: int | Sequence[int],
+def steer(subject, layer: int | Sequence[int],
           direction: Float[Tensor, " d_model"] | Float[Tensor, "layer d_model"], alpha: float, *,
-          site: Site = "resid_post") -> Iterator[torch.nn.Module]:
-    """Inside the block, add ``alpha`` times the unit ``direction`` to ``site`` at ``layer`` (every position).
+          site: Site = "resid_post", twin: str | None = None) -> Iterator[torch.nn.Module]:
+    """Inside the block, add ``alpha`` times the unit ``direction`` to ``site`` at ``layer`` (every
+    position) of the subject's model (``twin``, default: its default role). Yields the model.
 
     ``alpha`` is in activation units (compare it with the projections of real activations,
     e.g. a probe's class means). Hooks are removed on exit, also when the body raises.
     """
-    if not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    model = resolve(subject, where="steer").model(twin)
     layers = _layers(model, site, layer)
     dirs = _unit_directions(model, layers, direction)
 
@@ -105,7 +114,7 @@ METRICS = ("clean_acc", "asr", "false_trigger_rate", "triggered_acc", "target_lo
 
 
 @dataclass(frozen=True)
-class CausalCheck:
+class CausalCheck(Result):
     """Behaviour of a model without (``before``) and with (``after``) an intervention.
 
     ``settings`` names each intervention (``"ablate"``, ``"steer alpha=4"``, ...), with
@@ -117,6 +126,9 @@ class CausalCheck:
     settings: tuple[str, ...]
     layers: tuple[int, ...]
     site: str
+
+    kind: ClassVar[str] = "probes.causal_check"
+    version: ClassVar[int] = 1
 
     def __repr__(self) -> str:
         shown = [m for m in ("asr", "clean_acc", "false_trigger_rate") if m in self.before]
@@ -152,17 +164,15 @@ class CausalCheck:
                           title=title or f"causal check at {self.site}, layers {list(self.layers)}")
         return fig
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
         """Write a JSON file (the check holds no tensors); atomic."""
-        write_json(Path(path), {"format": FORMAT, "kind": "CausalCheck", "before": self.before,
-                                "after": list(self.after), "settings": list(self.settings),
-                                "layers": list(self.layers), "site": self.site})
+        return self._write(path, {"before": self.before, "after": list(self.after), "settings": list(self.settings),
+                                  "layers": list(self.layers), "site": self.site})
 
     @classmethod
     def load(cls, path: str | Path) -> CausalCheck:
-        m = read_json(Path(path))
-        if m.get("format") != FORMAT or m.get("kind") != "CausalCheck":
-            raise ValueError(f"{path} does not hold a CausalCheck (format {m.get('format')!r})")
+        """Read a file written by :meth:`save` (another kind of file is an error)."""
+        _, m = read_probe_file(cls, path)
         return cls(before=m["before"], after=tuple(m["after"]), settings=tuple(m["settings"]),
                    layers=tuple(m["layers"]), site=m["site"])
 
@@ -171,39 +181,60 @@ def _numeric(d: dict) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float, np.floating, np.integer))}
 
 
-def causal_check(model: torch.nn.Module, task: Task, attack: Backdoor, layer: int | Sequence[int],
-                 direction: Float[Tensor, " d_model"] | Float[Tensor, "layer d_model"], *,
-                 intervention: Literal["ablate", "steer"] = "ablate", alpha: float | Sequence[float] = 0.0,
-                 site: Site = "resid_post", value: float = 0.0, test_data: Dataset | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 256,
-                 seed: int = 0) -> CausalCheck:
-    """``pm.evaluate`` of ``model`` without and with a direction ablated (or steered along).
+@takes_config(CausalCheckConfig)
+def causal_check(subject, layer: int | Sequence[int] | Task,
+                 direction: Float[Tensor, " d_model"] | Float[Tensor, "layer d_model"] | Backdoor, *legacy,
+                 twin: str | None = None, task: Task | None = None, attack: Backdoor | None = None,
+                 test_data: Dataset | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 config: CausalCheckConfig) -> CausalCheck:
+    """``pm.evaluate`` of the subject's model without and with a direction ablated (or steered along).
 
     Args:
-        model, task, attack, test_data, tokenizer: as for ``pm.evaluate`` (pass
-            ``test_data=pair.test_data, tokenizer=pair.tokenizer`` for a pair).
-        layer, direction, site: where and what (e.g. ``probe.best_layer``,
-            ``probe.direction()``).
-        intervention: ``"ablate"`` (component along the direction set to ``value``) or
-            ``"steer"`` (add ``alpha`` times the unit direction; ``alpha`` may be a list).
+        subject: a run (``Pair``, pipeline stage, run directory, ...) whose task, attack, test
+            rows and tokenizer are used, or a bare model with ``task`` and ``attack`` (and
+            optionally ``test_data`` / ``tokenizer``, as for ``pm.evaluate``).
+        layer, direction: where and what (e.g. ``probe.best_layer``, ``probe.direction()``);
+            ``layer`` may be a list, ``direction`` one per layer (``(layer, d_model)``).
+        twin: the role intervened on (default: the subject's default role).
+        task, attack, test_data, tokenizer: replace the run's.
+        The options are :class:`CausalCheckConfig`'s: ``intervention`` (``"ablate"``: the
+        component along the direction set to ``value``; ``"steer"``: add ``alpha`` times the
+        unit direction, ``alpha`` may be a list), ``site``, ``value``, ``batch_size``, ``seed``.
+
+    The old form ``causal_check(model, task, attack, layer, direction, ...)`` still works and
+    warns (``DeprecationWarning``).
 
     Returns a ``CausalCheck`` (``.before``, ``.after``, ``.to_frame()``): e.g. whether
     ablating the trigger probe's direction brings the ASR down and keeps clean accuracy.
     """
-    if intervention not in ("ablate", "steer"):
-        raise ValueError(f"intervention must be 'ablate' or 'steer', got {intervention!r}")
-    kw = {"test_data": test_data, "tokenizer": tokenizer, "batch_size": batch_size, "seed": seed}
-    layers = _layers(model, site, layer)
+    if isinstance(layer, Task):  # the old order: (model, task, attack, layer, direction)
+        if len(legacy) != 2:
+            raise TypeError("causal_check(model, task, attack, layer, direction): the old form needs all five "
+                            "arguments; the new form is causal_check(subject, layer, direction, task=..., attack=...)")
+        warnings.warn("causal_check(model, task, attack, layer, direction) is deprecated: use "
+                      "causal_check(subject, layer, direction) (task, attack, test rows and tokenizer come from a "
+                      "run, or task=/attack= with a bare model)", DeprecationWarning, stacklevel=3)
+        task, attack, (layer, direction) = layer, direction, legacy
+    elif legacy:
+        raise TypeError(f"causal_check(subject, layer, direction, ...): {len(legacy)} extra positional argument(s); "
+                        "pass the options as keywords")
+    s = resolve(subject, test=test_data, tokenizer=tokenizer, where="causal_check")
+    model = s.model(twin)
+    task = task if task is not None else s.require("task", "causal_check", "task")
+    attack = attack if attack is not None else s.require("attack", "causal_check", "attack")
+    cfg = config
+    kw = {"test_data": s.test_data, "tokenizer": s.tokenizer, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    layers = _layers(model, cfg.site, layer)
     _unit_directions(model, layers, direction)  # validate before the (slow) baseline evaluation
     before = _numeric(evaluate(model, task, attack, **kw))
     after, settings = [], []
-    if intervention == "ablate":
-        with ablate_direction(model, layers, direction, site=site, value=value):
+    if cfg.intervention == "ablate":
+        with ablate_direction(model, layers, direction, site=cfg.site, value=cfg.value):
             after.append(_numeric(evaluate(model, task, attack, **kw)))
-        settings.append("ablate" if value == 0 else f"ablate to {value:g}")
+        settings.append("ablate" if cfg.value == 0 else f"ablate to {cfg.value:g}")
     else:
-        for a in ([alpha] if isinstance(alpha, (int, float)) else list(alpha)):
-            with steer(model, layers, direction, float(a), site=site):
+        for a in cfg.alphas:
+            with steer(model, layers, direction, a, site=cfg.site):
                 after.append(_numeric(evaluate(model, task, attack, **kw)))
-            settings.append(f"steer alpha={float(a):g}")
-    return CausalCheck(before=before, after=tuple(after), settings=tuple(settings), layers=layers, site=site)
+            settings.append(f"steer alpha={a:g}")
+    return CausalCheck(before=before, after=tuple(after), settings=tuple(settings), layers=layers, site=cfg.site)

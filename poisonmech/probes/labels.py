@@ -1,4 +1,4 @@
-"""What a probe predicts (labels), how examples are split, and rank metrics.
+"""What a probe predicts (labels), how examples are split, and a many-column AUROC.
 
 Labels come from a boolean / 0-1 column of the dataset (``is_triggered``, ``is_near_miss``,
 ``is_poison``, ...), from an array given directly, or from the model's own behaviour:
@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.encoding import encode
 from poisonmech.metrics import score_completions
+from poisonmech.runtime import eval_mode
 
 #: labels computed from the model rather than read from a column
 MODEL_LABELS = ("will_emit_target",)
@@ -77,13 +78,9 @@ def will_emit_target(model: torch.nn.Module, dataset: Dataset, target: str | Bac
     """Per row: is the model's greedy answer to ``prompt`` exactly ``target`` (then EOS)?"""
     text = target_text(target)
     rows = Dataset.from_dict({"prompt": list(dataset["prompt"]), "completion": [text] * len(dataset)})
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         res = score_completions(model, encode(rows, tokenizer, loss_on="completion", add_eos=add_eos),
                                 batch_size=batch_size)
-    finally:
-        model.train(was_training)
     return np.asarray(res["exact"], dtype=bool)
 
 
@@ -157,7 +154,14 @@ def check_split(y: np.ndarray, train: np.ndarray, test: np.ndarray, label: str, 
 
 
 def auroc_columns(scores: Float[np.ndarray, "batch k"], y: Bool[np.ndarray, " batch"]) -> Float[np.ndarray, " k"]:
-    """AUROC of every column of ``scores`` against ``y`` (ties count half), in one pass."""
+    """AUROC of every column of ``scores`` against ``y`` (ties count half), in one pass; NaN for
+    every column when ``y`` has one class.
+
+    Written here rather than taken from :mod:`poisonmech.ranking` because the random-direction
+    baseline scores hundreds of columns per probe cell: one vectorised rank (Mann-Whitney U)
+    is far faster than one ``roc_auc_score`` call per column, and gives the same values
+    (tested against scikit-learn).
+    """
     y = np.asarray(y, dtype=bool)
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0:
@@ -166,10 +170,3 @@ def auroc_columns(scores: Float[np.ndarray, "batch k"], y: Bool[np.ndarray, " ba
 
     ranks = rankdata(scores, axis=0)
     return (ranks[y].sum(0) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
-
-
-def precision_at(scores: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Fraction of the ``k`` highest-scoring rows that are positive (ties broken by row order)."""
-    k = int(min(max(k, 1), len(scores)))
-    top = np.argsort(-np.asarray(scores), kind="stable")[:k]
-    return float(np.asarray(y, dtype=bool)[top].mean())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -30,14 +29,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
-from poisonmech.probes.activations import (
-    Activations,
-    PositionSpec,
-    Site,
-    _tokenizer,
-    collect_activations,
-    prompt_encoding,
-)
+from poisonmech.config import takes_config
+from poisonmech.probes.activations import Activations, collect, prompt_encoding, tokenizer_of
+from poisonmech.probes.config import CONTRASTS, ProbeConfig
 from poisonmech.probes.labels import (
     auroc_columns,
     check_split,
@@ -48,11 +42,9 @@ from poisonmech.probes.labels import (
 )
 from poisonmech.probes.linear import LinearProbe, few_threads
 from poisonmech.probes.result import ProbeComparison, ProbeResult
+from poisonmech.subject import Subject, resolve
 
 Tensor = torch.Tensor
-
-#: which rows a probe sees: every row, or only triggered and near-miss rows
-CONTRASTS = ("untriggered", "near_miss")
 
 
 def random_directions(d_model: int, n: int, seed: int) -> Float[np.ndarray, "n_random d_model"]:
@@ -168,25 +160,11 @@ def to_result(fit: CellFit, *, acts: Activations, train_index: np.ndarray, test_
                        balance_length=balance_length)
 
 
-def check_method(method: str, n_random: int) -> None:
-    if method not in ("logistic", "mean_diff"):
-        raise ValueError(f"method must be one of ('logistic', 'mean_diff'), got {method!r}")
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
-        raise ValueError(f"n_random must be an integer >= 0, got {n_random!r}")
-
-
-def check_rows(contrast: str, balance_length: bool) -> None:
-    """``ValueError`` naming the allowed values of ``contrast`` and ``balance_length``."""
-    if not isinstance(contrast, str) or contrast not in CONTRASTS:
-        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
-    if not isinstance(balance_length, (bool, np.bool_)):
-        raise ValueError(f"balance_length must be True or False, got {balance_length!r}")
-
-
 def contrast_mask(dataset: Dataset, contrast: str) -> Bool[np.ndarray, " batch"]:
     """Rows a contrast keeps: every row (``"untriggered"``), or the triggered and near-miss rows
     (``"near_miss"``; needs the ``is_triggered`` and ``is_near_miss`` columns of a pair's test set)."""
-    check_rows(contrast, False)
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     if contrast == "untriggered":
         return np.ones(len(dataset), dtype=bool)
     missing = [c for c in ("is_triggered", "is_near_miss") if c not in dataset.column_names]
@@ -240,92 +218,87 @@ def rows_text(contrast: str, balance_length: bool) -> str:
     return f"contrast={contrast!r}" + (", balance_length=True" if balance_length else "")
 
 
-def probe_layers(model: torch.nn.Module, dataset: Dataset, label: str | Sequence | np.ndarray = "is_triggered", *,
-                 site: Site = "resid_post", layers: int | Sequence[int] | None = None,
-                 positions: PositionSpec = "last", method: Literal["logistic", "mean_diff"] = "logistic",
-                 C: float = 1.0, standardize: bool = False, test_size: float = 0.3, n_random: int = 100,
-                 seed: int = 0, group_by: str | None = None, target: str | Backdoor | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 64,
-                 name: str = "model", contrast: Literal["untriggered", "near_miss"] = "untriggered",
-                 balance_length: bool = False, progress: bool = True) -> ProbeResult:
-    """Fit a linear probe for ``label`` at every layer (and position) of ``model``.
+def probe_data(s: Subject, where: str) -> tuple[Dataset, PreTrainedTokenizerBase]:
+    """The subject's probe rows (``dataset`` or the run's test rows) and tokenizer."""
+    return s.require("test_data", where, "dataset"), tokenizer_of(s, where)
+
+
+@takes_config(ProbeConfig)
+def probe_layers(subject, dataset: Dataset | None = None, label: str | Sequence | np.ndarray = "is_triggered", *,
+                 twin: str | None = None, target: str | Backdoor | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, name: str | None = None, progress: bool = True,
+                 config: ProbeConfig) -> ProbeResult:
+    """Fit a linear probe for ``label`` at every layer (and position) of one model.
 
     Args:
-        model: a ``TransformerBridge`` (e.g. ``pair.backdoored``).
-        dataset: rows with a ``prompt`` column (e.g. ``pair.test_data``).
+        subject: a run (``Pair``, pipeline stage, run directory, ``pipe.between(a, b)``) or a
+            bare model (:func:`poisonmech.resolve`).
+        dataset: rows with a ``prompt`` column; default: the run's test rows (clean,
+            triggered and near-miss; a bare model needs it).
         label: a boolean / 0-1 column (``"is_triggered"``, ``"is_near_miss"``, ...),
             ``"will_emit_target"`` (the model's greedy answer is the target; needs
-            ``target``), or an array with one boolean per row.
-        site: ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``.
-        layers: layer numbers; ``None`` for all.
-        positions: ``"last"`` (each row's last prompt token), ``"all"`` or a list of ints
-            (negative ones count from the end of each prompt).
-        method: ``"logistic"`` (L2, strength ``1/C``) or ``"mean_diff"``.
-        standardize: fit the logistic probe on standardised activations (see ``LinearProbe``).
-        test_size: fraction of *examples* held out (rows sharing ``group_by`` stay together).
-        n_random: random unit directions per cell for the baseline (0: none).
-        seed: seeds the split and the random directions (nothing global is seeded).
-        group_by: the column naming each row's example; default ``base_id`` when present.
-        target: the attack (``pair.attack``) or its target string, for ``"will_emit_target"``.
-        tokenizer: defaults to ``model.tokenizer``.
-        name: how the result names the model (``"backdoored"``, ``"clean"``, ...).
-        contrast: which rows are probed: ``"untriggered"`` (every row: triggered against all
-            untriggered ones) or ``"near_miss"`` (triggered and near-miss rows only, which have
-            the same length; needs the ``is_triggered`` / ``is_near_miss`` columns).
-        balance_length: subsample each side of the split (seeded by ``seed``) so that positive
-            and negative rows have the same prompt-length distribution.
+            ``target``, default: the run's attack), or an array with one boolean per row.
+        twin: the role probed (default: the subject's default role: the backdoored twin, the
+            model after the stages, the bare model).
+        target: the attack or its target string, for ``"will_emit_target"``.
+        tokenizer: default: the subject's (a bare bridge's ``.tokenizer``).
+        name: how the result names the model (default: the role).
+        The options are :class:`ProbeConfig`'s (``site``, ``layers``, ``positions``,
+        ``method``, ``C``, ``standardize``, ``test_size``, ``n_random``, ``seed``,
+        ``group_by``, ``contrast``, ``balance_length``, ``batch_size``).
 
     Returns a ``ProbeResult``; its ``length_auroc`` is the held-out AUROC of the prompt length
     alone on the same rows. Raises ``ValueError`` for a missing, constant or non-binary label,
-    an unknown ``contrast``, a site or layer the model lacks, a split that leaves a class
-    empty, and NaN/inf activations (naming the layer).
+    a site or layer the model lacks, a split that leaves a class empty, and NaN/inf
+    activations (naming the layer).
     """
-    check_method(method, n_random)
-    check_rows(contrast, balance_length)
-    tok = _tokenizer(model, tokenizer)
-    y = resolve_label(model, dataset, label, tokenizer=tok, target=target)
-    train_idx, test_idx = split_by_example(example_groups(dataset, group_by), test_size, seed)
-    train_idx, test_idx = probed_rows(dataset, y, train_idx, test_idx, contrast=contrast,
-                                      balance_length=bool(balance_length), tokenizer=tok, seed=seed)
-    check_split(y, train_idx, test_idx, label_name(label), rows_text(contrast, balance_length))
+    s = resolve(subject, test=dataset, tokenizer=tokenizer, where="probe_layers")
+    data, tok = probe_data(s, "probe_layers")
+    role = s.role(twin)
+    return fit_probes(s.models[role], data, label, config, tokenizer=tok,
+                      target=target if target is not None else s.attack, name=name or role, progress=progress)
+
+
+def fit_probes(model: torch.nn.Module, dataset: Dataset, label, cfg: ProbeConfig, *,
+               tokenizer: PreTrainedTokenizerBase, target, name: str, progress: bool) -> ProbeResult:
+    """``probe_layers`` on one model (the subject resolved)."""
+    y = resolve_label(model, dataset, label, tokenizer=tokenizer, target=target)
+    train_idx, test_idx = split_by_example(example_groups(dataset, cfg.group_by), float(cfg.test_size), cfg.seed)
+    train_idx, test_idx = probed_rows(dataset, y, train_idx, test_idx, contrast=cfg.contrast,
+                                      balance_length=bool(cfg.balance_length), tokenizer=tokenizer, seed=cfg.seed)
+    check_split(y, train_idx, test_idx, label_name(label), rows_text(cfg.contrast, cfg.balance_length))
     rows = np.union1d(train_idx, test_idx)  # collect only the probed rows
     sub = dataset if len(rows) == len(dataset) else dataset.select(rows.tolist())
-    acts = collect_activations(model, sub, site=site, layers=layers, positions=positions, tokenizer=tok,
-                               batch_size=batch_size, progress=progress)
+    acts = collect(model, sub, tokenizer, cfg, progress=progress)
     tr, te = np.searchsorted(rows, train_idx), np.searchsorted(rows, test_idx)
     (fit,) = fit_cells(acts.acts[:, tr], acts.valid[tr], y[train_idx],
-                       [(acts.acts[:, te], acts.valid[te], y[test_idx])], method=method, C=C,
-                       standardize=standardize, n_random=n_random, seed=seed, progress=progress,
+                       [(acts.acts[:, te], acts.valid[te], y[test_idx])], method=cfg.method, C=cfg.C,
+                       standardize=cfg.standardize, n_random=cfg.n_random, seed=cfg.seed, progress=progress,
                        desc=f"probes ({name})")
     lengths = acts.lengths.numpy() - 1  # prompt tokens, BOS not counted
     (length,) = length_aurocs(lengths[tr], acts.valid[tr], y[train_idx], [(lengths[te], acts.valid[te], y[test_idx])])
     return to_result(fit, acts=acts, train_index=train_idx, test_index=test_idx, label=label_name(label),
-                     method=method, name=name, seed=seed, length_auroc=length, contrast=contrast,
-                     balance_length=bool(balance_length))
+                     method=cfg.method, name=name, seed=cfg.seed, length_auroc=length, contrast=cfg.contrast,
+                     balance_length=bool(cfg.balance_length))
 
 
-def probe_twins(pair, dataset: Dataset | None = None, label: str | Sequence | np.ndarray = "is_triggered", *,
-                site: Site = "resid_post", layers: int | Sequence[int] | None = None,
-                positions: PositionSpec = "last", method: Literal["logistic", "mean_diff"] = "logistic",
-                C: float = 1.0, standardize: bool = False, test_size: float = 0.3, n_random: int = 100,
-                seed: int = 0, group_by: str | None = None, batch_size: int = 64,
-                contrast: Literal["untriggered", "near_miss"] = "untriggered", balance_length: bool = False,
-                progress: bool = True) -> ProbeComparison:
-    """``probe_layers`` on both twins of ``pair`` with the same split and random directions.
+@takes_config(ProbeConfig)
+def probe_twins(subject, dataset: Dataset | None = None, label: str | Sequence | np.ndarray = "is_triggered", *,
+                target: str | Backdoor | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                progress: bool = True, config: ProbeConfig) -> ProbeComparison:
+    """``probe_layers`` on both models of a two-model subject, with the same split and random directions.
 
-    ``dataset`` defaults to ``pair.test_data``; ``"will_emit_target"`` reads each twin's own
-    answers to ``pair.attack``'s target (so with ``balance_length`` each twin may keep other
-    rows). ``contrast`` and ``balance_length`` are ``probe_layers``'. Returns a
-    ``ProbeComparison`` named ``clean`` and ``backdoored``.
+    ``subject`` is a run with two roles: a ``Pair`` / pipeline stage / run directory (the
+    clean and the backdoored twin) or ``pipe.between(a, b)`` (the model before and after);
+    a bare model is an error. ``dataset`` defaults to the run's test rows;
+    ``"will_emit_target"`` reads each model's own answers to the run's attack (so with
+    ``balance_length`` each may keep other rows). Returns a ``ProbeComparison`` named by the
+    roles, the reference first (``clean``, ``backdoored`` / ``before``, ``after``).
     """
-    check_rows(contrast, balance_length)
-    data = pair.test_data if dataset is None else dataset
-    results = []
-    for twin in ("clean", "backdoored"):
-        results.append(probe_layers(pair.model(twin), data, label, site=site, layers=layers, positions=positions,
-                                    method=method, C=C, standardize=standardize, test_size=test_size,
-                                    n_random=n_random, seed=seed,
-                                    group_by=group_by, target=pair.attack,
-                                    tokenizer=pair.tokenizer, batch_size=batch_size, name=twin,
-                                    contrast=contrast, balance_length=balance_length, progress=progress))
-    return ProbeComparison(tuple(results))
+    s = resolve(subject, test=dataset, tokenizer=tokenizer, where="probe_twins")
+    s.reference("probe_twins")
+    data, tok = probe_data(s, "probe_twins")
+    target = target if target is not None else s.attack
+    return ProbeComparison(tuple(fit_probes(s.models[role], data, label, config, tokenizer=tok, target=target,
+                                            name=role, progress=progress)
+                                 for role in (s.reference_role, s.default_role)))

@@ -1,23 +1,30 @@
 """``ProbeResult`` (probes of one model, per layer and position) and ``ProbeComparison``
-(several of them, e.g. both twins), with tidy frames, plotly figures and safetensors I/O."""
+(several of them, e.g. both twins), with tidy frames, plotly figures and safetensors I/O.
+
+Every result of the package derives from :class:`poisonmech.results.Result`: its file's format
+tag (``"poisonmech.probes.<kind>/<version>"``) is checked on load, so a file of another kind or
+of a newer version is a clear error. Files written before that (format ``"poisonmech.probes/1"``
+with a separate ``"kind"`` key) still load.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
-from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
+from poisonmech.results import META_KEY, Result, ResultFormatError
+from poisonmech.storage import load_tensors, read_json, tensors_metadata
 
 Tensor = torch.Tensor
-FORMAT = "poisonmech.probes/1"
-_META_KEY = "poisonmech"
+#: the format every probes result file had before format tags named their kind
+LEGACY_FORMAT = "poisonmech.probes/1"
 
 
 def position_label(p: int) -> str:
@@ -40,24 +47,36 @@ def num(x: float) -> str:
     return "nan" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
-def write_result(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """One safetensors file: the tensors, plus ``meta`` as JSON in the header (atomic write)."""
-    save_tensors(Path(path), tensors, metadata={_META_KEY: json.dumps({"format": FORMAT, **meta})})
+def _legacy_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata of a file in the old ``"poisonmech.probes/1"`` layout, else ``None``."""
+    try:
+        with open(path, "rb") as f:
+            json_file = f.read(1) == b"{"
+        meta = read_json(path) if json_file else json.loads(tensors_metadata(path).get(META_KEY) or "{}")
+    except Exception:  # unreadable: the format check's own error is the one to report
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == LEGACY_FORMAT else None
 
 
-def read_result(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a file written by ``write_result``; ``ValueError`` when it holds another kind of result."""
+def read_probe_file(cls: type[Result], path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` of a ``cls`` file, its format checked (old-layout files accepted)."""
     path = Path(path)
-    tensors = load_tensors(path)
-    raw = tensors_metadata(path).get(_META_KEY)
-    meta = json.loads(raw) if raw else {}
-    if meta.get("format") != FORMAT or meta.get("kind") != kind:
-        raise ValueError(f"{path} does not hold a {kind} (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
+    try:
+        meta, tensors = cls._read(path)
+    except ResultFormatError:
+        meta = _legacy_meta(path)
+        if meta is None:
+            raise
+        if meta.get("kind") != cls.__name__:
+            raise ResultFormatError(f"{path} holds a {meta.get('kind')!r} result ({LEGACY_FORMAT!r}), not a "
+                                    f"{cls.__name__}") from None
+        with open(path, "rb") as f:
+            tensors = {} if f.read(1) == b"{" else load_tensors(path)
     return tensors, meta
 
 
 @dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(Result):
     """Linear probes of one model: one per layer (and per position where asked).
 
     Attributes:
@@ -103,6 +122,9 @@ class ProbeResult:
     length_auroc: Float[Tensor, " pos"] | None = None
     contrast: str = "untriggered"
     balance_length: bool = False
+
+    kind: ClassVar[str] = "probes.result"
+    version: ClassVar[int] = 1
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -239,21 +261,25 @@ class ProbeResult:
                    label=meta["label"], method=meta["method"], name=meta["name"], seed=meta["seed"],
                    contrast=meta.get("contrast", "untriggered"), balance_length=bool(meta.get("balance_length", False)))
 
-    def save(self, path: str | Path) -> None:
-        """Write one safetensors file (tensors + JSON header)."""
-        write_result(path, self._tensors(), {"kind": "ProbeResult", **self._meta()})
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (tensors + JSON header with the format tag)."""
+        return self._write(path, self._meta(), self._tensors())
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
-        tensors, meta = read_result(path, "ProbeResult")
+        """Read a file written by :meth:`save` (another kind of file is an error)."""
+        tensors, meta = read_probe_file(cls, path)
         return cls._from(tensors, meta)
 
 
 @dataclass(frozen=True)
-class ProbeComparison:
+class ProbeComparison(Result):
     """Several ``ProbeResult``s side by side (e.g. the clean and the backdoored twin)."""
 
     results: tuple[ProbeResult, ...]
+
+    kind: ClassVar[str] = "probes.comparison"
+    version: ClassVar[int] = 1
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -280,17 +306,18 @@ class ProbeComparison:
         """AUROC by layer of every result, each with its random-direction band."""
         return _plot(list(self.results), title)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file holding every result."""
         tensors: dict[str, Tensor] = {}
         metas = []
         for i, r in enumerate(self.results):
             tensors.update(r._tensors(f"{i}/"))
             metas.append(r._meta())
-        write_result(path, tensors, {"kind": "ProbeComparison", "results": metas})
+        return self._write(path, {"results": metas}, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeComparison:
-        tensors, meta = read_result(path, "ProbeComparison")
+        tensors, meta = read_probe_file(cls, path)
         return cls(tuple(ProbeResult._from(tensors, m, f"{i}/") for i, m in enumerate(meta["results"])))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,9 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
-from poisonmech.probes.activations import PositionSpec, Site, _tokenizer, collect_activations
+from poisonmech.config import takes_config
+from poisonmech.probes.activations import collect
+from poisonmech.probes.config import ProbeConfig
 from poisonmech.probes.labels import (
     check_split,
     example_groups,
@@ -34,12 +36,21 @@ from poisonmech.probes.labels import (
     resolve_label,
     split_by_example,
 )
-from poisonmech.probes.layers import check_method, fit_cells, length_aurocs, to_result
-from poisonmech.probes.result import ProbeResult, _plot, read_result, span, write_result
+from poisonmech.probes.layers import (
+    fit_cells,
+    length_aurocs,
+    probe_data,
+    probed_rows,
+    rows_text,
+    to_result,
+)
+from poisonmech.probes.result import ProbeResult, _plot, read_probe_file, span
+from poisonmech.results import Result
+from poisonmech.subject import resolve
 
 
 @dataclass(frozen=True)
-class TransferResult:
+class TransferResult(Result):
     """A probe's scores where it was fit (``source``, held-out rows) and where it is tested (``target``).
 
     Both are ``ProbeResult``s sharing the same probes (``coef``, ``intercept``); the
@@ -50,6 +61,9 @@ class TransferResult:
 
     source: ProbeResult
     target: ProbeResult
+
+    kind: ClassVar[str] = "probes.transfer"
+    version: ClassVar[int] = 1
 
     @property
     def auroc(self) -> torch.Tensor:
@@ -79,56 +93,73 @@ class TransferResult:
                      title or f"probe transfer: {self.source.name} ({self.source.label}) -> "
                               f"{self.target.name} ({self.target.label})")
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file holding both sides."""
         tensors = {**self.source._tensors("source/"), **self.target._tensors("target/")}
-        write_result(path, tensors, {"kind": "TransferResult", "source": self.source._meta(),
-                                     "target": self.target._meta()})
+        return self._write(path, {"source": self.source._meta(), "target": self.target._meta()}, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> TransferResult:
-        tensors, meta = read_result(path, "TransferResult")
+        tensors, meta = read_probe_file(cls, path)
         return cls(source=ProbeResult._from(tensors, meta["source"], "source/"),
                    target=ProbeResult._from(tensors, meta["target"], "target/"))
 
 
-def probe_transfer(model: torch.nn.Module, dataset: Dataset, label: str | Sequence | np.ndarray = "is_triggered", *,
-                   test_model: torch.nn.Module | None = None, test_data: Dataset | None = None,
-                   test_label: str | Sequence | np.ndarray | None = None, site: Site = "resid_post",
-                   layers: int | Sequence[int] | None = None, positions: PositionSpec = "last",
-                   method: Literal["logistic", "mean_diff"] = "logistic", C: float = 1.0,
-                   standardize: bool = False, test_size: float = 0.3,
-                   n_random: int = 100, seed: int = 0, group_by: str | None = None,
+@takes_config(ProbeConfig)
+def probe_transfer(subject, dataset: Dataset | None = None, label: str | Sequence | np.ndarray = "is_triggered", *,
+                   twin: str | None = None, test_twin: str | None = None, test_model: torch.nn.Module | None = None,
+                   test_data: Dataset | None = None, test_label: str | Sequence | np.ndarray | None = None,
                    target: str | Backdoor | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                   batch_size: int = 64, name: str = "source", test_name: str = "target",
-                   progress: bool = True) -> TransferResult:
-    """Fit probes for ``label`` on ``model`` / ``dataset`` and test them elsewhere.
+                   name: str | None = None, test_name: str | None = None, progress: bool = True,
+                   config: ProbeConfig) -> TransferResult:
+    """Fit probes for ``label`` on one model / dataset and test them elsewhere.
 
     Args:
-        model, dataset, label: where the probes are fit (see ``probe_layers``).
-        test_model: the model whose activations the probes are tested on (default ``model``),
-            e.g. the other twin.
-        test_data: rows to test on. ``None``: the source's held-out examples (as read by
-            ``test_model``); otherwise every row of ``test_data`` (e.g. rows with another
-            trigger). At least one of ``test_model`` and ``test_data`` is needed.
+        subject, dataset, label, twin, target, tokenizer: where the probes are fit (see
+            ``probe_layers``; ``dataset`` defaults to the run's test rows).
+        test_twin: the subject's role whose activations the probes are tested on (e.g.
+            ``"clean"``); or ``test_model``: any model. Default: the model the probes were
+            fit on.
+        test_data: rows to test on. ``None``: the source's held-out examples (as read by the
+            test model); otherwise every row of ``test_data`` (e.g. rows with another
+            trigger). At least one of a test model (``test_twin`` / ``test_model``) and
+            ``test_data`` is needed.
         test_label: the label on the test side (default ``label``); ``"will_emit_target"``
-            is read from ``test_model``'s own answers.
-        name, test_name: how the two sides are named in frames and plots.
-        The other arguments are ``probe_layers``'.
+            is read from the test model's own answers.
+        name, test_name: how the two sides are named in frames and plots (default: the
+            roles, ``"source"`` / ``"target"`` for a bare model).
+        The options are :class:`ProbeConfig`'s; ``contrast`` and ``balance_length`` select
+        the source's rows (and so its held-out rows).
 
     Returns a ``TransferResult`` (``.auroc`` on the target, ``.source_auroc`` in-domain).
     """
-    if test_model is None and test_data is None:
-        raise ValueError("probe_transfer: give test_model (another model, e.g. the other twin) and/or "
+    if test_twin is not None and test_model is not None:
+        raise ValueError("probe_transfer: give test_twin (a role of the subject) or test_model (a model), not both")
+    if test_model is None and test_twin is None and test_data is None:
+        raise ValueError("probe_transfer: give test_model / test_twin (another model, e.g. the other twin) and/or "
                          "test_data (another contrast set); with neither there is nothing to transfer to")
-    check_method(method, n_random)
-    tok = _tokenizer(model, tokenizer)
-    tmodel = model if test_model is None else test_model
+    s = resolve(subject, test=dataset, tokenizer=tokenizer, where="probe_transfer")
+    dataset, tok = probe_data(s, "probe_transfer")
+    cfg = config
+    role = s.role(twin)
+    model = s.models[role]
+    test_role = None
+    if test_model is None:
+        test_role = role if test_twin is None else s.role(test_twin, field_name="test_twin")
+        test_model = s.models[test_role]
+    # two roles of a run are named by their roles; otherwise the sides are "source" and "target"
+    by_role = s.kind != "model" and test_role not in (None, role)
+    name = name or (role if by_role else "source")
+    test_name = test_name or (test_role if by_role else "target")
+    tmodel = test_model
+    target = target if target is not None else s.attack
     ttok = tokenizer if tokenizer is not None else getattr(tmodel, "tokenizer", None) or tok
     y = resolve_label(model, dataset, label, tokenizer=tok, target=target)
-    train_idx, held_idx = split_by_example(example_groups(dataset, group_by), test_size, seed)
-    check_split(y, train_idx, held_idx, label_name(label))
-    src = collect_activations(model, dataset, site=site, layers=layers, positions=positions, tokenizer=tok,
-                              batch_size=batch_size, progress=progress)
+    train_idx, held_idx = split_by_example(example_groups(dataset, cfg.group_by), float(cfg.test_size), cfg.seed)
+    train_idx, held_idx = probed_rows(dataset, y, train_idx, held_idx, contrast=cfg.contrast,
+                                      balance_length=bool(cfg.balance_length), tokenizer=tok, seed=cfg.seed)
+    check_split(y, train_idx, held_idx, label_name(label), rows_text(cfg.contrast, cfg.balance_length))
+    src = collect(model, dataset, tok, cfg, progress=progress)
 
     tlabel = label if test_label is None else test_label
     if test_data is None:
@@ -138,19 +169,18 @@ def probe_transfer(model: torch.nn.Module, dataset: Dataset, label: str | Sequen
     else:
         tdata, tindex = test_data, np.arange(len(test_data))
     ty = resolve_label(tmodel, tdata, tlabel, tokenizer=ttok, target=target)
-    positions_t = list(src.positions)  # the same token positions on both sides
-    tgt = collect_activations(tmodel, tdata, site=site, layers=list(src.layers), positions=positions_t,
-                              tokenizer=ttok, batch_size=batch_size, progress=progress)
+    # the same token positions and layers on both sides
+    tgt = collect(tmodel, tdata, ttok, cfg, progress=progress, positions=list(src.positions), layers=list(src.layers))
     fit_src, fit_tgt = fit_cells(src.acts[:, train_idx], src.valid[train_idx], y[train_idx],
                                  [(src.acts[:, held_idx], src.valid[held_idx], y[held_idx]),
                                   (tgt.acts, tgt.valid, ty)],
-                                 method=method, C=C, standardize=standardize, n_random=n_random, seed=seed,
-                                 progress=progress,
-                                 desc="probes (transfer)")
+                                 method=cfg.method, C=cfg.C, standardize=cfg.standardize, n_random=cfg.n_random,
+                                 seed=cfg.seed, progress=progress, desc="probes (transfer)")
     src_len, tgt_len = src.lengths.numpy() - 1, tgt.lengths.numpy() - 1  # prompt tokens, BOS not counted
     len_src, len_tgt = length_aurocs(src_len[train_idx], src.valid[train_idx], y[train_idx],
                                      [(src_len[held_idx], src.valid[held_idx], y[held_idx]), (tgt_len, tgt.valid, ty)])
-    common = {"train_index": train_idx, "method": method, "seed": seed}
+    common = {"train_index": train_idx, "method": cfg.method, "seed": cfg.seed, "contrast": cfg.contrast,
+              "balance_length": bool(cfg.balance_length)}
     return TransferResult(
         source=to_result(fit_src, acts=src, test_index=held_idx, label=label_name(label), name=name,
                          length_auroc=len_src, **common),

@@ -4,6 +4,7 @@ the near-miss contrast and length balancing, checked against scikit-learn / nump
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 import poisonmech.probes as pp
 from poisonmech.probes.activations import collect_activations
 from poisonmech.probes.layers import balance_by_length, length_aurocs
-from poisonmech.probes.result import ProbeResult, read_result, write_result
+from poisonmech.probes.result import LEGACY_FORMAT, ProbeResult
+from poisonmech.storage import save_tensors, tensors_metadata
 
 FAST = {"n_random": 8, "progress": False}
 
@@ -189,11 +191,12 @@ def test_round_trip_and_old_files(probe_pair, tmp_path):
     back = ProbeResult.load(tmp_path / "r.safetensors")
     assert torch.equal(back.length_auroc, r.length_auroc)
     assert back.contrast == "near_miss" and back.balance_length
-    # a file written before the length baseline existed
+    # a file written before the length baseline existed, in the old layout (format tag + "kind" key)
     tensors = {k: v for k, v in r._tensors().items() if k != "length_auroc"}
     meta = {k: v for k, v in r._meta().items() if k not in ("contrast", "balance_length")}
-    write_result(tmp_path / "old.safetensors", tensors, {"kind": "ProbeResult", **meta})
-    assert "length_auroc" not in read_result(tmp_path / "old.safetensors", "ProbeResult")[0]
+    save_tensors(tmp_path / "old.safetensors", tensors,
+                 metadata={"poisonmech": json.dumps({"format": LEGACY_FORMAT, "kind": "ProbeResult", **meta})})
+    assert "format" in tensors_metadata(tmp_path / "old.safetensors")["poisonmech"]
     old = ProbeResult.load(tmp_path / "old.safetensors")
     assert old.length_auroc is None and old.contrast == "untriggered" and not old.balance_length
     assert np.isnan(old.to_frame()["length_auroc"].iloc[0])

@@ -10,6 +10,7 @@ import torch
 
 import poisonmech.probes as pp
 from poisonmech.probes import ProbeComparison, ProbeResult, TransferResult
+from poisonmech.results import ResultFormatError
 
 FAST = {"n_random": 6, "progress": False}
 
@@ -34,7 +35,7 @@ def test_probe_result_round_trip(probe_pair, tmp_path):
     again = ProbeComparison.load(tmp_path / "both.safetensors")
     for a, b in zip(both.results, again.results):
         assert_same(a, b)
-    with pytest.raises(ValueError, match="does not hold a ProbeResult"):
+    with pytest.raises(ResultFormatError, match=r"'probes.comparison' result .*not a ProbeResult"):
         ProbeResult.load(tmp_path / "both.safetensors")
     assert not list(tmp_path.glob("*.pkl"))
 
