@@ -17,46 +17,132 @@ ablated, everything else kept) is reported the same way.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Union
+from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 
+from poisonmech.circuits.config import FaithfulnessConfig, contrast_data
 from poisonmech.circuits.graph import Graph
 from poisonmech.circuits.rewire import ABLATIONS, reference_activations, rewired
-from poisonmech.circuits.validation import apply_metric, check_choice, check_metric, check_tokens
+from poisonmech.circuits.validation import apply_metric, check_metric
+from poisonmech.config import check_choice, takes_config
+from poisonmech.results import Result
+from poisonmech.runtime import check_tokens
+from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
 
 PARTS = ("complement", "circuit")
-
+RUNS = ("full", "empty", "circuit", "complement")
 
 ReferenceTokens = Union[Tensor, Sequence[Tensor], Callable[[Tensor], Tensor], None]
+#: what ``circuit=`` takes: a :class:`~poisonmech.circuits.circuit.Circuit`, or a ``(graph, edges)``
+#: pair whose edges are a ``[n_src n_dst]`` mask or edge names
+CircuitLike = Any
 
 
+def _circuit_parts(circuit: CircuitLike, model, where: str) -> tuple[Graph, Bool[Tensor, "n_src n_dst"], str | None]:
+    """``(graph, circuit mask, label)`` of ``circuit=``, its graph checked against ``model``'s."""
+    from poisonmech.circuits.circuit import Circuit  # circuit.py imports this module
+
+    if isinstance(circuit, Circuit):
+        graph, mask, label = circuit.graph, circuit.mask, circuit.name
+    elif isinstance(circuit, tuple) and len(circuit) == 2 and isinstance(circuit[0], Graph):
+        graph, edges = circuit
+        if isinstance(edges, Tensor):
+            if edges.shape != (graph.n_src, graph.n_dst):
+                raise ValueError(f"{where}: circuit=(graph, edges): an edge mask must be [n_src n_dst]="
+                                 f"{[graph.n_src, graph.n_dst]}, got {list(edges.shape)}")
+            mask = edges.bool().cpu() & graph.edge_mask
+        else:
+            mask = graph.mask_of(edges)
+        label = None
+    elif circuit is None:
+        raise ValueError(f"{where} needs circuit=: a Circuit (from discover) or a (graph, edges) pair")
+    else:
+        raise ValueError(f"{where}: circuit= must be a Circuit or a (Graph, edges) pair, got {type(circuit).__name__}")
+    g = Graph.from_model(model)
+    if g != graph:
+        raise ValueError(f"{where}: the model's graph {g!r} does not match the circuit's {graph!r}")
+    return graph, mask, label
+
+
+def _old_graph_form(where: str, old_names: tuple[str, ...], new_form: str, **fixed: Any) -> Callable:
+    """Keep ``fn(model, graph, edges, *data)`` (the order before issue 12) working, with a
+    ``DeprecationWarning``: a :class:`Graph` second (or ``graph=``) marks the old form, whose
+    ``(graph, edges)`` become ``circuit=`` (and ``fixed`` options, e.g. what is ablated)."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(subject, *args, **kwargs):
+            if not ((args and isinstance(args[0], Graph)) or "graph" in kwargs):
+                return fn(subject, *args, **kwargs)
+            if len(args) > len(old_names):
+                raise TypeError(f"{where}: at most {len(old_names) + 1} positional arguments in the old form, "
+                                f"got {len(args) + 1}")
+            old = dict(zip(old_names, args))
+            for name in old_names:
+                if name in kwargs:
+                    if name in old:
+                        raise TypeError(f"{where}: got {name!r} twice")
+                    old[name] = kwargs.pop(name)
+            warnings.warn(f"{where}(model, {', '.join(old_names)}) is deprecated: call {new_form}",
+                          DeprecationWarning, stacklevel=2)
+            circuit = (old.pop(old_names[0]), old.pop(old_names[1], None))
+            return fn(subject, *(old.get(n) for n in old_names[2:]), circuit=circuit, **fixed, **kwargs)
+        return wrapper
+    return deco
+
+
+@_old_graph_form("ablated", ("graph", "edges", "reference_tokens"),
+                 "ablated(subject, reference_tokens, circuit=(graph, edges), part='circuit', ablation=...)",
+                 part="circuit")
 @contextmanager
-def ablated(model, graph: Graph, edges: Bool[Tensor, "n_src n_dst"], reference_tokens: ReferenceTokens = None,
-            *, ablation: str = "patching") -> Iterator:
-    """Inside the block, ``model``'s forwards run with the ``edges`` mask ablated.
+def ablated(subject, reference_tokens: ReferenceTokens = None, *, circuit: CircuitLike = None,
+            ablation: str = "patching", part: str = "complement", twin: str | None = None) -> Iterator:
+    """Inside the block, the subject's model runs with part of its edges ablated.
 
-    ``reference_tokens`` supply the reference activations:
+    Args:
+        subject: any subject (:func:`poisonmech.resolve`); ``twin`` picks the model.
+        reference_tokens: what the ablated edges' reference activations come from:
 
-    - ``"patching"``: a ``[batch pos]`` corrupted batch (the model's inputs must then have its
-      shape), or a function mapping each input batch to its token-aligned corrupted batch
-      (e.g. the trigger replaced by a control word), run just before each forward: this is how
-      patching works inside :func:`poisonmech.evaluate`, whose batches are not known in advance;
-    - ``"mean"``: a ``[batch pos]`` batch or a list of batches (any lengths) to average;
-    - ``"zero"``: not needed.
+            - ``"patching"``: a ``[batch pos]`` corrupted batch (the model's inputs must then have
+              its shape), or a function mapping each input batch to its token-aligned corrupted
+              batch (e.g. the trigger replaced by a control word), run just before each forward:
+              this is how patching works inside :func:`poisonmech.evaluate`, whose batches are not
+              known in advance. With a run and no reference: the run's
+              :func:`~poisonmech.patching.control_fn` (the trigger swapped for neutral words);
+            - ``"mean"``: a ``[batch pos]`` batch or a list of batches (any lengths) to average;
+            - ``"zero"``: not needed.
+        circuit: a :class:`~poisonmech.circuits.circuit.Circuit`, or a ``(graph, edges)`` pair
+            (an edge mask or edge names).
+        ablation: ``"patching"``, ``"mean"`` or ``"zero"``.
+        part: ``"complement"`` ablates every edge outside the circuit (the circuit alone runs);
+            ``"circuit"`` ablates the circuit's own edges (the model without the circuit).
 
     Yields the model. Hooks are removed and the model's train/eval mode is restored on exit,
-    also when the block raises.
+    also when the block raises. (The old form ``ablated(model, graph, edges, reference_tokens)``,
+    which ablates ``edges``, still works with a ``DeprecationWarning``.)
     """
-    check_choice("ablation", ablation, ABLATIONS)
+    check_choice("ablated", "ablation", ablation, ABLATIONS)
+    check_choice("ablated", "part", part, PARTS)
+    s = resolve(subject, where="ablated")
+    model = s.model(twin)
+    graph, inside, _ = _circuit_parts(circuit, model, "ablated")
+    edges = inside if part == "circuit" else graph.edge_mask & ~inside
+    if reference_tokens is None and ablation == "patching" and s.is_run:
+        from poisonmech.patching import control_fn  # lazily: patching is a sibling package
+
+        reference_tokens = control_fn(s)
     if callable(reference_tokens) and not isinstance(reference_tokens, Tensor):
         if ablation != "patching":
             raise ValueError(f"reference_tokens: a function of the input tokens works with ablation='patching' "
@@ -65,23 +151,26 @@ def ablated(model, graph: Graph, edges: Bool[Tensor, "n_src n_dst"], reference_t
             yield model
         return
     if isinstance(reference_tokens, (list, tuple)):
-        reference_tokens = [check_tokens(model, t, names=(f"reference_tokens[{i}]", ""))[0]
+        reference_tokens = [check_tokens(model, t, names=(f"reference_tokens[{i}]",))[0]
                             for i, t in enumerate(reference_tokens)]
     elif reference_tokens is not None:
-        reference_tokens, _ = check_tokens(model, reference_tokens, names=("reference_tokens", ""))
+        (reference_tokens,) = check_tokens(model, reference_tokens, names=("reference_tokens",))
     ref = reference_activations(model, graph, reference_tokens, ablation)
     with rewired(model, graph, ablate=edges, reference=ref):
         yield model
 
 
 @dataclass(frozen=True, eq=False)
-class Faithfulness:
+class Faithfulness(Result):
     """How much of the clean behaviour a circuit, and its complement, carry.
 
     Per example, the metric of the clean batch with: nothing ablated (``full``), everything
     ablated (``empty``), everything outside the circuit ablated (``circuit``) and the circuit's
-    edges ablated (``complement``).
+    edges ablated (``complement``). Saved as ``"poisonmech.faithfulness/1"`` safetensors.
     """
+
+    kind = "faithfulness"
+    version = 1
 
     ablation: str
     full: Float[Tensor, " batch"]
@@ -110,7 +199,7 @@ class Faithfulness:
     def to_frame(self) -> pd.DataFrame:
         """Tidy: one row per run (full, empty, circuit, complement) with mean, sem and normalized metric."""
         rows = []
-        for part in ("full", "empty", "circuit", "complement"):
+        for part in RUNS:
             v = getattr(self, part)
             n = v.shape[0]
             rows.append({"ablation": self.ablation, "run": part, "mean": float(v.mean()),
@@ -129,6 +218,18 @@ class Faithfulness:
                      title=title or f"faithfulness ({self.ablation} ablation)")
         fig.update_layout(template="plotly_white", yaxis_title="normalized metric (1 = full model)")
         return fig
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic safetensors write: the four runs' per-example metric; the counts as metadata."""
+        return self._write(path, {"ablation": self.ablation, "n_edges": self.n_edges,
+                                  "n_graph_edges": self.n_graph_edges},
+                           {part: getattr(self, part) for part in RUNS})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Faithfulness:
+        meta, t = cls._read(path)
+        return cls(ablation=meta["ablation"], n_edges=int(meta["n_edges"]), n_graph_edges=int(meta["n_graph_edges"]),
+                   **{part: t[part] for part in RUNS})
 
     def __repr__(self) -> str:
         return (f"Faithfulness(ablation={self.ablation!r}, circuit={self.circuit_faithfulness:.3f}, "
@@ -150,19 +251,6 @@ def _check_metrics(metrics) -> dict[str, Callable]:
     return dict(metrics)
 
 
-def _check_ablations(ablations) -> tuple[str, ...]:
-    if isinstance(ablations, str):
-        ablations = (ablations,)
-    ablations = tuple(ablations)
-    if not ablations:
-        raise ValueError(f"ablations must name at least one of {ABLATIONS}, got ()")
-    for a in ablations:
-        check_choice("ablations", a, ABLATIONS)
-    if len(set(ablations)) < len(ablations):
-        raise ValueError(f"ablations: each ablation once, got {ablations}")
-    return ablations
-
-
 def _part_metrics(model, graph: Graph, inside: Tensor, clean_tokens: Tensor, ref: Tensor,
                   metrics: dict[str, Callable]) -> dict[str, dict[str, Tensor]]:
     """``{part: {metric name: [batch]}}`` for the four runs of the clean batch; every metric
@@ -176,21 +264,44 @@ def _part_metrics(model, graph: Graph, inside: Tensor, clean_tokens: Tensor, ref
     return out
 
 
-@torch.no_grad()
-def faithfulness(model, graph: Graph, circuit_edges: Bool[Tensor, "n_src n_dst"],
-                 clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"] | None,
-                 metric: Callable, *, ablation: str = "patching") -> Faithfulness:
-    """Faithfulness of the circuit ``circuit_edges`` (a mask) on the clean batch; see the module docstring.
-
-    ``corrupted_tokens`` are the reference for ``"patching"`` and ``"mean"`` ablation.
-    """
-    check_choice("ablation", ablation, ABLATIONS)
-    check_metric(metric)
+def _prepare(subject, clean_tokens, corrupted_tokens, metric, circuit, config: FaithfulnessConfig, where: str,
+             metrics: bool):
+    """The model, tokens (checked, on its device), metric(s) and circuit of a faithfulness call."""
+    s = resolve(subject, where=where)
+    model = s.model(config.twin)
+    graph, inside, label = _circuit_parts(circuit, model, where)
+    clean_tokens, corrupted_tokens, metric = contrast_data(s, model, clean_tokens, corrupted_tokens, metric,
+                                                           n=config.n_contrast, where=where, metrics=metrics)
     clean_tokens, corrupted_tokens = check_tokens(model, clean_tokens, corrupted_tokens)
-    ref = reference_activations(model, graph, corrupted_tokens, ablation)
-    inside = circuit_edges.bool().cpu() & graph.edge_mask
+    return model, graph, inside, label, clean_tokens, corrupted_tokens, metric
+
+
+@_old_graph_form("faithfulness", ("graph", "circuit_edges", "clean_tokens", "corrupted_tokens", "metric"),
+                 "faithfulness(subject, clean_tokens, corrupted_tokens, metric, circuit=(graph, edges))")
+@takes_config(FaithfulnessConfig)
+@torch.no_grad()
+def faithfulness(subject, clean_tokens: Int[Tensor, "batch pos"] | None = None,
+                 corrupted_tokens: Int[Tensor, "batch pos"] | None = None, metric: Callable | None = None, *,
+                 circuit: CircuitLike = None, config: FaithfulnessConfig) -> Faithfulness:
+    """Faithfulness of ``circuit`` on the clean batch; see the module docstring.
+
+    Args:
+        subject: any subject (:func:`poisonmech.resolve`); ``twin`` picks the model.
+        clean_tokens, corrupted_tokens, metric: the clean batch, the reference batch of
+            ``"patching"`` and ``"mean"`` ablation (``None`` allows ``"zero"`` only) and the metric.
+            With a run and no tokens: its trigger contrast and logit difference.
+        circuit: a :class:`~poisonmech.circuits.circuit.Circuit`, or a ``(graph, edges)`` pair.
+
+    Options (:class:`~poisonmech.circuits.config.FaithfulnessConfig`): ``ablation``, ``twin``,
+    ``n_contrast``. The old form ``faithfulness(model, graph, circuit_edges, clean_tokens,
+    corrupted_tokens, metric)`` still works, with a ``DeprecationWarning``.
+    """
+    model, graph, inside, _, clean_tokens, corrupted_tokens, metric = _prepare(
+        subject, clean_tokens, corrupted_tokens, metric, circuit, config, "faithfulness", metrics=False)
+    check_metric(metric)
+    ref = reference_activations(model, graph, corrupted_tokens, config.ablation)
     runs = _part_metrics(model, graph, inside, clean_tokens, ref, {"metric": metric})
-    return Faithfulness(ablation=ablation, n_edges=int(inside.sum()), n_graph_edges=graph.n_edges,
+    return Faithfulness(ablation=config.ablation, n_edges=int(inside.sum()), n_graph_edges=graph.n_edges,
                         **{part: v["metric"] for part, v in runs.items()})
 
 
@@ -199,13 +310,17 @@ REFERENCES = {"patching": "the corrupted run (token-aligned)", "mean": "the mean
 
 
 @dataclass(frozen=True, eq=False)
-class FaithfulnessTable:
+class FaithfulnessTable(Result):
     """Faithfulness of one circuit under several ablations and metrics, side by side.
 
     ``results[(ablation, metric)]`` is the :class:`Faithfulness` of that cell; ``corrupted[metric]``
     the metric of the corrupted batch with nothing ablated (``None`` without corrupted tokens).
     Circuit metrics are fragile to these choices (Miller et al. 2024): read them together.
+    Saved as ``"poisonmech.faithfulness_table/1"`` safetensors.
     """
+
+    kind = "faithfulness_table"
+    version = 1
 
     results: dict[tuple[str, str], Faithfulness]
     corrupted: dict[str, Tensor | None]
@@ -261,6 +376,30 @@ class FaithfulnessTable:
         fig.update_layout(template="plotly_white")
         return fig
 
+    def save(self, path: str | Path) -> Path:
+        """Atomic safetensors write: every cell's four runs (``cell{i}.{run}``) and the corrupted
+        batch's metric (``corrupted{j}``); cell names, counts and the label as metadata."""
+        tensors: dict[str, Tensor] = {}
+        cells = []
+        for i, ((ablation, name), f) in enumerate(self.results.items()):
+            cells.append({"ablation": ablation, "metric": name, "ablation_kind": f.ablation, "n_edges": f.n_edges,
+                          "n_graph_edges": f.n_graph_edges})
+            tensors.update({f"cell{i}.{part}": getattr(f, part) for part in RUNS})
+        names = list(self.corrupted)
+        for j, name in enumerate(names):
+            if self.corrupted[name] is not None:
+                tensors[f"corrupted{j}"] = self.corrupted[name]
+        return self._write(path, {"cells": cells, "corrupted": names, "label": self.label}, tensors)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FaithfulnessTable:
+        meta, t = cls._read(path)
+        results = {(c["ablation"], c["metric"]): Faithfulness(
+            ablation=c["ablation_kind"], n_edges=int(c["n_edges"]), n_graph_edges=int(c["n_graph_edges"]),
+            **{part: t[f"cell{i}.{part}"] for part in RUNS}) for i, c in enumerate(meta["cells"])}
+        corrupted = {name: t.get(f"corrupted{j}") for j, name in enumerate(meta["corrupted"])}
+        return cls(results=results, corrupted=corrupted, label=meta.get("label"))
+
     def __repr__(self) -> str:
         """One line per ablation: ``circuit / complement`` faithfulness under each metric."""
         first = next(iter(self.results.values()))
@@ -275,32 +414,41 @@ class FaithfulnessTable:
         return "\n".join(lines)
 
 
+@_old_graph_form("faithfulness_table", ("graph", "circuit_edges", "clean_tokens", "corrupted_tokens", "metrics"),
+                 "faithfulness_table(subject, clean_tokens, corrupted_tokens, metrics, circuit=(graph, edges))")
+@takes_config(FaithfulnessConfig)
 @torch.no_grad()
-def faithfulness_table(model, graph: Graph, circuit_edges: Bool[Tensor, "n_src n_dst"],
-                       clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"] | None,
-                       metrics: Mapping[str, Callable], *, ablations: Sequence[str] = ABLATIONS,
-                       label: str | None = None) -> FaithfulnessTable:
+def faithfulness_table(subject, clean_tokens: Int[Tensor, "batch pos"] | None = None,
+                       corrupted_tokens: Int[Tensor, "batch pos"] | None = None,
+                       metrics: Mapping[str, Callable] | None = None, *, circuit: CircuitLike = None,
+                       label: str | None = None, config: FaithfulnessConfig) -> FaithfulnessTable:
     """:func:`faithfulness` of one circuit for every ablation in ``ablations`` and every metric in
     ``metrics`` (``{name: metric}``), each cell exactly what ``faithfulness(..., metric,
     ablation=...)`` returns. Four forwards per ablation (all metrics read them) and one of the
     corrupted batch. ``corrupted_tokens`` are the reference of ``"patching"`` and ``"mean"``
-    (as in :func:`faithfulness`); ``None`` allows ``ablations=("zero",)`` only.
+    (as in :func:`faithfulness`); ``None`` allows ``ablations=("zero",)`` only. With a run and
+    no tokens: its trigger contrast, with its logit difference and target log-probability.
+
+    ``circuit``: a :class:`~poisonmech.circuits.circuit.Circuit` (its name labels the table
+    unless ``label`` is given) or a ``(graph, edges)`` pair. Options
+    (:class:`~poisonmech.circuits.config.FaithfulnessConfig`): ``ablations``, ``twin``,
+    ``n_contrast``. The old form ``faithfulness_table(model, graph, circuit_edges, clean_tokens,
+    corrupted_tokens, metrics)`` still works, with a ``DeprecationWarning``.
     """
+    model, graph, inside, name, clean_tokens, corrupted_tokens, metrics = _prepare(
+        subject, clean_tokens, corrupted_tokens, metrics, circuit, config, "faithfulness_table", metrics=True)
     metrics = _check_metrics(metrics)
-    ablations = _check_ablations(ablations)
-    clean_tokens, corrupted_tokens = check_tokens(model, clean_tokens, corrupted_tokens)
-    inside = circuit_edges.bool().cpu() & graph.edge_mask
     results: dict[tuple[str, str], Faithfulness] = {}
-    for ablation in ablations:
+    for ablation in config.ablations:
         ref = reference_activations(model, graph, corrupted_tokens, ablation)
         runs = _part_metrics(model, graph, inside, clean_tokens, ref, metrics)
-        for name in metrics:
-            results[(ablation, name)] = Faithfulness(ablation=ablation, n_edges=int(inside.sum()),
-                                                     n_graph_edges=graph.n_edges,
-                                                     **{part: v[name] for part, v in runs.items()})
+        for m in metrics:
+            results[(ablation, m)] = Faithfulness(ablation=ablation, n_edges=int(inside.sum()),
+                                                  n_graph_edges=graph.n_edges,
+                                                  **{part: v[m] for part, v in runs.items()})
     corrupted: dict[str, Tensor | None] = dict.fromkeys(metrics)
     if corrupted_tokens is not None:
         with rewired(model, graph):
             logits = model(corrupted_tokens)
-        corrupted = {name: apply_metric(m, logits).float().cpu() for name, m in metrics.items()}
-    return FaithfulnessTable(results=results, corrupted=corrupted, label=label)
+        corrupted = {m: apply_metric(fn, logits).float().cpu() for m, fn in metrics.items()}
+    return FaithfulnessTable(results=results, corrupted=corrupted, label=label if label is not None else name)

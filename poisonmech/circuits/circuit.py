@@ -23,7 +23,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from poisonmech.circuits.ablation import (
-    PARTS,
     Faithfulness,
     FaithfulnessTable,
     ReferenceTokens,
@@ -32,19 +31,19 @@ from poisonmech.circuits.ablation import (
     faithfulness_table,
 )
 from poisonmech.circuits.graph import Graph, parse_name, split_edge
-from poisonmech.circuits.rewire import ABLATIONS
 from poisonmech.circuits.scores import EdgeScores, edge_frame
-from poisonmech.circuits.validation import check_choice, check_selection
-from poisonmech.storage import read_json, write_json
+from poisonmech.circuits.validation import check_selection
+from poisonmech.config import check_choice
+from poisonmech.results import Result, check_format, format_tag
 
 Tensor = torch.Tensor
 
-FORMAT = "poisonmech.circuit/1"
+FORMAT = format_tag("circuit", 1)  # "poisonmech.circuit/1", the tag of every circuit file so far
 
 
 @dataclass(frozen=True, eq=False)
-class Circuit:
-    """Edges of ``graph`` forming a circuit.
+class Circuit(Result):
+    """Edges of ``graph`` forming a circuit (saved as ``"poisonmech.circuit/1"`` JSON).
 
     Args:
         graph: the model's :class:`Graph`.
@@ -58,6 +57,9 @@ class Circuit:
             recorded with :meth:`with_faithfulness`), JSON-serialisable.
         label: a name for tables and plots.
     """
+
+    kind = "circuit"
+    version = 1
 
     graph: Graph
     edges: tuple[str, ...]
@@ -153,7 +155,7 @@ class Circuit:
         ``level="nodes"``: one row per node with ``kind, layer, head, in_circuit``, the circuit
         edges into and out of it (``n_in, n_out``) and the summed score of its outgoing edges.
         """
-        check_choice("level", level, ("edges", "nodes"))
+        check_choice("Circuit.to_frame", "level", level, ("edges", "nodes"))
         frame = edge_frame(self.graph)
         values = self.edge_values()
         frame["score"] = values
@@ -261,64 +263,56 @@ class Circuit:
 
     # -- causal checks -----------------------------------------------------------------------------
 
-    def faithfulness(self, model, clean_tokens: Int[Tensor, "batch pos"],
-                     corrupted_tokens: Int[Tensor, "batch pos"] | None, metric: Callable, *,
-                     ablation: str = "patching") -> Faithfulness:
-        """How much of the clean metric the circuit alone, and its complement alone, recover.
+    def faithfulness(self, subject, clean_tokens: Int[Tensor, "batch pos"] | None = None,
+                     corrupted_tokens: Int[Tensor, "batch pos"] | None = None, metric: Callable | None = None,
+                     **options: Any) -> Faithfulness:
+        """How much of the clean metric the circuit alone, and its complement alone, recover:
+        :func:`~poisonmech.circuits.faithfulness` of this circuit (``subject`` first, any kind).
 
-        ``ablation``: what ablated edges carry: ``"patching"`` (the corrupted run), ``"mean"``
-        (the mean over the corrupted batch and positions) or ``"zero"``. See
+        Options (``FaithfulnessConfig``): ``ablation``: what ablated edges carry: ``"patching"``
+        (the corrupted run), ``"mean"`` (the mean over the corrupted batch and positions) or
+        ``"zero"``; ``twin``; ``n_contrast``; or ``config=``. See
         :class:`~poisonmech.circuits.ablation.Faithfulness`.
         """
-        self._check_model(model)
-        return faithfulness(model, self.graph, self.mask, clean_tokens, corrupted_tokens, metric, ablation=ablation)
+        return faithfulness(subject, clean_tokens, corrupted_tokens, metric, circuit=self, **options)
 
-    def faithfulness_table(self, model, clean_tokens: Int[Tensor, "batch pos"],
-                           corrupted_tokens: Int[Tensor, "batch pos"] | None, metrics: dict[str, Callable], *,
-                           ablations: tuple[str, ...] = ABLATIONS) -> FaithfulnessTable:
+    def faithfulness_table(self, subject, clean_tokens: Int[Tensor, "batch pos"] | None = None,
+                           corrupted_tokens: Int[Tensor, "batch pos"] | None = None,
+                           metrics: dict[str, Callable] | None = None, **options: Any) -> FaithfulnessTable:
         """:meth:`faithfulness` for every ablation and every metric, side by side::
 
-            t = circuit.faithfulness_table(model, tc.triggered, tc.control,
+            t = circuit.faithfulness_table(pair, tc.triggered, tc.control,
                                            {"logit_diff": tc.logit_diff(), "target_logprob": tc.target_logprob()})
             t.to_frame()   # one row per (ablation, metric): circuit / complement faithfulness, denominators, n
 
-        Each cell equals ``faithfulness(model, clean, corrupted, metric, ablation=...)``.
+        Each cell equals ``faithfulness(subject, clean, corrupted, metric, ablation=...)``. Options:
+        ``ablations``, ``twin``, ``n_contrast``, ``label`` (default: the circuit's name), ``config=``.
         """
-        self._check_model(model)
-        return faithfulness_table(model, self.graph, self.mask, clean_tokens, corrupted_tokens, metrics,
-                                  ablations=ablations, label=self.name)
+        return faithfulness_table(subject, clean_tokens, corrupted_tokens, metrics, circuit=self, **options)
 
     @contextmanager
-    def ablate(self, model, reference_tokens: ReferenceTokens = None, *,
-               ablation: str = "patching", part: str = "complement") -> Iterator:
-        """Context manager: inside it, ``model`` runs with part of its edges ablated.
+    def ablate(self, subject, reference_tokens: ReferenceTokens = None, *,
+               ablation: str = "patching", part: str = "complement", twin: str | None = None) -> Iterator:
+        """Context manager: inside it, the subject's model runs with part of its edges ablated.
 
         Args:
+            subject: any subject (:func:`poisonmech.resolve`); ``twin`` picks the model.
             reference_tokens: for ``"patching"``, the corrupted ``[batch pos]`` batch (the model's inputs
                 must then have its shape) or a function mapping each input batch to its token-aligned
                 corrupted batch (e.g. the trigger swapped for a control word: patching inside
-                ``pm.evaluate``); for ``"mean"``, a batch or a list of batches to average; unused for ``"zero"``.
+                ``pm.evaluate``; a run's default); for ``"mean"``, a batch or a list of batches to average;
+                unused for ``"zero"``.
             ablation: ``"patching"``, ``"mean"`` or ``"zero"``.
             part: ``"complement"`` ablates every edge outside the circuit (the circuit alone runs);
                 ``"circuit"`` ablates the circuit's own edges (the model without the circuit).
 
         Yields the model. Hooks are removed and the model's mode restored on exit, also on error::
 
-            with circuit.ablate(model, control, ablation="mean", part="circuit"):
-                pm.evaluate(model, task, attack)
+            with circuit.ablate(pair, control, ablation="mean", part="circuit"):
+                pm.evaluate(pair)
         """
-        check_choice("ablation", ablation, ABLATIONS)
-        check_choice("part", part, PARTS)
-        self._check_model(model)
-        inside = self.mask
-        edges = inside if part == "circuit" else self.graph.edge_mask & ~inside
-        with ablated(model, self.graph, edges, reference_tokens, ablation=ablation) as m:
+        with ablated(subject, reference_tokens, circuit=self, ablation=ablation, part=part, twin=twin) as m:
             yield m
-
-    def _check_model(self, model) -> None:
-        g = Graph.from_model(model)
-        if g != self.graph:
-            raise ValueError(f"model's graph {g!r} does not match the circuit's {self.graph!r}")
 
     # -- persistence -------------------------------------------------------------------------------
 
@@ -332,8 +326,8 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Circuit:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a poisonmech circuit (format {d.get('format')!r}, expected {FORMAT!r})")
+        """The circuit of :meth:`to_dict` (its format checked: another kind or a newer version is an error)."""
+        check_format(d, cls.kind, cls.version, "Circuit.from_dict", cls.__name__)
         per, scores = d.get("per_example"), d.get("scores")
         return cls(graph=Graph.from_dict(d["graph"]), edges=tuple(d["edges"]),
                    scores=torch.tensor(scores, dtype=torch.float32) if scores is not None else None, method=d["method"],
@@ -352,13 +346,16 @@ class Circuit:
             raise ValueError(f"Circuit.from_json: not JSON ({exc})") from exc
         return cls.from_dict(d)
 
-    def save(self, path: str | Path, per_example: bool = False) -> None:
-        """Atomic JSON write."""
-        write_json(Path(path), self.to_dict(per_example=per_example))
+    def save(self, path: str | Path, per_example: bool = False) -> Path:
+        """Atomic JSON write (the file :meth:`to_json` describes)."""
+        d = self.to_dict(per_example=per_example)
+        d.pop("format")  # the result writer puts the tag first
+        return self._write(path, d)
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
-        return cls.from_dict(read_json(Path(path)))
+        meta, _ = cls._read(path)
+        return cls.from_dict(meta)
 
     # -- comparison --------------------------------------------------------------------------------
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
 from poisonmech.circuits.circuit import Circuit
+from poisonmech.results import Result
+
+#: the comparison columns ``CircuitComparison.plot`` / ``matrix`` can show
+MATRIX_COLUMNS = ("edge_jaccard", "node_jaccard", "score_spearman", "abs_score_spearman", "union_score_spearman")
 
 
 def jaccard(a: set, b: set) -> float:
@@ -20,8 +27,11 @@ def jaccard(a: set, b: set) -> float:
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
-    """Spearman rank correlation (``scipy.stats.spearmanr``, average ranks for ties) and a note:
-    NaN with the reason when there are fewer than 2 values or either side is constant."""
+    """Spearman rank correlation (``scipy.stats.spearmanr``, average ranks for ties) and a note.
+
+    Fewer than 2 values, or a constant side, give NaN (as scipy does, which also warns
+    ``ConstantInputWarning``) with the reason in the note instead of a warning: a table of
+    many pairs reads better with the reason in its ``note`` column."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 2:
         return float("nan"), f"{len(x)} shared scored edge(s): no rank correlation"
@@ -47,8 +57,82 @@ def _correlations(scores_a: dict[str, float], scores_b: dict[str, float], edges)
     return {"rho": rho, "abs_rho": abs_rho, "note": note}
 
 
-def compare(circuits: Sequence[Circuit] | Mapping[str, Circuit], labels: Sequence[str] | None = None) -> pd.DataFrame:
-    """Pairwise agreement of circuits, one row per pair ``(a, b)``:
+@dataclass(frozen=True, eq=False)
+class CircuitComparison(Result):
+    """Pairwise agreement of circuits (:func:`compare`): one row per pair in :meth:`to_frame`.
+
+    For the code written when ``compare`` returned a bare DataFrame, the comparison reads like
+    its frame: ``cmp["edge_jaccard"]``, ``cmp[["a", "b"]]``, ``cmp[cmp.a == "x"]``, ``cmp.iloc[0]``,
+    ``cmp.iterrows()`` and ``len(cmp)`` go to :attr:`frame` (any attribute the comparison
+    lacks is looked up on the frame). Saved as ``"poisonmech.circuit_comparison/1"`` JSON.
+    """
+
+    kind = "circuit_comparison"
+    version = 1
+
+    frame: pd.DataFrame
+    labels: tuple[str, ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table (a copy): one row per pair ``(a, b)``, the columns :func:`compare` lists."""
+        return self.frame.copy()
+
+    def matrix(self, value: str = "edge_jaccard") -> pd.DataFrame:
+        """``labels x labels`` square of one column (symmetric; 1 on the diagonal)."""
+        if value not in MATRIX_COLUMNS:
+            raise ValueError(f"value must be one of {MATRIX_COLUMNS}, got {value!r}")
+        labels = list(self.labels)
+        mat = pd.DataFrame(np.eye(len(labels)), index=labels, columns=labels)
+        for a, b, v in zip(self.frame["a"], self.frame["b"], self.frame[value]):
+            mat.loc[a, b] = mat.loc[b, a] = v
+        return mat
+
+    def plot(self, value: str = "edge_jaccard", title: str | None = None):
+        """Heatmap of ``value`` (a column of :data:`MATRIX_COLUMNS`) for every pair of circuits."""
+        import plotly.express as px
+
+        mat = self.matrix(value)
+        lo = 0.0 if value.endswith("jaccard") else -1.0
+        fig = px.imshow(mat.to_numpy(), x=list(mat.columns), y=list(mat.index), zmin=lo, zmax=1.0,
+                        color_continuous_scale="Blues" if lo == 0 else "RdBu", text_auto=".2f",
+                        labels={"color": value}, title=title or f"circuit agreement: {value.replace('_', ' ')}")
+        fig.update_layout(template="plotly_white")
+        return fig
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic JSON write of the table (NaN kept)."""
+        return self._write(path, {"labels": list(self.labels), "columns": list(self.frame.columns),
+                                  "rows": self.frame.to_dict(orient="records")})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CircuitComparison:
+        meta, _ = cls._read(path)
+        frame = pd.DataFrame(meta["rows"], columns=meta["columns"])
+        return cls(frame=frame, labels=tuple(meta["labels"]))
+
+    # -- the DataFrame it used to be ---------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.frame[key]
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.frame)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("frame", "labels"):  # copy / pickle probes, and before init
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "frame"), name)
+
+    def __repr__(self) -> str:
+        return f"CircuitComparison({len(self.labels)} circuits, {len(self.frame)} pairs: {', '.join(self.labels)})"
+
+
+def compare(circuits: Sequence[Circuit] | Mapping[str, Circuit],
+            labels: Sequence[str] | None = None) -> CircuitComparison:
+    """Pairwise agreement of circuits, one row per pair ``(a, b)`` (``.to_frame()``):
 
     - ``n_edges_a, n_edges_b, shared_edges, edge_jaccard`` and the same for nodes (``node_jaccard``);
     - ``score_spearman``: the Spearman rank correlation (``scipy.stats.spearmanr``) of the two
@@ -64,7 +148,8 @@ def compare(circuits: Sequence[Circuit] | Mapping[str, Circuit], labels: Sequenc
     so circuits of models of different sizes compare on what they share.
 
     ``circuits``: a list (labelled by ``labels``, else each circuit's ``label``, else ``c{i}``) or a
-    ``{label: circuit}`` mapping.
+    ``{label: circuit}`` mapping. Returns a :class:`CircuitComparison` (which also answers the
+    DataFrame access that code written for the old bare-frame return uses).
     """
     if isinstance(circuits, Mapping):
         labels, items = list(circuits), list(circuits.values())
@@ -107,4 +192,4 @@ def compare(circuits: Sequence[Circuit] | Mapping[str, Circuit], labels: Sequenc
                      "n_scored_edges": len(common), "score_spearman": whole["rho"],
                      "abs_score_spearman": whole["abs_rho"], "n_union_edges": len(union),
                      "union_score_spearman": kept["rho"], "note": note})
-    return pd.DataFrame(rows)
+    return CircuitComparison(frame=pd.DataFrame(rows), labels=tuple(labels))

@@ -6,7 +6,8 @@ edge can be touched on its own:
 
 - a head's q / k / v input is a per-head copy ("fork") of the block's pre-norm residual
   stream, normed with the block's own ``ln1`` and projected with that head's ``W_Q`` / ``W_K``
-  / ``W_V`` (hook points ``blocks.{l}.hook_resid_pre`` and ``blocks.{l}.attn.hook_{q,k,v}``);
+  / ``W_V`` (hook points ``blocks.{l}.hook_resid_pre`` and ``blocks.{l}.attn.hook_{q,k,v}``,
+  the registry's ``resid_pre`` and ``q`` / ``k`` / ``v`` sites);
 - the MLP's input is a copy of the residual stream going into ``ln2``
   (``blocks.{l}.ln2.hook_in``, which leaves the residual skip connection alone);
 - the logits' input is a copy of the residual stream going into ``ln_final``.
@@ -34,6 +35,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from poisonmech.circuits.graph import CHANNELS, Graph
+from poisonmech.runtime import eval_mode, model_device
+from poisonmech.sites import hook_name
 
 Tensor = torch.Tensor
 
@@ -56,7 +59,7 @@ class RewiredRun:
         self.reference_fn = reference_fn
         self.busy = False  # True while a per-input reference run is being recorded
         H, L = graph.n_heads, graph.n_layers
-        device = next(model.parameters()).device
+        device = model_device(model)
         with torch.no_grad():
             self.W = {"q": model.W_Q.detach(), "k": model.W_K.detach(), "v": model.W_V.detach()}
             self.b = {"q": model.b_Q.detach(), "k": model.b_K.detach(), "v": model.b_V.detach()}
@@ -106,15 +109,18 @@ class RewiredRun:
     # -- hooks -------------------------------------------------------------------------------------
 
     def hooks(self) -> list[tuple[str, Callable]]:
+        """Hook names from the site registry (:mod:`poisonmech.sites`), except the two norms'
+        inputs (``blocks.{l}.ln2.hook_in``, ``ln_final.hook_in``): they are not activation sites
+        of any other analysis, only where this rewiring forks the MLP's and the logits' inputs."""
         hooks = []
         for layer in range(self.graph.n_layers):
-            hooks.append((f"blocks.{layer}.hook_resid_pre", self._resid_pre(layer)))
+            hooks.append((hook_name("resid_pre", layer), self._resid_pre(layer)))
             for c in CHANNELS:
-                hooks.append((f"blocks.{layer}.attn.hook_{c}", self._qkv(layer, c)))
-            hooks.append((f"blocks.{layer}.attn.hook_z", self._z(layer)))
+                hooks.append((hook_name(c, layer), self._qkv(layer, c)))
+            hooks.append((hook_name("attn_head", layer), self._z(layer)))
             if self.graph.has_mlp:
                 hooks.append((f"blocks.{layer}.ln2.hook_in", self._mlp_in(layer)))
-                hooks.append((f"blocks.{layer}.hook_mlp_out", self._mlp_out(layer)))
+                hooks.append((hook_name("mlp_out", layer), self._mlp_out(layer)))
         hooks.append(("ln_final.hook_in", self._logits_in()))
         return hooks
 
@@ -287,18 +293,16 @@ def rewired(model, graph: Graph | None = None, *, ablate: Bool[Tensor, "n_src n_
     graph = graph or Graph.from_model(model)
     run = RewiredRun(model, graph, ablate=ablate, reference=reference, track=track, input_value=input_value,
                      reference_fn=reference_fn)
-    was_training = model.training
-    model.eval()
     handle = None
-    try:
-        if reference_fn is not None:
-            handle = model.register_forward_pre_hook(run._reference_pre_hook, with_kwargs=True)
-        with model.hooks(fwd_hooks=run.hooks()):
-            yield run
-    finally:
-        if handle is not None:
-            handle.remove()
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            if reference_fn is not None:
+                handle = model.register_forward_pre_hook(run._reference_pre_hook, with_kwargs=True)
+            with model.hooks(fwd_hooks=run.hooks()):
+                yield run
+        finally:
+            if handle is not None:
+                handle.remove()
 
 
 @torch.no_grad()

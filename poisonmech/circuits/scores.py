@@ -10,14 +10,16 @@ summed over ``d_model``, per example. ``out`` is ``src``'s write to the residual
 k or v input separately), see :mod:`poisonmech.circuits.rewire`. A positive score means the
 edge pushes the metric towards its clean value.
 
-- ``method="eap"``: the gradient at one point: the clean run (``mode="noise"``, as in Hanna et
-  al.'s EAP: estimates the loss from patching the edge to corrupted) or the corrupted run
-  (``mode="denoise"``: estimates the gain from patching the edge to clean).
+- ``method="eap"``: the gradient at one point: the corrupted run (``mode="denoise"``, the
+  default: estimates the gain from patching the edge's clean value into the corrupted run) or
+  the clean run (``mode="noise"``, as in Syed et al.'s EAP: estimates the loss from patching the
+  edge's corrupted value into the clean run). The words mean what they mean in
+  :mod:`poisonmech.patching`. (Before issue 12 the default was ``"noise"``.)
 - ``method="eap-ig"``: the gradient averaged over ``steps`` runs whose embeddings are
   interpolated between corrupted and clean, ``corrupted + k/steps * (clean - corrupted)`` for
   ``k = 1..steps`` (the right Riemann sum of Hanna et al.'s reference implementation). The
   scores of the edges leaving ``input`` then sum to ``metric(clean) - metric(corrupted)`` as
-  ``steps`` grows (integrated-gradients completeness).
+  ``steps`` grows (integrated-gradients completeness). ``mode`` does not apply.
 """
 
 from __future__ import annotations
@@ -33,27 +35,33 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from poisonmech.circuits.config import MODES, SCORE_METHODS, CircuitConfig, contrast_data
 from poisonmech.circuits.graph import Graph, parse_name, split_edge
 from poisonmech.circuits.rewire import rewired, source_activations
-from poisonmech.circuits.validation import apply_metric, check_choice, check_metric, check_tokens
-from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
+from poisonmech.circuits.validation import apply_metric, check_metric
+from poisonmech.config import check_choice, takes_config
+from poisonmech.results import META_KEY, Result, check_format
+from poisonmech.runtime import check_tokens
+from poisonmech.storage import load_tensors, tensors_metadata
+from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
 
-SCORE_METHODS = ("eap", "eap-ig")
-MODES = ("noise", "denoise")
-FORMAT = "poisonmech.edge_scores/1"
 PER_EXAMPLE_LIMIT = 2**24  # keep per-example scores when batch * n_src * n_dst is at most this
 
 
 @dataclass(frozen=True, eq=False)
-class EdgeScores:
+class EdgeScores(Result):
     """Attribution scores of every edge of ``graph``.
 
     ``scores`` is ``[n_src n_dst]`` (mean over examples; 0 where ``graph.edge_mask`` is False),
     ``per_example`` ``[batch n_src n_dst]`` when it was cheap to keep. ``clean_metric`` and
-    ``corrupted_metric`` are the metric of the two runs, per example.
+    ``corrupted_metric`` are the metric of the two runs, per example. Saved as
+    ``"poisonmech.edge_scores/1"`` safetensors.
     """
+
+    kind = "edge_scores"
+    version = 1
 
     graph: Graph
     scores: Float[Tensor, "n_src n_dst"]
@@ -110,23 +118,33 @@ class EdgeScores:
         frame.insert(0, "method", self.method)
         return frame
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
         """Atomic safetensors write (scores, metrics, per-example scores where kept; settings as metadata)."""
         tensors = {"scores": self.scores, "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric}
         if self.per_example is not None:
             tensors["per_example"] = self.per_example
-        meta = {"format": FORMAT, "graph": json.dumps(self.graph.to_dict()), "method": self.method,
-                "mode": json.dumps(self.mode), "steps": json.dumps(self.steps)}
-        save_tensors(Path(path), tensors, metadata=meta)
+        meta = {"graph": self.graph.to_dict(), "method": self.method, "mode": self.mode, "steps": self.steps}
+        return self._write(path, meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> EdgeScores:
-        t, meta = load_tensors(Path(path)), tensors_metadata(Path(path))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} does not hold poisonmech edge scores (format {meta.get('format')!r})")
-        return cls(graph=Graph.from_dict(json.loads(meta["graph"])), scores=t["scores"], method=meta["method"],
+        """Read a file written by :meth:`save` (also one written before results shared one file
+        layout, whose settings sit JSON-encoded beside the format tag)."""
+        path = Path(path)
+        try:
+            raw = tensors_metadata(path) if path.is_file() else {}
+        except Exception:  # not a safetensors file: _read names the problem
+            raw = {}
+        if META_KEY not in raw and "format" in raw:  # the layout before the shared result files
+            check_format(raw, cls.kind, cls.version, path, cls.__name__)
+            meta = {"graph": json.loads(raw["graph"]), "method": raw["method"], "mode": json.loads(raw["mode"]),
+                    "steps": json.loads(raw["steps"])}
+            t = load_tensors(path)
+        else:
+            meta, t = cls._read(path)
+        return cls(graph=Graph.from_dict(meta["graph"]), scores=t["scores"], method=meta["method"],
                    clean_metric=t["clean_metric"], corrupted_metric=t["corrupted_metric"],
-                   per_example=t.get("per_example"), mode=json.loads(meta["mode"]), steps=json.loads(meta["steps"]))
+                   per_example=t.get("per_example"), mode=meta.get("mode"), steps=meta.get("steps"))
 
     def plot(self, title: str | None = None):
         """Heatmap of the scores, sources × destinations (plotly)."""
@@ -170,29 +188,43 @@ def _gradients(model, graph: Graph, tokens: Tensor, metric: Callable, input_valu
     return values.detach(), run.gather([g.detach() for g in grads])
 
 
-def edge_attribution(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                     metric: Callable, *, method: str = "eap-ig", steps: int = 5, mode: str = "noise",
-                     per_example: bool | None = None, graph: Graph | None = None,
-                     progress: bool = True) -> EdgeScores:
-    """EAP or EAP-IG scores of every edge of ``model``'s graph (see the module docstring).
+@takes_config(CircuitConfig)
+def edge_attribution(subject, clean_tokens: Int[Tensor, "batch pos"] | None = None,
+                     corrupted_tokens: Int[Tensor, "batch pos"] | None = None, metric: Callable | None = None, *,
+                     graph: Graph | None = None, progress: bool = True, config: CircuitConfig) -> EdgeScores:
+    """EAP or EAP-IG scores of every edge of the subject's model graph (see the module docstring).
 
     Args:
-        model: a ``TransformerBridge`` (any device; put in eval mode for the analysis and restored).
+        subject: any subject (:func:`poisonmech.resolve`): a Pair, a pipeline stage, a run
+            directory, a bare ``TransformerBridge`` (any device; analysed in eval mode, its mode
+            restored), ...; ``twin`` picks the model (default: the backdoored twin).
         clean_tokens, corrupted_tokens: token-aligned ``[batch pos]`` batches (e.g. triggered and
-            control prompts from :func:`poisonmech.patching.trigger_contrast`).
+            control prompts from :func:`poisonmech.patching.trigger_contrast`). With a run and no
+            tokens: the run's trigger contrast (``n_contrast`` prompts).
         metric: maps logits ``[batch pos d_vocab]`` to ``[batch]`` (e.g. ``contrast.logit_diff()``).
-        method: ``"eap"`` or ``"eap-ig"``.
-        steps: interpolation steps of EAP-IG (ignored by EAP).
-        mode: for EAP, where the gradient is taken: ``"noise"`` (clean run) or ``"denoise"`` (corrupted run).
-        per_example: keep ``[batch n_src n_dst]`` scores; ``None`` keeps them when that is at most
-            ``2**24`` numbers.
+        graph: the model's :class:`Graph` (default: read from the model).
         progress: a progress bar over EAP-IG's steps.
+
+    Options (:class:`~poisonmech.circuits.config.CircuitConfig`): ``method`` (``"eap"`` or
+    ``"eap-ig"``), ``steps`` (EAP-IG), ``mode`` (EAP: ``"denoise"``, the default, takes the
+    gradient at the corrupted run, ``"noise"`` at the clean run), ``per_example`` (keep
+    ``[batch n_src n_dst]`` scores; ``None``: when that is at most ``2**24`` numbers), ``twin``,
+    ``n_contrast``.
     """
-    check_choice("method", method, SCORE_METHODS)
-    check_choice("mode", mode, MODES)
+    s = resolve(subject, where="edge_attribution")
+    model = s.model(config.twin)
+    check_choice("edge_attribution", "method", config.method, SCORE_METHODS)
+    clean_tokens, corrupted_tokens, metric = contrast_data(s, model, clean_tokens, corrupted_tokens, metric,
+                                                           n=config.n_contrast, where="edge_attribution")
+    return _edge_scores(model, clean_tokens, corrupted_tokens, metric, method=config.method, steps=config.steps,
+                        mode=config.mode, per_example=config.per_example, graph=graph, progress=progress)
+
+
+def _edge_scores(model, clean_tokens, corrupted_tokens, metric: Callable, *, method: str, steps: int, mode: str,
+                 per_example: bool | None, graph: Graph | None, progress: bool) -> EdgeScores:
     check_metric(metric)
-    if method == "eap-ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if corrupted_tokens is None:
+        raise ValueError("edge_attribution needs corrupted_tokens (token-aligned with clean_tokens)")
     clean_tokens, corrupted_tokens = check_tokens(model, clean_tokens, corrupted_tokens)
     graph = graph or Graph.from_model(model)
 
@@ -221,3 +253,6 @@ def edge_attribution(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_to
                       clean_metric=clean_metric.float().cpu(), corrupted_metric=corrupted_metric.float().cpu(),
                       per_example=per.cpu() if keep else None, mode=mode if method == "eap" else None,
                       steps=steps if method == "eap-ig" else None)
+
+
+__all__ = ["MODES", "SCORE_METHODS", "EdgeScores", "edge_attribution", "edge_frame"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import poisonmech as pm
-from poisonmech.circuits import Circuit, Graph, acdc, compare, discover
+from poisonmech.circuits import Circuit, Graph, acdc, compare, discover, rewired
+from poisonmech.circuits.rewire import reference_activations
 from poisonmech.patching import logit_diff, trigger_contrast
 
 D_VOCAB = 40
@@ -150,11 +151,29 @@ def test_random_like_prune_and_compare(circuit):
 
 def test_acdc_prunes_greedily_and_reports_its_own_metric(model):
     clean, corrupted, metric = contrast()
-    c = discover(model, clean, corrupted, metric, method="acdc", threshold=0.01, progress=False)
-    assert c.method == "acdc" and 0 < c.n_edges < c.graph.n_edges
+    c = discover(model, clean, corrupted, metric, method="acdc", threshold=0.01, mode="noise", progress=False)
+    assert c.method == "acdc" and 0 < c.n_edges < c.graph.n_edges and c.info["mode"] == "noise"
+    # noising ACDC removes edges from the clean run, as faithfulness ablates them
     f = c.faithfulness(model, clean, corrupted, metric, ablation="patching")
     assert float(f.circuit.mean()) == pytest.approx(c.info["circuit_metric"], abs=1e-5)
-    assert acdc(model, clean, corrupted, metric, threshold=1e9, progress=False).n_edges == 0
+    assert acdc(model, clean, corrupted, metric, threshold=1e9, mode="noise", progress=False).n_edges == 0
+
+
+def test_denoising_acdc_patches_its_circuit_clean_into_the_corrupted_run(model):
+    clean, corrupted, metric = contrast()
+    c = acdc(model, clean, corrupted, metric, threshold=0.01, progress=False)  # mode="denoise", the default
+    assert c.info["mode"] == "denoise" and 0 < c.n_edges < c.graph.n_edges
+    graph = c.graph
+    with torch.no_grad():
+        assert c.info["clean_metric"] == pytest.approx(float(metric(model(clean)).mean()), abs=1e-4)
+        assert c.info["corrupted_metric"] == pytest.approx(float(metric(model(corrupted)).mean()), abs=1e-5)
+        ref = reference_activations(model, graph, clean, "patching")
+        with rewired(model, graph, ablate=c.mask, reference=ref):  # the corrupted run, circuit edges clean
+            patched = float(metric(model(corrupted)).mean())
+    assert patched == pytest.approx(c.info["circuit_metric"], abs=1e-5)
+    everything = acdc(model, clean, corrupted, metric, threshold=1e9, progress=False)
+    assert everything.n_edges == 0 and everything.info["circuit_metric"] == pytest.approx(
+        everything.info["corrupted_metric"], abs=1e-6)
 
 
 def test_bad_input_is_refused_with_clear_errors(model):

@@ -209,7 +209,8 @@ def test_with_faithfulness_is_dropped_by_derived_circuits(model, circuit):
 
 def test_short_reprs(model, circuit):
     clean, corrupted = contrast()
-    scores = edge_attribution(model, clean, corrupted, metrics()["logit_diff"], method="eap", progress=False)
+    scores = edge_attribution(model, clean, corrupted, metrics()["logit_diff"], method="eap", mode="noise",
+                              progress=False)
     f = circuit.faithfulness(model, clean, corrupted, metrics()["logit_diff"])
     for obj in (circuit, scores, f, circuit.random_like(1), circuit.with_faithfulness(f)):
         text = repr(obj)

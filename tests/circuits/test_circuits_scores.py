@@ -145,9 +145,11 @@ def test_eap_ig_with_many_steps_is_complete_and_with_one_step_is_eap(model, batc
     out_of_input = ig.per_example[:, 0].sum(-1)  # every edge leaving the embeddings
     assert torch.allclose(out_of_input, total, rtol=0.03, atol=0.03 * float(total.abs().max()))
     one = edge_attribution(model, clean, corrupted, metric, method="eap-ig", steps=1, progress=False)
-    eap = edge_attribution(model, clean, corrupted, metric, method="eap", progress=False)
-    assert torch.allclose(one.scores, eap.scores, atol=1e-5)
-    assert one.steps == 1 and eap.mode == "noise" and eap.steps is None
+    eap = edge_attribution(model, clean, corrupted, metric, method="eap", mode="noise", progress=False)
+    assert torch.allclose(one.scores, eap.scores, atol=1e-5)  # one step: the gradient at the clean run
+    assert one.steps == 1 and one.mode is None and eap.mode == "noise" and eap.steps is None
+    # the default mode is "denoise" (as in patching): the gradient at the corrupted run
+    assert edge_attribution(model, clean, corrupted, metric, method="eap", progress=False).mode == "denoise"
 
 
 def test_edge_scores_frame_plot_save_load(model, batch, tmp_path):
@@ -164,4 +166,4 @@ def test_edge_scores_frame_plot_save_load(model, batch, tmp_path):
     s.save(tmp_path / "scores.safetensors")
     again = type(s).load(tmp_path / "scores.safetensors")
     assert torch.equal(again.scores, s.scores) and torch.equal(again.per_example, s.per_example)
-    assert (again.graph, again.method, again.mode, again.steps) == (s.graph, "eap", "noise", None)
+    assert (again.graph, again.method, again.mode, again.steps) == (s.graph, "eap", "denoise", None)
