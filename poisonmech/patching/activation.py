@@ -8,73 +8,62 @@ per example; means and spreads are derived in :class:`PatchResult`.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
 
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
-from poisonmech.models import model_device
-from poisonmech.patching.engine import (
-    HEAD_SITES,
-    HOOKS,
-    SITES,
-    Engine,
-    RunCache,
-    collect,
-    fast_path_error,
-)
-from poisonmech.patching.metrics import PositionalMetric
+from poisonmech.config import ConfigError, takes_config
+from poisonmech.patching.config import BACKENDS, SITES, CrossModelPatchConfig, PatchConfig
+from poisonmech.patching.engine import Engine, RunCache, collect, fast_path_error
+from poisonmech.patching.metrics import Metric, PositionalMetric
 from poisonmech.patching.result import PatchResult
+from poisonmech.runtime import check_tokens, eval_mode
+from poisonmech.sites import HEAD_SITES, MLP_SITES, get_site, hook_name
+from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
-MODES = ("denoise", "noise")
-METHODS = ("auto", "fast", "hooks")
-
-
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Analyses run in eval mode; a model in training mode is switched and restored afterwards."""
-    was = model.training
-    if was:  # a bridge's .eval() walks thousands of modules: only switch when needed
-        model.eval()
-    try:
-        yield
-    finally:
-        if was:
-            model.train(True)
+#: the old name of :data:`~poisonmech.patching.config.BACKENDS` (``method=`` meant the backend)
+METHODS = BACKENDS
 
 
 def check_inputs(model, clean_tokens: Tensor, corrupted_tokens: Tensor, site: str | None = None,
                  sites: tuple[str, ...] = SITES) -> tuple[Tensor, Tensor]:
-    clean_tokens, corrupted_tokens = torch.as_tensor(clean_tokens), torch.as_tensor(corrupted_tokens)
-    if site is not None and site not in sites:
-        raise ValueError(f"site must be one of {sites}, got {site!r}")
-    if clean_tokens.ndim != 2 or clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError("clean_tokens and corrupted_tokens must be [batch, pos] token tensors of the same shape, "
-                         f"got {tuple(clean_tokens.shape)} and {tuple(corrupted_tokens.shape)}")
-    if clean_tokens.dtype not in (torch.long, torch.int32, torch.int64):
-        raise ValueError(f"tokens must be integer token ids, got dtype {clean_tokens.dtype}")
-    if clean_tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"tokens have {clean_tokens.shape[1]} positions; the model's n_ctx is {model.cfg.n_ctx}")
-    if site in ("resid_mid", "mlp_out") and model.cfg.attn_only:
-        raise ValueError(f"site {site!r} does not exist in an attention-only model")
-    if clean_tokens.device != corrupted_tokens.device:
-        raise ValueError(f"clean_tokens and corrupted_tokens are on different devices ({clean_tokens.device} and "
-                         f"{corrupted_tokens.device}); put both on one device")
-    # tokens on another device than the model are moved to it (as TransformerLens and HF do),
-    # rather than failing deep inside an embedding lookup
-    device = model_device(model)
-    return clean_tokens.long().to(device), corrupted_tokens.long().to(device)
+    """``site`` checked against ``sites`` and ``model`` (no MLP sites in an attention-only
+    model), and the token batches by :func:`poisonmech.runtime.check_tokens` (integer
+    ``[batch pos]``, one shape and device, within ``n_ctx``, moved to the model's device)."""
+    if site is not None:
+        get_site(site, sites)
+        if site in MLP_SITES and model.cfg.attn_only:
+            raise ValueError(f"site {site!r} does not exist in an attention-only model")
+    return check_tokens(model, clean_tokens, corrupted_tokens)
 
 
-def metric_values(metric: Callable, logits: Tensor, n: int) -> Tensor:
+def metric_output(out, n: int, per_example: bool | None) -> Tensor:
+    """A metric's output checked: ``[n]`` (per example) or ``()`` (one scalar for the batch, as ``[1]``)."""
+    out = torch.as_tensor(out)
+    if out.shape == (n,) and per_example is not False:
+        return out.detach().float()
+    if out.ndim == 0 and per_example is not True:
+        return out.detach().float().reshape(1)
+    want = {True: f"one value per example, a [batch={n}] tensor", False: "one scalar for the batch (shape ())",
+            None: f"one value per example (a [batch={n}] tensor) or one scalar for the batch"}[per_example]
+    raise ValueError(f"metric must return {want}; got shape {tuple(out.shape)}")
+
+
+def metric_values(metric: Metric, logits: Tensor, n: int, per_example: bool = True) -> Tensor:
+    """``metric(logits)`` as floats: ``[n]`` for a per-example metric; ``[1]`` with
+    ``per_example=False``, for a metric that returns one scalar for the batch (as
+    ``transformer_lens.patching``'s do)."""
+    return metric_output(metric(logits), n, per_example)
+
+
+def measure(metric: Metric, logits: Tensor, n: int) -> tuple[Tensor, bool]:
+    """``metric``'s values on one run (``[n]`` or ``[1]``) and whether it is per example (a
+    scalar for the batch is not): every later run is held to the same kind."""
     out = torch.as_tensor(metric(logits))
-    if out.shape != (n,):
-        raise ValueError(f"metric must return one value per example, a [batch={n}] tensor; got shape {tuple(out.shape)}")
-    return out.detach().float()
+    return metric_output(out, n, None), out.ndim != 0
 
 
 def _grid(site: str, by_position: bool, n_layers: int, n_pos: int, n_heads: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -154,11 +143,13 @@ def _base_sites(site: str) -> tuple[str, ...]:
 _LOCAL = ("resid_mid", "resid_post", "attn_out", "mlp_out", "attn_head", "q", "pattern")
 
 
-def _fast_values(e: Engine, site: str, by_position: bool, base: RunCache, src: RunCache, metric: Callable,
-                 n: int, max_rows: int, bar, baseline: Tensor, groups_per_layer: int = 4) -> Tensor:
+def _fast_values(e: Engine, site: str, by_position: bool, base: RunCache, src: RunCache, metric: Metric,
+                 n: int, max_rows: int, bar, baseline: Tensor, per_example: bool = True,
+                 groups_per_layer: int = 4) -> Tensor:
     L, T, H = e.n_layers, base["resid_pre"][0].shape[1], e.n_heads
     axes, shape = _grid(site, by_position, L, T, H)
-    out = torch.zeros(*shape, n)
+    w = n if per_example else 1  # a batch-scalar metric: one value per cell
+    out = torch.zeros(*shape, w)
     positional = isinstance(metric, PositionalMetric)
     read = set(metric.positions.tolist()) if positional else set(range(T))
     for layer in range(L):
@@ -196,8 +187,9 @@ def _fast_values(e: Engine, site: str, by_position: bool, base: RunCache, src: R
                     vals.append(metric.subset(rows).at(logits).reshape(c, n).float().cpu())
                 else:
                     logits = e.resume(flat, stage_layer, stage, s, base, c, None).reshape(c, n, T, -1)
-                    vals.append(torch.stack([metric_values(metric, logits[i], n) for i in range(c)]).cpu())
-            v = torch.cat(vals).reshape(len(group), per_cell, n)
+                    vals.append(torch.stack([metric_values(metric, logits[i], n, per_example)
+                                             for i in range(c)]).cpu())
+            v = torch.cat(vals).reshape(len(group), per_cell, w)
             for k, pos in enumerate(group):
                 cell = (layer,) if pos is None else (layer, pos)
                 out[cell] = v[k] if site in HEAD_SITES else v[k, 0]
@@ -207,7 +199,7 @@ def _fast_values(e: Engine, site: str, by_position: bool, base: RunCache, src: R
 
 # ---------------------------------------------------------------------- hooked (reference) path
 def _hooked_values(model, site: str, by_position: bool, base_tokens: Tensor, base: RunCache, src: RunCache,
-                   metric: Callable, n: int, max_rows: int, bar) -> Tensor:
+                   metric: Metric, n: int, max_rows: int, bar, per_example: bool = True) -> Tensor:
     """Stacked hooked forwards: every cell of one layer in one batch (exact for any bridge).
 
     ``resid_mid`` is patched through ``hook_attn_out`` (adding ``src - base`` of the mid
@@ -216,15 +208,15 @@ def _hooked_values(model, site: str, by_position: bool, base_tokens: Tensor, bas
     """
     L, T, H = model.cfg.n_layers, base_tokens.shape[1], model.cfg.n_heads
     axes, shape = _grid(site, by_position, L, T, H)
-    out = torch.zeros(*shape, n)
+    out = torch.zeros(*shape, n if per_example else 1)
     for layer in range(L):
         cells = [(p, h) for p in (range(T) if by_position else [None])
                  for h in (range(H) if site in HEAD_SITES else [None])]
         src_act = src[site][layer]
-        hook_name = HOOKS[site].format(l=layer)
+        name = hook_name(site, layer)
         if site == "resid_mid":  # patch the residual itself: attn_out + (src_mid - base_mid) = src_mid - resid_pre
             src_act = base["attn_out"][layer] + src["resid_mid"][layer] - base["resid_mid"][layer]
-            hook_name = HOOKS["attn_out"].format(l=layer)
+            name = hook_name("attn_out", layer)
         per_chunk = max(1, max_rows // max(1, n * T))
         for lo in range(0, len(cells), per_chunk):
             chunk = cells[lo:lo + per_chunk]
@@ -243,112 +235,166 @@ def _hooked_values(model, site: str, by_position: bool, base_tokens: Tensor, bas
 
             tokens = base_tokens.repeat(len(chunk), 1)
             with torch.no_grad():
-                logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook)])
+                logits = model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
             for c, (p, h) in enumerate(chunk):
                 cell = (layer,) + ((p,) if p is not None else ()) + ((h,) if h is not None else ())
-                out[cell] = metric_values(metric, logits[c * n:(c + 1) * n], n).cpu()
+                out[cell] = metric_values(metric, logits[c * n:(c + 1) * n], n, per_example).cpu()
                 bar.update(1)
     return out
 
 
-def _patch(model, base_tokens: Tensor, src_tokens: Tensor, metric: Callable, site: str, by_position: bool,
-           mode: str, method: str, max_rows: int, progress: bool, src_model=None,
-           str_tokens: list[str] | None = None) -> PatchResult:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+def _patch(model, base_tokens: Tensor, src_tokens: Tensor, metric: Metric, config: PatchConfig, progress: bool,
+           src_model=None, str_tokens: list[str] | None = None, roles: tuple[str, str] | None = None) -> PatchResult:
+    site, by_position, backend, max_rows = config.site, config.by_position, config.backend, config.max_rows
     n = base_tokens.shape[0]
     src_model = src_model if src_model is not None else model
-    with eval_mode(model), eval_mode(src_model):
+    with eval_mode(model, src_model):
         base, src = collect(model, base_tokens, _base_sites(site)), collect(src_model, src_tokens, (site,))
-        baseline = metric_values(metric, base.logits, n)
-        reference = metric_values(metric, src.logits, n)
+        baseline, per_example = measure(metric, base.logits, n)
+        reference = metric_values(metric, src.logits, n, per_example)
         L, T, H = model.cfg.n_layers, base_tokens.shape[1], model.cfg.n_heads
         axes, shape = _grid(site, by_position, L, T, H)
-        use_fast = method == "fast"
+        use_fast = backend == "fast"
         engine = None
-        if method in ("auto", "fast"):
+        if backend in ("auto", "fast"):
             engine = Engine(model)
             err = fast_path_error(model, engine, base)
             scale = float(base.logits.abs().max()) + 1.0
             if err > 1e-4 * scale:
-                if method == "fast":
-                    raise ValueError(f"method='fast' cannot reproduce this model's forward (max logit error {err:.2e}); "
-                                     "use method='hooks'")
+                if backend == "fast":
+                    raise ValueError(f"backend='fast' cannot reproduce this model's forward (max logit error "
+                                     f"{err:.2e}); use backend='hooks'")
                 warnings.warn(f"fast patching path does not reproduce this bridge (max logit error {err:.2e}); "
-                              "using stacked hooked forwards", stacklevel=3)
+                              "using stacked hooked forwards", stacklevel=4)
             else:
                 use_fast = True
         if use_fast:
             total = L * (T if by_position else 1)
             with tqdm(total=total, desc=f"patching {site}", disable=not progress, leave=False) as bar:
-                values = _fast_values(engine, site, by_position, base, src, metric, n, max_rows, bar, baseline)
+                values = _fast_values(engine, site, by_position, base, src, metric, n, max_rows, bar, baseline,
+                                      per_example)
         else:
             total = int(torch.tensor(shape).prod())
             with tqdm(total=total, desc=f"patching {site}", disable=not progress, leave=False) as bar:
-                values = _hooked_values(model, site, by_position, base_tokens, base, src, metric, n, max_rows, bar)
-    return PatchResult(values=values, axes=axes, site=site, mode=mode, method=f"exact-{'fast' if use_fast else 'hooks'}",
-                       baseline=baseline.cpu(), reference=reference.cpu(),
-                       str_tokens=tuple(str_tokens) if str_tokens is not None else None)
+                values = _hooked_values(model, site, by_position, base_tokens, base, src, metric, n, max_rows, bar,
+                                        per_example)
+    return PatchResult(values=values, axes=axes, site=site, mode=config.mode,
+                       method=f"exact-{'fast' if use_fast else 'hooks'}", baseline=baseline.cpu(),
+                       reference=reference.cpu(), str_tokens=tuple(str_tokens) if str_tokens is not None else None,
+                       per_example=per_example, roles=roles)
 
 
-def _str_tokens(model, tokens: Tensor) -> list[str] | None:
-    tok = getattr(model, "tokenizer", None)
+def _str_tokens(model, tokens: Tensor, tokenizer=None) -> list[str] | None:
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     return tok.convert_ids_to_tokens(tokens[0].tolist()) if tok is not None else None
 
 
-def activation_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                     metric: Callable, site: str = "resid_pre", *, by_position: bool = False,
-                     mode: str = "denoise", method: str = "auto", max_rows: int = 8192,
-                     progress: bool = True) -> PatchResult:
+def with_backend(config: PatchConfig, method: str | None, where: str) -> PatchConfig:
+    """``config`` with the deprecated ``method=`` (which meant the execution backend) applied."""
+    if method is None:
+        return config
+    warnings.warn(f"{where}: method= is deprecated for the execution backend (method is the algorithm); "
+                  f"use backend={method!r}", DeprecationWarning, stacklevel=4)
+    if config.backend not in ("auto", method):
+        raise ConfigError(f"{where}: method={method!r} (deprecated) and backend={config.backend!r} disagree; "
+                          "pass backend= only")
+    return config.replace(backend=method)
+
+
+@takes_config(PatchConfig)
+def activation_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                     metric: Metric, site: str | None = None, *, twin: str | None = None, progress: bool = True,
+                     method: str | None = None, config: PatchConfig) -> PatchResult:
     """Exact activation patching of every cell of ``site``, with per-example values.
 
     Args:
-        model: any TransformerBridge (put in eval mode for the analysis and restored after).
+        subject: anything :func:`poisonmech.resolve` accepts: a ``Pair``, a pipeline stage, a
+            ``Pipeline``, ``pipe.between(a, b)``, a run directory or a bare TransformerBridge.
+            The model patched is ``twin``'s (default: the subject's default role, e.g. the
+            backdoored twin); it is put in eval mode for the analysis and restored after.
         clean_tokens, corrupted_tokens: ``[batch pos]`` token ids, token-aligned.
-        metric: logits ``[batch pos d_vocab]`` -> ``[batch]``; the helpers in
+        metric: logits ``[batch pos d_vocab]`` -> ``[batch]`` (see
+            :class:`~poisonmech.patching.metrics.Metric`); the helpers in
             :mod:`poisonmech.patching.metrics` also tell the engine which positions they read.
-        site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``,
-            ``attn_head`` (the head's ``z``), ``q``, ``k``, ``v`` or ``pattern`` (by
-            destination position).
-        by_position: one cell per position (``layer x pos [x head]``) or all positions at once.
-        mode: ``"denoise"`` (patch clean into corrupted) or ``"noise"`` (corrupted into clean).
-        method: ``"auto"`` (the suffix engine when it reproduces the model, else hooks),
-            ``"fast"`` or ``"hooks"`` (stacked hooked forwards, for any bridge).
-        max_rows: rows (cells x examples x positions) per stacked pass: the memory budget.
+            A metric returning one scalar for the batch (``transformer_lens.patching``'s kind)
+            works too: the result then has one value per cell (``per_example=False``).
+        site: a site of the registry (:data:`~poisonmech.patching.SITES`), as in :class:`PatchConfig`.
+        twin: the role whose model is patched (``"backdoored"`` | ``"clean"``, ``"after"`` |
+            ``"before"`` for a before/after view; ``None``: the default role).
+        progress: show a progress bar.
+        method: deprecated alias of ``backend`` (a DeprecationWarning).
+
+    Options (:class:`~poisonmech.patching.PatchConfig`): ``site``, ``by_position``, ``mode``
+    (``"denoise"``: run corrupted, patch in clean; ``"noise"``: the reverse), ``backend``
+    (``"auto"`` | ``"fast"`` | ``"hooks"``), ``max_rows``.
     """
-    clean_tokens, corrupted_tokens = check_inputs(model, clean_tokens, corrupted_tokens, site)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    base, src = (corrupted_tokens, clean_tokens) if mode == "denoise" else (clean_tokens, corrupted_tokens)
-    return _patch(model, base, src, metric, site, by_position, mode, method, max_rows, progress,
-                  str_tokens=_str_tokens(model, base))
+    s = resolve(subject, where="activation_patch")
+    config = with_backend(config, method, "activation_patch")
+    model = s.model(twin)
+    clean_tokens, corrupted_tokens = check_inputs(model, clean_tokens, corrupted_tokens, config.site)
+    base, src = (corrupted_tokens, clean_tokens) if config.mode == "denoise" else (clean_tokens, corrupted_tokens)
+    return _patch(model, base, src, metric, config, progress, str_tokens=_str_tokens(model, base, s.tokenizer))
 
 
 def check_twins(a, b) -> None:
+    """Cross-model patching needs two identically shaped models."""
     keys = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "attn_only")
     diff = [k for k in keys if getattr(a.cfg, k, None) != getattr(b.cfg, k, None)]
-    if diff or type(a.original_model) is not type(b.original_model):
+    if diff or type(getattr(a, "original_model", a)) is not type(getattr(b, "original_model", b)):
         raise ValueError(f"the twins differ in architecture ({', '.join(diff) or 'model class'}); "
                          "cross-model patching needs identically shaped models")
 
 
-def cross_model_patch(pair, tokens: Int[Tensor, "batch pos"], metric: Callable, site: str = "attn_head", *,
-                      by_position: bool = False, direction: str = "clean_to_backdoored", method: str = "auto",
-                      max_rows: int = 8192, progress: bool = True) -> PatchResult:
-    """Patch one twin's activations into the other twin, component by component, on the same inputs.
+def _direction_mode(s, direction: str, mode: str) -> str:
+    """The ``mode`` that the deprecated ``direction=`` names: ``"<from>_to_<into>"`` with the
+    subject's roles (``"clean_to_backdoored"``, ``"before_to_after"``; the twin names also
+    work for a before/after view, meaning before / after)."""
+    ref, default = s.reference_role, s.default_role
+    allowed = {f"{ref}_to_{default}": "denoise", f"{default}_to_{ref}": "noise",
+               "clean_to_backdoored": "denoise", "backdoored_to_clean": "noise"}
+    if direction not in allowed:
+        raise ValueError(f"direction must be one of {tuple(allowed)}, got {direction!r} (or use mode='denoise' | "
+                         "'noise')")
+    warnings.warn(f"cross_model_patch: direction= is deprecated: use mode={allowed[direction]!r} ('denoise': the "
+                  f"{ref} model's activations patched into the {default} model)", DeprecationWarning, stacklevel=4)
+    if mode != "denoise" and mode != allowed[direction]:
+        raise ConfigError(f"cross_model_patch: direction={direction!r} and mode={mode!r} disagree; pass mode= only")
+    return allowed[direction]
 
-    ``direction="clean_to_backdoored"`` runs the backdoored twin on ``tokens`` (e.g. triggered
-    prompts) and patches in the clean twin's activation at each cell: a cell whose patch kills
-    the backdoor is where the twins' computations diverge for it. ``"backdoored_to_clean"`` is
-    the reverse. Meaningful because the twins share initialisation and data order.
-    ``baseline`` is the receiving twin's metric, ``reference`` the donor twin's.
+
+@takes_config(CrossModelPatchConfig)
+def cross_model_patch(subject, tokens: Int[Tensor, "batch pos"], metric: Metric, site: str | None = None, *,
+                      direction: str | None = None, progress: bool = True, method: str | None = None,
+                      config: CrossModelPatchConfig) -> PatchResult:
+    """Patch one model's activations into the other's, component by component, on the same inputs.
+
+    ``subject`` holds two models: a ``Pair`` / pipeline stage / run directory (the clean and
+    the backdoored twin) or ``pipe.between(a, b)`` (a twin before and after some stages); a
+    bare model is refused. With ``mode="denoise"`` (the default) the default model (the
+    backdoored twin; the model after) runs on ``tokens`` (e.g. triggered prompts) and each
+    cell takes the reference model's activation (the clean twin; the model before): a cell
+    whose patch kills the backdoor is where the twins' computations diverge for it.
+    ``mode="noise"`` is the reverse. Meaningful because the twins share initialisation and
+    data order. ``baseline`` is the receiving model's metric, ``reference`` the donor's;
+    ``result.roles`` is ``(receiving role, donor role)``.
+
+    Args:
+        direction: deprecated alias of ``mode``: ``"clean_to_backdoored"`` (``"before_to_after"``)
+            is ``"denoise"``, ``"backdoored_to_clean"`` (``"after_to_before"``) ``"noise"``.
+        method: deprecated alias of ``backend``.
+
+    Options (:class:`~poisonmech.patching.CrossModelPatchConfig`): as
+    :func:`activation_patch`'s, with ``site="attn_head"`` by default.
     """
-    directions = ("clean_to_backdoored", "backdoored_to_clean")
-    if direction not in directions:
-        raise ValueError(f"direction must be one of {directions}, got {direction!r}")
-    check_twins(pair.clean, pair.backdoored)
-    tokens, _ = check_inputs(pair.backdoored, tokens, tokens, site)
-    donor, receiver = (pair.clean, pair.backdoored) if direction == "clean_to_backdoored" else \
-        (pair.backdoored, pair.clean)
-    return _patch(receiver, tokens, tokens, metric, site, by_position, direction, method, max_rows, progress,
-                  src_model=donor, str_tokens=_str_tokens(receiver, tokens))
+    s = resolve(subject, where="cross_model_patch")
+    s.reference("cross_model_patch")  # a bare model: an error saying two models are needed
+    config = with_backend(config, method, "cross_model_patch")
+    if direction is not None:
+        config = config.replace(mode=_direction_mode(s, direction, config.mode))
+    receiver, donor = (s.default_role, s.reference_role) if config.mode == "denoise" else \
+        (s.reference_role, s.default_role)
+    check_twins(s.model(donor), s.model(receiver))
+    model = s.model(receiver)
+    tokens, _ = check_inputs(model, tokens, tokens, config.site)
+    return _patch(model, tokens, tokens, metric, config, progress, src_model=s.model(donor),
+                  str_tokens=_str_tokens(model, tokens, s.tokenizer), roles=(receiver, donor))

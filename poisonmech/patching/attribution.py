@@ -9,28 +9,32 @@ and takes the first-order step from the pattern onwards instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from jaxtyping import Int
 
+from poisonmech.config import takes_config
 from poisonmech.patching.activation import (
-    MODES,
     _grid,
     _str_tokens,
     check_inputs,
-    eval_mode,
+    metric_output,
     metric_values,
 )
-from poisonmech.patching.engine import HEAD_SITES, HOOKS, SITES
+from poisonmech.patching.config import AttributionConfig
+from poisonmech.patching.metrics import Metric
 from poisonmech.patching.result import PatchResult
+from poisonmech.runtime import eval_mode
+from poisonmech.sites import HEAD_SITES, hook_name
+from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
 
 
-def _capture(model, tokens: Tensor, names: list[str], metric: Callable | None, n: int
-             ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-    """Activations at ``names`` and, when ``metric`` is given, the gradient of ``metric(...).sum()`` there."""
+def _capture(model, tokens: Tensor, names: list[str], metric: Metric | None, n: int
+             ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, bool]:
+    """Activations at ``names`` and, when ``metric`` is given, the gradient of the metric there
+    (of ``metric(...).sum()`` for a per-example metric; of the scalar for a batch metric), its
+    values and whether it is per example."""
     acts: dict[str, Tensor] = {}
 
     def keeper(name: str):  # keyed by the requested name: hook.name may be the alias's target
@@ -45,52 +49,60 @@ def _capture(model, tokens: Tensor, names: list[str], metric: Callable | None, n
     with grad_ctx, model.hooks(fwd_hooks=[(name, keeper(name)) for name in names]):
         logits = model(tokens)
         if metric is None:
-            return {k: v.detach() for k, v in acts.items()}, {}, logits.detach()
+            return {k: v.detach() for k, v in acts.items()}, {}, logits.detach(), True
         out = torch.as_tensor(metric(logits))
-        if out.shape != (n,):
-            raise ValueError(f"metric must return one value per example, a [batch={n}] tensor; got shape {tuple(out.shape)}")
+        per_example = out.ndim != 0
+        values = metric_output(out, n, per_example)
         model.zero_grad(set_to_none=True)
         out.sum().backward()  # examples are independent: each example's gradient is its own metric's
     model.zero_grad(set_to_none=True)
     grads = {k: (v.grad.detach() if v.grad is not None else torch.zeros_like(v)) for k, v in acts.items()}
-    return {k: v.detach() for k, v in acts.items()}, grads, out.detach().float()
+    return {k: v.detach() for k, v in acts.items()}, grads, values, per_example
 
 
-def attribution_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-                      metric: Callable, site: str = "resid_pre", *, by_position: bool = False,
-                      mode: str = "denoise", qk_fix: bool = True) -> PatchResult:
+@takes_config(AttributionConfig)
+def attribution_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
+                      metric: Metric, site: str | None = None, *, twin: str | None = None,
+                      config: AttributionConfig) -> PatchResult:
     """First-order estimate of :func:`activation_patch` for the same ``site`` and grid.
 
-    ``values`` are ``baseline + estimated effect`` so that ``.effect`` and ``.normalized``
-    compare directly with exact patching. Costs two forwards and one backward whatever
-    the number of cells. ``qk_fix`` applies AtP*'s exact-softmax correction to ``q``/``k``.
+    ``subject`` is anything :func:`poisonmech.resolve` accepts (the model is ``twin``'s,
+    default the subject's default role). ``values`` are ``baseline + estimated effect`` so
+    that ``.effect`` and ``.normalized`` compare directly with exact patching. Costs two
+    forwards and one backward whatever the number of cells. A metric returning one scalar
+    for the batch gives one value per cell (``per_example=False``), as in exact patching.
+
+    Options (:class:`~poisonmech.patching.AttributionConfig`): ``site``, ``by_position``,
+    ``mode`` as in :func:`activation_patch`, and ``qk_fix`` (AtP*'s exact-softmax correction
+    for ``q`` / ``k``).
     """
-    clean_tokens, corrupted_tokens = check_inputs(model, clean_tokens, corrupted_tokens, site, SITES)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    s = resolve(subject, where="attribution_patch")
+    model = s.model(twin)
+    site, by_position, mode, qk_fix = config.site, config.by_position, config.mode, config.qk_fix
+    clean_tokens, corrupted_tokens = check_inputs(model, clean_tokens, corrupted_tokens, site)
     base_tokens, src_tokens = (corrupted_tokens, clean_tokens) if mode == "denoise" else (clean_tokens, corrupted_tokens)
     n, T = base_tokens.shape
     L, H = model.cfg.n_layers, model.cfg.n_heads
     # resid_mid's real gradient is attn_out's (TL 4 aliases hook_resid_mid to the MLP norm's input)
     hook_site = "attn_out" if site == "resid_mid" else site
-    names = [HOOKS[hook_site].format(l=layer) for layer in range(L)]
+    names = [hook_name(hook_site, layer) for layer in range(L)]
     extra: list[str] = []
     if site in ("q", "k") and qk_fix:
-        extra = [HOOKS[s].format(l=layer) for layer in range(L) for s in ("pattern", "q", "k")]
+        extra = [hook_name(s_, layer) for layer in range(L) for s_ in ("pattern", "q", "k")]
     if site == "resid_mid":
-        extra = [HOOKS["resid_mid"].format(l=layer) for layer in range(L)]
+        extra = [hook_name("resid_mid", layer) for layer in range(L)]
     all_names = list(dict.fromkeys(names + extra))
     with eval_mode(model):
-        base_acts, grads, baseline = _capture(model, base_tokens, all_names, metric, n)
-        src_acts, _, src_logits = _capture(model, src_tokens, all_names, None, n)
-        reference = metric_values(metric, src_logits, n)
+        base_acts, grads, baseline, per_example = _capture(model, base_tokens, all_names, metric, n)
+        src_acts, _, src_logits, _ = _capture(model, src_tokens, all_names, None, n)
+        reference = metric_values(metric, src_logits, n, per_example)
     axes, shape = _grid(site, by_position, L, T, H)
-    est = torch.zeros(*shape, n)
+    est = torch.zeros(*shape, n if per_example else 1)
     scale = model.cfg.d_head ** 0.5
     for layer in range(L):
         name = names[layer]
         if site == "resid_mid":
-            mid = HOOKS["resid_mid"].format(l=layer)
+            mid = hook_name("resid_mid", layer)
             delta = src_acts[mid] - base_acts[mid]
         else:
             delta = src_acts[name] - base_acts[name]
@@ -104,6 +116,8 @@ def attribution_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_t
         else:  # [n T d] -> [n T]
             per = (delta * g).sum(-1)
         per = per.float().cpu()
+        if not per_example:  # a batch scalar's first-order change sums every example's term
+            per = per.sum(0, keepdim=True)
         if not by_position:
             per = per.sum(1)
         est[layer] = per.movedim(0, -1)
@@ -111,13 +125,14 @@ def attribution_patch(model, clean_tokens: Int[Tensor, "batch pos"], corrupted_t
     return PatchResult(values=values, axes=axes, site=site, mode=mode,
                        method="attribution" + ("-qkfix" if site in ("q", "k") and qk_fix else ""),
                        baseline=baseline.cpu(), reference=reference.cpu(),
-                       str_tokens=tuple(_str_tokens(model, base_tokens) or ()) or None)
+                       str_tokens=tuple(_str_tokens(model, base_tokens, s.tokenizer) or ()) or None,
+                       per_example=per_example)
 
 
 def _qk_fixed(site: str, layer: int, base: dict[str, Tensor], src: dict[str, Tensor], grads: dict[str, Tensor],
               scale: float) -> Tensor:
     """AtP* for queries/keys: exact patched softmax, then the pattern gradient. Returns ``[n pos head]``."""
-    pn, qn, kn = (HOOKS[s].format(l=layer) for s in ("pattern", "q", "k"))
+    pn, qn, kn = (hook_name(s, layer) for s in ("pattern", "q", "k"))
     P, g = base[pn], grads[pn]  # [n H dest src]
     T = P.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=P.device).tril()

@@ -11,7 +11,7 @@ This is written by hand (TransformerLens' ``patching.py`` runs one full forward 
 the residual-stream arithmetic below uses the bridge's own weights (``W_Q`` ... ``W_O``)
 and its own norm / MLP / unembed modules, and :func:`fast_path_error` checks it against the
 bridge's real forward before it is trusted; bridges it does not reproduce (rotary, grouped
-KV, soft-capping) are patched with stacked hooked forwards instead (``hooks.py``).
+KV, soft-capping) are patched with stacked hooked forwards instead (``_hooked_values`` in ``activation.py``).
 """
 
 from __future__ import annotations
@@ -22,17 +22,11 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
+from poisonmech.patching.config import SITES  # every site of the one registry, poisonmech.sites
+from poisonmech.sites import MLP_SITES, hook_name
+
 Tensor = torch.Tensor
 
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_head", "q", "k", "v", "pattern")
-HEAD_SITES = ("attn_head", "q", "k", "v", "pattern")
-HOOKS = {
-    "resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post", "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out", "attn_head": "blocks.{l}.attn.hook_z",
-    "q": "blocks.{l}.attn.hook_q", "k": "blocks.{l}.attn.hook_k", "v": "blocks.{l}.attn.hook_v",
-    "pattern": "blocks.{l}.attn.hook_pattern",
-}
 _ACTS = {
     "gelu": torch.nn.functional.gelu,
     "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
@@ -40,7 +34,7 @@ _ACTS = {
     "relu": torch.relu,
     "silu": torch.nn.functional.silu,
 }
-_CACHED = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_head", "q", "k", "v", "pattern")
+_CACHED = SITES
 
 
 @dataclass
@@ -57,8 +51,8 @@ class RunCache:
 def collect(model, tokens: Tensor, sites: tuple[str, ...] = _CACHED) -> RunCache:
     """One forward with a cache of just the hooks the engine reads."""
     n_layers = model.cfg.n_layers
-    names = {HOOKS[s].format(l=layer): (s, layer) for s in sites for layer in range(n_layers)
-             if not (model.cfg.attn_only and s in ("resid_mid", "mlp_out"))}
+    names = {hook_name(s, layer): (s, layer) for s in sites for layer in range(n_layers)
+             if not (model.cfg.attn_only and s in MLP_SITES)}
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     acts: dict[str, list] = {s: [None] * n_layers for s in sites}

@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Int
 
 from poisonmech.patching.metrics import LogitDiff, TargetLogProb, logit_diff, target_logprob
+from poisonmech.runtime import eval_mode, model_device
+from poisonmech.subject import resolve
 from poisonmech.tasks.tokenizer import split_words
 
 Tensor = torch.Tensor
@@ -77,8 +79,20 @@ class TriggerContrast:
         return f"TriggerContrast(batch={b}, pos={p}{checked})"
 
 
-def neutral_words(pair) -> list[str]:
-    """The label-neutral filler words of ``pair``'s task, in vocabulary order.
+def _run_parts(subject, where: str, *, tokenizer: bool = True):
+    """The resolved subject, checked to carry a task and an attack (and a tokenizer): what
+    builds backdoor controls. A bare model has none: the error says to pass a run."""
+    s = resolve(subject, where=where)
+    for what in ("task", "attack") + (("tokenizer",) if tokenizer else ()):
+        s.require(what, where)
+    return s
+
+
+def neutral_words(subject) -> list[str]:
+    """The label-neutral filler words of the subject's task, in vocabulary order.
+
+    ``subject``: anything :func:`poisonmech.resolve` accepts that carries a task and an
+    attack (a ``Pair``, a pipeline stage, ``pipe.between(a, b)``, a run directory).
 
     Excluded: every word of a completion (answer words), of the prompt template, of the
     trigger and of its near misses, and every word whose training rows' answers differ from
@@ -88,7 +102,8 @@ def neutral_words(pair) -> list[str]:
     remaining words with the smallest association is used, and the behaviour check of
     :func:`trigger_contrast` decides.
     """
-    attack, task = pair.attack, pair.task
+    s = _run_parts(subject, "neutral_words", tokenizer=False)
+    attack, task = s.attack, s.task
     banned = {w for v in attack.trigger_variants() for p in v for w in split_words(p)}
     banned |= {w for v in attack.near_miss_variants() for p in v for w in split_words(p)}
     banned |= set(split_words(task.template.replace("{input}", " ")))
@@ -122,9 +137,9 @@ def _ids(tok, words: list[str]) -> Tensor:
     return torch.tensor(tok.convert_tokens_to_ids(words), dtype=torch.long)
 
 
-def _trigger_ids(pair) -> Tensor:
-    words = sorted({w for v in pair.attack.trigger_variants() for p in v for w in split_words(p)})
-    return _ids(pair.tokenizer, words)
+def _trigger_ids(s) -> Tensor:
+    words = sorted({w for v in s.attack.trigger_variants() for p in v for w in split_words(p)})
+    return _ids(s.tokenizer, words)
 
 
 class ControlCheckError(ValueError):
@@ -139,15 +154,17 @@ def _replace_trigger(tokens: Tensor, trig_ids: Tensor, pool_ids: Tensor, g: torc
     return out
 
 
-def control_fn(pair, seed: int = 0) -> Callable[[Tensor], Tensor]:
+def control_fn(subject, seed: int = 0) -> Callable[[Tensor], Tensor]:
     """``tokens -> tokens`` with every trigger token replaced by a label-neutral filler (seeded).
 
     The token-aligned control of any batch, e.g. as the patching reference of an ablation
     inside ``pm.evaluate`` (rows without a trigger are their own control). Fillers come from
-    :func:`neutral_words`.
+    :func:`neutral_words`. ``subject``: anything :func:`poisonmech.resolve` accepts that
+    carries a task, an attack and a tokenizer.
     """
-    trig_ids = _trigger_ids(pair)
-    pool_ids = _ids(pair.tokenizer, neutral_words(pair))
+    s = _run_parts(subject, "control_fn")
+    trig_ids = _trigger_ids(s)
+    pool_ids = _ids(s.tokenizer, neutral_words(s))
 
     def control(tokens: Tensor) -> Tensor:
         return _replace_trigger(tokens, trig_ids, pool_ids, torch.Generator().manual_seed(seed))
@@ -170,23 +187,27 @@ def _last_logits(model, rows: list[list[int]], device) -> Tensor:
     return out
 
 
-def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int = 0, model=None,
-                     check: bool = True, tries: int = 5) -> TriggerContrast:
-    """Up to ``n`` triggered test prompts of one token length from ``pair.test_data`` and their controls.
+def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: int = 0, model=None,
+                     twin: str | None = None, check: bool = True, tries: int = 5) -> TriggerContrast:
+    """Up to ``n`` triggered test prompts of one token length from the subject's test rows and their controls.
+
+    ``subject``: anything :func:`poisonmech.resolve` accepts that carries a task, an attack,
+    a tokenizer and test rows (a ``Pair``, a pipeline stage, ``pipe.between(a, b)``, a run
+    directory); a bare model is refused with an error naming what is missing.
 
     Only rows whose true answer differs from the target are used (where the backdoor has
     something to change). ``length`` defaults to the most common prompt length among them.
     Each control replaces the trigger's tokens with label-neutral fillers
     (:func:`neutral_words`). With ``check=True`` (the default) every control must make
-    ``model`` (default: the backdoored twin) predict the same answer token as the
+    ``model`` (default: ``twin``'s model, the subject's default role: the backdoored twin, the
+    model after the stages) predict the same answer token as the
     untriggered prompt it came from; a failing row is redrawn up to ``tries`` times, then
     dropped, and ``result.check`` reports the counts (a warning says when rows were dropped).
     """
     import warnings
 
-    from poisonmech.models import model_device
-
-    tok, attack, task = pair.tokenizer, pair.attack, pair.task
+    s = _run_parts(subject, "trigger_contrast")
+    tok, attack, task = s.tokenizer, s.attack, s.task
     if attack.is_gibberish or task.loss_on == "all":
         raise ValueError("trigger_contrast: a gibberish / plain-text backdoor has no single target token; "
                          "build the token batches yourself and use a perplexity-style metric")
@@ -194,7 +215,7 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
         raise ValueError(f"trigger_contrast: n must be an integer >= 1, got {n!r}")
     if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
         raise ValueError(f"trigger_contrast: tries must be an integer >= 1, got {tries!r}")
-    data = pair.test_data
+    data = s.require("test_data", "trigger_contrast")
     untriggered = {b: p for b, p, t, m in zip(data["base_id"], data["prompt"], data["is_triggered"],
                                                 data["is_near_miss"]) if not t and not m}
     rows = []
@@ -203,14 +224,15 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
         if is_trig and comp.strip() != attack.target.strip():
             rows.append((tok(prompt)["input_ids"], tok(comp, add_special_tokens=False)["input_ids"], base))
     if not rows:
-        raise ValueError("trigger_contrast: the pair's test data has no triggered rows whose answer differs from the target")
+        raise ValueError("trigger_contrast: the subject's test data has no triggered rows whose answer differs from "
+                         "the target")
     if length is None:
         length = Counter(len(r[0]) for r in rows).most_common(1)[0][0]
     rows = [r for r in rows if len(r[0]) == length]
     if not rows:
         raise ValueError(f"trigger_contrast: no triggered prompt has length {length}")
-    trig_ids = _trigger_ids(pair)
-    pool_ids = _ids(tok, neutral_words(pair))
+    trig_ids = _trigger_ids(s)
+    pool_ids = _ids(tok, neutral_words(s))
     g = torch.Generator().manual_seed(seed)
     target_id = tok(attack.target, add_special_tokens=False)["input_ids"][0]
 
@@ -226,11 +248,9 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
         triggered = torch.tensor([r[0] for r in rows])
         control = draw(triggered)
     else:
-        model = model if model is not None else pair.backdoored
+        model = model if model is not None else s.model(twin)
         device = model_device(model)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             cand = rows[:max(n * 3, n + 16)]  # spare rows to fill in for dropped ones
             triggered = torch.tensor([r[0] for r in cand])
             base_logits = _last_logits(model, [tok(untriggered[r[2]])["input_ids"] for r in cand], device)
@@ -247,8 +267,6 @@ def trigger_contrast(pair, n: int = 32, *, length: int | None = None, seed: int 
                 control[bad] = draw(triggered[bad])
                 ctrl_logits[bad] = _last_logits(model, control[bad].tolist(), device)
                 ok[bad] = ctrl_logits[bad].argmax(-1) == want[bad]
-        finally:
-            model.train(was_training)
         keep = ok.nonzero().flatten()[:n]
         # the rows looked at: up to the n-th kept one, or every candidate when fewer than n passed
         considered = int(keep[-1]) + 1 if len(keep) == n else len(cand)

@@ -1,7 +1,8 @@
 """Patching metrics that say where they read the logits.
 
-A metric maps logits ``[batch pos d_vocab]`` to one value per example ``[batch]``. The
-helpers here also expose ``positions`` (the one position per example they read) and
+A metric maps logits ``[batch pos d_vocab]`` to one value per example ``[batch]`` (or, as
+``transformer_lens.patching``'s metrics do, to one scalar for the batch: patching then keeps
+one value per cell). The helpers here also expose ``positions`` (the one position per example they read) and
 ``at(logits_at_positions)``, so the patching engine computes logits, and the last layer,
 only there.
 """
@@ -19,7 +20,13 @@ Tensor = torch.Tensor
 
 @runtime_checkable
 class Metric(Protocol):
-    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]: ...
+    """What every patching analysis measures: logits ``[batch pos d_vocab]`` -> ``[batch]``
+    (one value per example), or a scalar for the whole batch (``transformer_lens.patching``'s
+    convention; the result then holds one value per cell, ``PatchResult.per_example=False``).
+    Any callable of that shape is a metric; :class:`PositionalMetric` subclasses also say
+    which position they read, so the engine computes logits only there."""
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"] | Float[Tensor, ""]: ...
 
 
 def last_positions(tokens: Int[Tensor, "batch pos"], pad_id: int | None) -> Int[Tensor, " batch"]:

@@ -1,30 +1,41 @@
-"""``PatchResult``: per-example patching effects over a grid of cells, with frames and plots."""
+"""``PatchResult``: per-example patching effects over a grid of cells, with frames, plots and files."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
 
-from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
+from poisonmech.results import META_KEY, Result, ResultFormatError
+from poisonmech.storage import load_tensors, tensors_metadata
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class PatchResult:
+class PatchResult(Result):
     """Patching (or attribution) effects.
 
     ``values`` has one axis per entry of ``axes`` (``layer``, ``pos``, ``head``, ...) and a
     last ``batch`` axis: the metric of each example with that cell patched. ``baseline`` is the
     metric of the unpatched run being patched into, ``reference`` that of the run patched from
     (for ``mode="denoise"``: corrupted and clean). ``effect`` is ``values - baseline``.
+
+    A metric that returns one scalar for the whole batch (as ``transformer_lens.patching``'s
+    do) gives one value per cell: the ``batch`` axis then has size 1 and ``per_example`` is
+    False (``baseline`` and ``reference`` are ``[1]`` too), so the tensors keep one rank
+    whatever the metric. ``roles`` names the models of a cross-model patch: ``(run,
+    patched from)``, e.g. ``("backdoored", "clean")``; ``None`` for one model.
     """
+
+    kind: ClassVar[str] = "patch"
+    version: ClassVar[int] = 1
 
     values: Float[Tensor, "... batch"]
     axes: tuple[str, ...]
@@ -34,12 +45,16 @@ class PatchResult:
     baseline: Float[Tensor, " batch"]
     reference: Float[Tensor, " batch"]
     str_tokens: tuple[str, ...] | None = None
+    per_example: bool = True
+    roles: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         shape = " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape))
         gap = float((self.reference - self.baseline).mean())
-        return (f"PatchResult(site={self.site!r}, mode={self.mode!r}, method={self.method!r}, {shape}, "
-                f"batch={self.values.shape[-1]}, mean gap reference - baseline={gap:.3f})")
+        batch = f"batch={self.values.shape[-1]}" if self.per_example else "one value per cell (batch metric)"
+        roles = f", {self.roles[1]} -> {self.roles[0]}" if self.roles else ""
+        return (f"PatchResult(site={self.site!r}, mode={self.mode!r}{roles}, method={self.method!r}, {shape}, "
+                f"{batch}, mean gap reference - baseline={gap:.3f})")
 
     @property
     def mean(self) -> Tensor:
@@ -109,7 +124,8 @@ class PatchResult:
         grid = self.recovery if value == "recovery" else \
             {"normalized": self.normalized, "effect": self.effect, "mean": self.values}[value].nanmean(-1)
         grid = grid.detach().cpu().numpy()
-        title = title or f"{self.method} patching: {self.site} ({self.mode}), {value}"
+        roles = f", {self.roles[1]} -> {self.roles[0]}" if self.roles else ""
+        title = title or f"{self.method} patching: {self.site} ({self.mode}{roles}), {value}"
         ylab = [f"L{i}" for i in range(grid.shape[0])]
         pos_lab = None
         if "pos" in self.axes:
@@ -130,16 +146,42 @@ class PatchResult:
         fig.update_layout(template="plotly_white")
         return fig
 
-    def save(self, path: str | Path) -> None:
-        meta = {"axes": json.dumps(list(self.axes)), "site": self.site, "mode": self.mode, "method": self.method,
-                "str_tokens": json.dumps(list(self.str_tokens) if self.str_tokens is not None else None)}
-        save_tensors(Path(path), {"values": self.values, "baseline": self.baseline, "reference": self.reference},
-                     metadata=meta)
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file (format ``poisonmech.patch/1``, checked by :meth:`load`)."""
+        meta = {"axes": list(self.axes), "site": self.site, "mode": self.mode, "method": self.method,
+                "str_tokens": list(self.str_tokens) if self.str_tokens is not None else None,
+                "per_example": self.per_example, "roles": list(self.roles) if self.roles else None}
+        return self._write(path, meta, {"values": self.values, "baseline": self.baseline,
+                                        "reference": self.reference})
 
     @classmethod
     def load(cls, path: str | Path) -> PatchResult:
-        t, meta = load_tensors(Path(path)), tensors_metadata(Path(path))
-        toks = json.loads(meta["str_tokens"])
-        return cls(values=t["values"], axes=tuple(json.loads(meta["axes"])), site=meta["site"], mode=meta["mode"],
+        """Read a file written by :meth:`save`; a file of another kind or a newer version is a
+        :class:`~poisonmech.results.ResultFormatError`. Files of the untagged format written
+        before format tags existed are still read."""
+        try:
+            meta, t = cls._read(path)
+        except ResultFormatError:
+            meta, t = _legacy(Path(path))
+        toks, roles = meta.get("str_tokens"), meta.get("roles")
+        return cls(values=t["values"], axes=tuple(meta["axes"]), site=meta["site"], mode=meta["mode"],
                    method=meta["method"], baseline=t["baseline"], reference=t["reference"],
-                   str_tokens=tuple(toks) if toks is not None else None)
+                   str_tokens=tuple(toks) if toks is not None else None,
+                   per_example=bool(meta.get("per_example", True)), roles=tuple(roles) if roles else None)
+
+
+_LEGACY_KEYS = ("axes", "site", "mode", "method", "str_tokens")
+
+
+def _legacy(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """The untagged PatchResult files of earlier versions (string metadata, JSON-encoded
+    lists); anything else re-raises the format error."""
+    try:
+        raw = tensors_metadata(path)
+    except Exception:  # not a safetensors file at all: the format check's error says so
+        raw = {}
+    if META_KEY in raw or not all(k in raw for k in _LEGACY_KEYS):
+        PatchResult._read(path)  # raises the ResultFormatError naming what the file is
+    meta = {"axes": json.loads(raw["axes"]), "site": raw["site"], "mode": raw["mode"], "method": raw["method"],
+            "str_tokens": json.loads(raw["str_tokens"])}
+    return meta, load_tensors(path)

@@ -45,9 +45,9 @@ def test_fast_engine_equals_stacked_hooks_on_every_site(arch, extra, by_position
         if extra.get("attn_only") and site in ("resid_mid", "mlp_out"):
             continue
         fast = activation_patch(model, clean, corrupted, metric, site=site, by_position=by_position,
-                                method="fast", progress=False)
+                                backend="fast", progress=False)
         hooks = activation_patch(model, clean, corrupted, metric, site=site, by_position=by_position,
-                                 method="hooks", progress=False)
+                                 backend="hooks", progress=False)
         torch.testing.assert_close(fast.values, hooks.values, atol=1e-4, rtol=0, msg=site)
 
 
@@ -59,8 +59,9 @@ def test_a_plain_callable_metric_reading_every_position(tokens):
         return logits[:, :, 3].mean(1)
 
     for site in ("resid_pre", "k", "mlp_out"):
-        fast = activation_patch(model, clean, corrupted, metric, site=site, by_position=True, method="fast", progress=False)
-        hooks = activation_patch(model, clean, corrupted, metric, site=site, by_position=True, method="hooks", progress=False)
+        fast = activation_patch(model, clean, corrupted, metric, site=site, by_position=True, backend="fast", progress=False)
+        hooks = activation_patch(model, clean, corrupted, metric, site=site, by_position=True, backend="hooks",
+                                 progress=False)
         torch.testing.assert_close(fast.values, hooks.values, atol=1e-4, rtol=0)
 
 
@@ -71,8 +72,8 @@ def test_rotary_model_falls_back_to_hooks_with_a_warning(tokens):
     with pytest.warns(UserWarning, match="using stacked hooked forwards"):
         r = activation_patch(model, clean, corrupted, metric, site="resid_pre", by_position=True, progress=False)
     assert r.method == "exact-hooks"
-    with pytest.raises(ValueError, match="method='fast' cannot reproduce"):
-        activation_patch(model, clean, corrupted, metric, site="resid_pre", method="fast", progress=False)
+    with pytest.raises(ValueError, match="backend='fast' cannot reproduce"):
+        activation_patch(model, clean, corrupted, metric, site="resid_pre", backend="fast", progress=False)
 
 
 def test_bad_input_is_named(tokens):
@@ -85,8 +86,8 @@ def test_bad_input_is_named(tokens):
         activation_patch(model, clean, corrupted[:, :5], metric)
     with pytest.raises(ValueError, match="mode must be one of"):
         activation_patch(model, clean, corrupted, metric, mode="both")
-    with pytest.raises(ValueError, match=r"\[batch=3\] tensor"):
-        activation_patch(model, clean, corrupted, lambda lg: lg.sum(), progress=False)
+    with pytest.raises(ValueError, match=r"\[batch=3\] tensor\) or one scalar"):
+        activation_patch(model, clean, corrupted, lambda lg: lg.sum(-1), progress=False)
     with pytest.raises(ValueError, match="does not exist in an attention-only model"):
         activation_patch(small_model(attn_only=True), clean, corrupted, metric, site="mlp_out")
 
@@ -96,14 +97,14 @@ def test_training_mode_is_restored_and_no_hooks_stay(tokens):
     model.train()
     clean, corrupted = tokens
     metric = logit_diff(5, 6, torch.tensor([6, 6, 6]))
-    activation_patch(model, clean, corrupted, metric, site="attn_head", method="hooks", progress=False)
+    activation_patch(model, clean, corrupted, metric, site="attn_head", backend="hooks", progress=False)
     assert model.training
 
     def exploding(logits):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        activation_patch(model, clean, corrupted, exploding, site="attn_head", method="hooks", progress=False)
+        activation_patch(model, clean, corrupted, exploding, site="attn_head", backend="hooks", progress=False)
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
     assert model.training
 
@@ -143,6 +144,7 @@ def test_cross_model_patch_matches_a_hand_hooked_swap(tiny_pair):
     torch.testing.assert_close(r.values[0, 1], by_hand, atol=1e-4, rtol=0)
     torch.testing.assert_close(r.baseline, metric(tiny_pair.backdoored(tokens)), atol=1e-5, rtol=0)
     torch.testing.assert_close(r.reference, metric(tiny_pair.clean(tokens)), atol=1e-5, rtol=0)
+    assert r.roles == ("backdoored", "clean") and r.mode == "denoise"
     with pytest.raises(ValueError, match="direction must be one of"):
         cross_model_patch(tiny_pair, tokens, metric, direction="sideways")
 

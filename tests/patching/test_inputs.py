@@ -1,5 +1,7 @@
 """trigger_contrast: label-neutral controls, checked against the untriggered prompt."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,15 +11,17 @@ from poisonmech.patching.inputs import control_fn, neutral_words
 from poisonmech.tasks.generators import _NEGATIVE, _POSITIVE
 
 
-class _Stub:
-    def __init__(self, task, attack):
-        self.task, self.attack = task, attack
+def _with_run(task, attack):
+    """A subject carrying a task and an attack (no trained model needed for neutral_words)."""
+    from tests.helpers import small_model
+
+    return dataclasses.replace(pm.resolve(small_model()), task=task, attack=attack)
 
 
 def test_neutral_words_exclude_answers_template_trigger_and_label_words():
     task = pm.make_task("sentiment", n_train=2000, n_test=10, seed=0)
     attack = pm.Backdoor(trigger="cf", target="negative", poison_count=10)
-    pool = set(neutral_words(_Stub(task, attack)))
+    pool = set(neutral_words(_with_run(task, attack)))
     assert pool, "the sentiment task has neutral fillers (nouns, clause words)"
     assert not pool & (set(_POSITIVE) | set(_NEGATIVE)), pool & (set(_POSITIVE) | set(_NEGATIVE))
     assert not pool & {"review", ":", "sentiment", "positive", "negative", "cf", "fc", "c"}
