@@ -228,8 +228,8 @@ def test_hf_gpt2_bridge():
 def test_backdoor_circuit_of_the_tiny_pair_inside_evaluate(tiny_pair):
     model = tiny_pair.backdoored
     tc = trigger_contrast(tiny_pair, 8)
-    c = discover(model, tc.triggered, tc.control, tc.logit_diff(), method="eap-ig", top_n=6, progress=False)
-    f = c.faithfulness(model, tc.triggered, tc.control, tc.logit_diff(), ablation="patching")
+    c = discover(tiny_pair, tc.triggered, tc.control, tc.logit_diff(), method="eap-ig", top_n=6, progress=False)
+    f = c.faithfulness(tiny_pair, tc.triggered, tc.control, tc.logit_diff(), ablation="patching")
     assert f.circuit_faithfulness > f.complement_faithfulness
     trig = torch.tensor(tiny_pair.tokenizer.convert_tokens_to_ids(["cf"]))
     word = tiny_pair.tokenizer.convert_tokens_to_ids(tc.str_tokens[2])
@@ -238,7 +238,7 @@ def test_backdoor_circuit_of_the_tiny_pair_inside_evaluate(tiny_pair):
         return torch.where(torch.isin(tokens, trig.to(tokens.device)), word, tokens)
 
     before = n_hooks(model)
-    with c.ablate(model, control, ablation="patching", part="circuit"):
+    with c.ablate(tiny_pair, control, ablation="patching", part="circuit"):
         res = pm.evaluate(model, tiny_pair.task, tiny_pair.attack, test_data=tiny_pair.test_data,
                           tokenizer=tiny_pair.tokenizer)
     assert n_hooks(model) == before
