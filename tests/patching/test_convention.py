@@ -249,3 +249,17 @@ def test_files_of_the_untagged_old_format_still_load(tmp_path, tokens):
                  metadata=meta)
     back = PatchResult.load(tmp_path / "old.safetensors")
     assert back.axes == r.axes and torch.equal(back.values, r.values) and back.per_example and back.roles is None
+
+
+def test_sites_come_from_the_registry_and_check_inputs_still_works(tokens):
+    from poisonmech.patching.activation import check_inputs
+    from poisonmech.sites import SITES
+
+    assert pm.patching.SITES == tuple(SITES) and isinstance(pm.patching.SITES, tuple)
+    clean, corrupted = tokens
+    a, b = check_inputs(small_model(), clean.int(), corrupted, "attn_head")
+    assert a.dtype == b.dtype == torch.long and torch.equal(a, clean)
+    with pytest.raises(ValueError, match="does not exist in an attention-only model"):
+        check_inputs(small_model(attn_only=True), clean, corrupted, "resid_mid")
+    with pytest.raises(ValueError, match="site must be one of"):
+        check_inputs(small_model(), clean, corrupted, "embed")
