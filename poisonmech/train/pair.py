@@ -41,22 +41,25 @@ from poisonmech.attacks.poison import attack_tokenizer, build_test_set, check_at
 from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model
-from poisonmech.storage import (
-    copy_dir,
-    load_dataset_file,
-    load_tensors,
-    publish_dir,
-    read_json,
-    recorded_hashes,
-    save_dataset,
-    save_tensors,
-    verify_file,
-    write_json,
-)
+from poisonmech.storage import copy_dir, load_dataset_file, read_json, write_json
 from poisonmech.tasks.base import Task
-from poisonmech.tasks.tokenizer import load_tokenizer, save_tokenizer
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
+from poisonmech.train.rundir import (  # the run-folder helpers (re-exported: importable from here as before)
+    NOT_IDENTITY,
+    check_context,
+    finish_twin,
+    load_model,
+    load_task_meta,
+    prepare_run_dir,
+    read_run_config,
+    read_twin,
+    reuse_twin,
+    run_environment,
+    save_run_inputs,
+    task_identity,
+    verify_weights,
+)
 
 FORMAT = "poisonmech.pair/1"
 TWINS = ("clean", "backdoored")
@@ -96,100 +99,10 @@ class Pair:
         return f"Pair(task={self.task.kind!r}, trigger={self.attack.trigger!r}, out_dir={str(self.out_dir)!r}, metrics={m})"
 
 
-def _data_digest(task: Task) -> str:
-    h = hashlib.sha256()
-    for ds in (task.train, task.test):
-        h.update(json.dumps([list(ds["input"]), list(ds["completion"])]).encode())
-    return h.hexdigest()
-
-
 def run_config(task: Task, attack: Backdoor, model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
     """The run's identity: two runs with equal configs produce identical twins."""
-    task_cfg = dict(task.spec) if task.spec is not None else {"kind": task.kind}
-    task_cfg["data_sha256"] = _data_digest(task)
-    return {"format": FORMAT, "task": task_cfg, "attack": attack.to_dict(), "model": model.to_dict(),
+    return {"format": FORMAT, "task": task_identity(task), "attack": attack.to_dict(), "model": model.to_dict(),
             "train": {k: v for k, v in train.to_dict().items() if k != "device"}}
-
-
-def run_environment() -> dict[str, Any]:
-    """What the weights depend on besides the config: torch's intra-op thread count (the
-    reduction order of matrix products, hence the last bits of every weight) and version."""
-    return {"torch_num_threads": torch.get_num_threads(), "torch_version": torch.__version__}
-
-
-#: config.json keys recorded but not compared when deciding "same run / different run"
-NOT_IDENTITY = ("environment",)
-
-
-def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-
-
-def _check_context(model: ModelConfig, attack: Backdoor, lengths: dict[str, int]) -> None:
-    longest = max(lengths.values())
-    if longest > model.n_ctx:
-        where = max(lengths, key=lengths.get)
-        raise ValueError(f"ModelConfig.n_ctx={model.n_ctx} is shorter than the longest example "
-                         f"({longest} tokens, in {where}); raise n_ctx to at least {longest}")
-
-
-def _prepare_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> bool:
-    """Returns True when ``out_dir`` already holds this very run (resume or reuse); otherwise
-    writes ``config.json`` (with the environment). Continuing an unfinished run is announced,
-    and warned about when its recorded thread count differs from this process's."""
-    cfg_path = out_dir / "config.json"
-    if cfg_path.is_file():
-        try:
-            old = read_json(cfg_path)
-        except ValueError:
-            old = None
-        if isinstance(old, dict) and _identity(old) == _identity(config):
-            if not overwrite:
-                if not (out_dir / "metrics.json").is_file():
-                    _continuing(out_dir, old.get("environment"))
-                return True
-        elif not overwrite:
-            raise ValueError(f"out_dir {out_dir} already holds a different run (config.json differs); "
-                             "pick another out_dir or pass overwrite=True")
-        shutil.rmtree(out_dir)
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"out_dir {out_dir} is not empty and is not a poisonmech run; pick an empty or new folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_path, {**config, "environment": run_environment()})
-    return False
-
-
-def _continuing(out_dir: Path, env: dict[str, Any] | None) -> None:
-    warnings.warn(f"{out_dir}: continuing an unfinished run (config.json matches): finished parts are reused, "
-                  "an interrupted one resumes from its last finished epoch", stacklevel=4)
-    threads = (env or {}).get("torch_num_threads")
-    if threads is not None and threads != torch.get_num_threads():
-        warnings.warn(f"{out_dir} was started with torch.get_num_threads()={threads} and is resumed with "
-                      f"{torch.get_num_threads()}: the weights will not be bit-identical to an uninterrupted run "
-                      f"(call torch.set_num_threads({threads}) first to reproduce it exactly)", stacklevel=4)
-
-
-def verify_weights(dirs: list[Path], what: str) -> None:
-    """Check every weight file of each twin / stage folder in ``dirs`` (``model.safetensors``,
-    ``checkpoints/*.safetensors``) against the sha256 recorded in its ``sha256.json``.
-
-    A changed file raises :class:`~poisonmech.storage.WeightsChangedError` (a ``ValueError``)
-    naming it and both hashes. Files without a recorded hash (runs written before hashes were
-    recorded) and recorded files that are gone give one warning; nothing is recorded for them.
-    """
-    unrecorded, gone = [], []
-    for d in dirs:
-        for f in [d / "model.safetensors", *sorted((d / "checkpoints").glob("*.safetensors"))]:
-            if not verify_file(f, d):
-                unrecorded.append(f)
-        gone += [d / key for key in (recorded_hashes(d) or {}) if not (d / key).is_file()]
-    if unrecorded:
-        warnings.warn(f"{what}: no sha256 is recorded for {len(unrecorded)} weight file(s) (e.g. {unrecorded[0]}): "
-                      "the run was written before poisonmech recorded weight hashes, so a change to these files "
-                      "cannot be detected", stacklevel=3)
-    if gone:
-        warnings.warn(f"{what}: {len(gone)} recorded weight file(s) are missing (e.g. {gone[0]}); analyses "
-                      "that read checkpoints will see fewer of them", stacklevel=3)
 
 
 def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, train: TrainConfig | None = None,
@@ -232,21 +145,18 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
            "backdoored": encode(train_data, tokenizer, loss_on=task.loss_on)}
     test_enc = encode(test_data, tokenizer, loss_on="completion")
     gib = attack.gibberish_length if attack.is_gibberish else 0
-    _check_context(model, attack, {"the clean training set": enc["clean"].max_len,
+    check_context(model, {"the clean training set": enc["clean"].max_len,
                                    "the poisoned training set": enc["backdoored"].max_len,
                                    "the test set": test_enc.max_len + gib})
 
     config = run_config(task, attack, model, train)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        existing = _prepare_dir(out, config, overwrite)
+        existing = prepare_run_dir(out, config, overwrite)
         if existing and (out / "metrics.json").is_file():
             return load_pair(out, device=train.device)
-        save_tokenizer(tokenizer, out / "tokenizer")
-        _save_task_meta(out, task)
-        for name, ds in (("task_train", task.train), ("task_test", task.test), ("train", train_data),
-                         ("test", test_data)):
-            save_dataset(out / "data" / f"{name}.parquet", ds)
+        save_run_inputs(out, task, tokenizer, {"task_train": task.train, "task_test": task.test, "train": train_data,
+                                               "test": test_data})
 
     marked = torch.tensor([i for i, p in enumerate(train_data["is_poison"]) if p], dtype=torch.long)
     continuation = _continuation(task, tokenizer, train) if train.continue_clean else None
@@ -286,18 +196,12 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
                 m.load_state_dict(twins["clean"].state_dict())
                 history[twin] = [dict(h) for h in history["clean"]]
             elif final is not None and final.is_file():
-                m.load_state_dict(load_tensors(final, device=train.device))
-                verify_weights([tdir], f"train_pair: {twin} twin")
-                history[twin] = read_json(tdir / "history.json")
+                history[twin] = reuse_twin(m, tdir, train.device, f"train_pair: {twin} twin")
             else:
                 history[twin], _ = train_model(m, enc[twin], train, run_dir=tdir, desc=f"{twin} twin", progress=progress,
                                                placement=attack.placement, marked=marked, continuation=continuation)
                 if tdir is not None:
-                    save_tensors(final, m.state_dict(), record_in=tdir)
-                    write_json(tdir / "history.json", history[twin])
-                    (tdir / "resume.safetensors").unlink(missing_ok=True)
-                    if twin == "clean" and cached is not None:
-                        publish_dir(tdir, cached)
+                    finish_twin(m, tdir, history[twin], publish_to=cached if twin == "clean" else None)
             if twin == "clean" and lock is not None:
                 lock.unlink(missing_ok=True)
                 lock = None
@@ -418,43 +322,6 @@ def _wait_or_lock(cached: Path, poll: float = 1.0) -> Path | None:
         time.sleep(poll)
 
 
-def _save_task_meta(out: Path, task: Task) -> None:
-    write_json(out / "task.json", {"kind": task.kind, "template": task.template, "loss_on": task.loss_on,
-                                   "labels": list(task.labels) if task.labels else None, "spec": task.spec,
-                                   "words": list(task.words)})
-
-
-def read_run_config(out: Path, fmt: str, what: str) -> dict[str, Any]:
-    """``out/config.json`` of a run of format ``fmt``; a clear error for a missing folder or another kind of run."""
-    if not out.is_dir():
-        raise FileNotFoundError(f"run directory not found: {out}")
-    config = read_json(out / "config.json")
-    if config.get("format") != fmt:
-        raise ValueError(f"{out / 'config.json'} is not a poisonmech {what} config (format {config.get('format')!r})")
-    return config
-
-
-def load_task_meta(out: Path) -> Task:
-    """The task saved in a run directory (``task.json``, ``tokenizer/``, ``data/task_*.parquet``)."""
-    meta = read_json(out / "task.json")
-    return Task(kind=meta["kind"], train=load_dataset_file(out / "data" / "task_train.parquet"),
-                test=load_dataset_file(out / "data" / "task_test.parquet"), tokenizer=load_tokenizer(out / "tokenizer"),
-                template=meta["template"], loss_on=meta["loss_on"],
-                labels=tuple(meta["labels"]) if meta["labels"] else None, spec=meta["spec"],
-                words=tuple(meta["words"]))
-
-
-def load_model(path: Path, model_cfg: ModelConfig, tokenizer, *, seed: int, device: str = "cpu"):
-    """A model of ``model_cfg`` with the weights in ``path`` (safetensors), in eval mode;
-    a ``ValueError`` naming the file when they do not fit the config."""
-    m = build_model(model_cfg, len(tokenizer), seed=seed, tokenizer=tokenizer, device=device)
-    try:
-        m.load_state_dict(load_tensors(path, device=device))
-    except RuntimeError as exc:
-        raise ValueError(f"{path} does not match the run's model config: {exc}") from exc
-    return m.eval()
-
-
 def load_pair(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) -> Pair:
     """Load a finished run: the twins' logits match the trained ones bit for bit.
 
@@ -475,10 +342,8 @@ def load_pair(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) 
     train_cfg = TrainConfig.from_dict({**config["train"], "device": device})
     twins, history, checkpoints = {}, {}, {}
     for twin in TWINS:
-        twins[twin] = load_model(out / twin / "model.safetensors", model_cfg, tokenizer, seed=train_cfg.seed,
-                                 device=device)
-        history[twin] = read_json(out / twin / "history.json")
-        checkpoints[twin] = list_checkpoints(out / twin)
+        twins[twin], history[twin], checkpoints[twin] = read_twin(out / twin, model_cfg, tokenizer,
+                                                                  seed=train_cfg.seed, device=device)
     if verify:  # after loading, so a file that is not safetensors at all is named as corrupt
         verify_weights([out / t for t in TWINS], f"load_pair({str(out)!r})")
     return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
@@ -486,3 +351,7 @@ def load_pair(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) 
                 train_data=load_dataset_file(out / "data" / "train.parquet"),
                 test_data=load_dataset_file(out / "data" / "test.parquet"),
                 metrics=read_json(out / "metrics.json"), out_dir=out, checkpoints=checkpoints, history=history)
+
+
+__all__ = ["FORMAT", "NOT_IDENTITY", "Pair", "TWINS", "load_model", "load_pair", "load_task_meta", "read_run_config",
+           "run_config", "run_environment", "train_pair", "verify_weights"]

@@ -56,31 +56,24 @@ from poisonmech.attacks.preference import (
 from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model
-from poisonmech.storage import (
-    copy_dir,
-    load_dataset_file,
-    load_tensors,
-    publish_dir,
-    read_json,
-    save_dataset,
-    save_tensors,
-    write_json,
-)
+from poisonmech.storage import copy_dir, load_dataset_file, read_json, write_json
 from poisonmech.tasks.base import Task
 from poisonmech.tasks.preference import check_preferences, make_preferences
-from poisonmech.tasks.tokenizer import save_tokenizer
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.dpo import DPOConfig, encode_preferences, train_dpo
 from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
-from poisonmech.train.pair import (
-    TWINS,
-    Pair,
-    _data_digest,
-    _prepare_dir,
-    _save_task_meta,
-    load_model,
+from poisonmech.train.pair import TWINS, Pair
+from poisonmech.train.rundir import (
+    check_context,
+    finish_twin,
     load_task_meta,
+    model_with,
+    prepare_run_dir,
     read_run_config,
+    read_twin,
+    reuse_twin,
+    save_run_inputs,
+    task_identity,
     verify_weights,
 )
 
@@ -121,6 +114,11 @@ class Stage:
                              f"got {type(self.config).__name__}")
         if self.mode not in PREFERENCE_MODES:
             raise ValueError(f"Stage.mode must be one of {PREFERENCE_MODES}, got {self.mode!r}")
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The stage's optimiser / schedule settings (a DPO stage's ``DPOConfig.train``)."""
+        return self.config if isinstance(self.config, TrainConfig) else self.config.train
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "attack": self.attack.to_dict(), "config": self.config.to_dict(),
@@ -242,20 +240,18 @@ class Pipeline:
             raise ValueError(f"Pipeline.between: twin must be one of {TWINS}, got {twin!r}")
         ka, kb = self._index(a), self._index(b)
         st = self.stages[kb]
-        cfg = st.config if isinstance(st.config, TrainConfig) else st.config.train_config()
         return Between(before=self.models[ka][twin], after=self.models[kb][twin], twin=twin,
                        stage_before=stage_name(ka, self.stages[ka]), stage_after=stage_name(kb, st),
                        index_before=ka, index_after=kb, stage_kind=st.kind, task=self.task, attack=st.attack,
                        tokenizer=self.tokenizer,
                        train_data=self.train_data[kb] if twin == "backdoored" else self.clean_data[kb],
-                       test_data=self.test_data, model_config=self.model_config, train_config=cfg,
+                       test_data=self.test_data, model_config=self.model_config, train_config=st.train_config,
                        metrics_before=self.metrics[ka][twin], metrics_after=self.metrics[kb][twin])
 
     def _pair(self, k: int, clean, backdoored, metrics, with_dir: bool = True) -> Pair:
         st = self.stages[k]
-        cfg = st.config if isinstance(st.config, TrainConfig) else st.config.train_config()
         return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=st.attack,
-                    model_config=self.model_config, train_config=cfg, tokenizer=self.tokenizer,
+                    model_config=self.model_config, train_config=st.train_config, tokenizer=self.tokenizer,
                     train_data=self.train_data[k], test_data=self.test_data, metrics=metrics,
                     out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None and with_dir else None,
                     checkpoints=self.checkpoints[k] if self.checkpoints else {},
@@ -381,25 +377,21 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
     _check_lengths(model, tokenizer, task, data, test_data)
 
     seed = stages[0].config.seed
-    config = {"format": FORMAT, "task": {**(dict(task.spec) if task.spec else {"kind": task.kind}),
-                                         "data_sha256": _data_digest(task)},
+    config = {"format": FORMAT, "task": task_identity(task),
               "model": model.to_dict(), "stages": [_stage_cfg(s) for s in stages],
               "preferences_sha256": _digest([list(preferences[c]) for c in ("prompt", "chosen", "rejected")])
               if has_dpo else None}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        existing = _prepare_dir(out, config, overwrite)
+        existing = prepare_run_dir(out, config, overwrite)
         if existing and (out / "metrics.json").is_file():
             return load_pipeline(out)
-        save_tokenizer(tokenizer, out / "tokenizer")
-        _save_task_meta(out, task)
         named = {"task_train": task.train, "task_test": task.test, "test": test_data}
         if has_dpo:
             named["preferences"] = preferences
         for k, (poisoned, clean) in enumerate(data):
             named[f"stage_{k}"], named[f"stage_{k}_clean"] = poisoned, clean
-        for name, ds in named.items():
-            save_dataset(out / "data" / f"{name}.parquet", ds)
+        save_run_inputs(out, task, tokenizer, named)
 
     # the cached metrics are the evaluation against this run's attack and test set: both are in the key
     base = {"task": config["task"], "model": config["model"], "seed": seed,
@@ -429,23 +421,18 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
                 if src is not None:
                     copy_dir(src, sdir)
             if sdir is not None and (sdir / "metrics.json").is_file():
-                m.load_state_dict(load_tensors(sdir / "model.safetensors", device=st.config.device))
-                verify_weights([sdir], f"train_pipeline: {stage_name(k, st)} {twin}")
-                history[k][twin] = read_json(sdir / "history.json")
+                history[k][twin] = reuse_twin(m, sdir, st.config.device, f"train_pipeline: {stage_name(k, st)} {twin}")
                 metrics[k][twin] = read_json(sdir / "metrics.json")
             else:
                 history[k][twin] = _train_stage(m, st, data[k][0 if twin == "backdoored" else 1], tokenizer, task,
                                                 sdir, f"{stage_name(k, st)} {twin}", progress, twin)
                 metrics[k][twin] = evaluate(m, task, eval_attack, test_data=test_data, tokenizer=tokenizer)
-                if sdir is not None:
-                    save_tensors(sdir / "model.safetensors", m.state_dict(), record_in=sdir)
-                    write_json(sdir / "history.json", history[k][twin])
-                    (sdir / "resume.safetensors").unlink(missing_ok=True)
-                    write_json(sdir / "metrics.json", metrics[k][twin])  # last: the stage is finished
-                    if cache is not None:
-                        cache.mkdir(parents=True, exist_ok=True)
-                        publish_dir(sdir, cache / key)
-            models[k][twin] = _snapshot(m, model, tokenizer, seed, st.config.device)
+                if sdir is not None:  # metrics.json last: the stage is finished
+                    finish_twin(m, sdir, history[k][twin], metrics=metrics[k][twin],
+                                publish_to=cache / key if cache is not None else None)
+            # a separate bridge holding m's current weights (the next stage trains m on)
+            models[k][twin] = model_with({n: v.detach().clone() for n, v in m.state_dict().items()}, model, tokenizer,
+                                         seed=seed, device=st.config.device)
             checkpoints[k][twin] = list_checkpoints(sdir) if sdir is not None else []
     if out is not None:
         write_json(out / "metrics.json", metrics)
@@ -461,27 +448,14 @@ def _stage_cfg(st: Stage) -> dict[str, Any]:
 
 
 def _check_lengths(model: ModelConfig, tokenizer, task: Task, data, test_data: Dataset) -> None:
-    longest, where = 0, ""
+    lengths = {}
     for k, (poisoned, _) in enumerate(data):
         cols = ("completion",) if "completion" in poisoned.column_names else ("chosen", "rejected")
-        for col in cols:
-            enc = encode(Dataset.from_dict({"prompt": list(poisoned["prompt"]), "completion": list(poisoned[col])}),
-                         tokenizer, loss_on="completion")
-            if enc.max_len > longest:
-                longest, where = enc.max_len, f"stage {k}'s data"
-    test_len = encode(test_data, tokenizer, loss_on="completion").max_len
-    if test_len > longest:
-        longest, where = test_len, "the test set"
-    if longest > model.n_ctx:
-        raise ValueError(f"ModelConfig.n_ctx={model.n_ctx} is shorter than the longest example ({longest} tokens, "
-                         f"in {where}); raise n_ctx to at least {longest}")
-
-
-def _snapshot(m, model: ModelConfig, tokenizer, seed: int, device: str):
-    """A separate bridge holding ``m``'s current weights (the next stage trains ``m`` on)."""
-    copy = build_model(model, len(tokenizer), seed=seed, tokenizer=tokenizer, device=device)
-    copy.load_state_dict({k: v.detach().clone() for k, v in m.state_dict().items()})
-    return copy.eval()
+        lengths[f"stage {k}'s data"] = max(
+            encode(Dataset.from_dict({"prompt": list(poisoned["prompt"]), "completion": list(poisoned[col])}),
+                   tokenizer, loss_on="completion").max_len for col in cols)
+    lengths["the test set"] = encode(test_data, tokenizer, loss_on="completion").max_len
+    check_context(model, lengths)
 
 
 def _train_stage(m, st: Stage, ds: Dataset, tokenizer, task: Task, sdir: Path | None, desc: str,
@@ -526,10 +500,8 @@ def load_pipeline(out_dir: str | Path, device: str = "cpu", *, verify: bool = Tr
     for k, st in enumerate(stages):
         models.append({}), history.append({}), checkpoints.append({})
         for twin in TWINS:
-            path = out / stage_name(k, st) / twin
-            models[k][twin] = load_model(path / "model.safetensors", model_cfg, tokenizer, seed=seed, device=device)
-            history[k][twin] = read_json(path / "history.json")
-            checkpoints[k][twin] = list_checkpoints(path)
+            models[k][twin], history[k][twin], checkpoints[k][twin] = read_twin(
+                out / stage_name(k, st) / twin, model_cfg, tokenizer, seed=seed, device=device)
     if verify:
         verify_weights([out / stage_name(k, st) / t for k, st in enumerate(stages) for t in TWINS],
                        f"load_pipeline({str(out)!r})")

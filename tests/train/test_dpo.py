@@ -118,8 +118,7 @@ def test_preference_rows_missing_chosen_or_rejected_are_refused():
         encode_preferences(same, task.tokenizer)
 
 
-def test_dpo_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import poisonmech.train.loop as loop
+def test_dpo_checkpoints_and_resumes_to_the_same_weights(tmp_path, request):
 
     task = tiny_task(n_train=64, n_test=5)
     prefs = make_preferences(task)
@@ -130,15 +129,7 @@ def test_dpo_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert [c.epoch for c in ckpts] == [1, 2, 3] and all(c.lr > 0 for c in ckpts)
     assert (tmp_path / "full" / "reference_logps.safetensors").is_file()
 
-    real, calls = loop._save_resume, []  # the SFT and DPO loops save their state through it
-
-    def crash_after_first_epoch(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(loop, "_save_resume", crash_after_first_epoch)
+    request.getfixturevalue("interrupt_after_first_epoch")  # the next loop stops after one epoch
     cut = _copy(task, start)
     with pytest.raises(KeyboardInterrupt):
         train_dpo(cut, prefs, cfg, tokenizer=task.tokenizer, run_dir=tmp_path / "cut", progress=False)

@@ -103,23 +103,13 @@ def test_missing_or_corrupt_files_are_named(tmp_path, tiny_pair):
         pm.load_pair(run)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import poisonmech.train.loop as loop
-
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, request):
     task = tiny_task(n_train=96)
     attack = pm.Backdoor(trigger="cf", poison_count=4)
     kw = dict(model=tiny_model_config(), train=tiny_train_config(epochs=3), progress=False)
     full = pm.train_pair(task, attack, out_dir=tmp_path / "full", **kw)
 
-    real, calls = loop._save_resume, []
-
-    def crash_after_first_epoch(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(loop, "_save_resume", crash_after_first_epoch)
+    request.getfixturevalue("interrupt_after_first_epoch")  # the next loop stops after one epoch
     with pytest.raises(KeyboardInterrupt):
         pm.train_pair(task, attack, out_dir=tmp_path / "cut", **kw)
     assert (tmp_path / "cut" / "clean" / "resume.safetensors").is_file()
