@@ -32,9 +32,8 @@ from poisonmech.circuits.circuit import Circuit
 from poisonmech.circuits.config import CircuitConfig, contrast_data
 from poisonmech.circuits.graph import Graph, parse_name
 from poisonmech.circuits.rewire import reference_activations, rewired
-from poisonmech.circuits.validation import apply_metric, check_metric
+from poisonmech.circuits.validation import apply_metric, check_contrast
 from poisonmech.config import takes_config
-from poisonmech.runtime import check_tokens
 from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
@@ -70,11 +69,8 @@ def acdc(subject, clean_tokens: Int[Tensor, "batch pos"] | None = None,
 @torch.no_grad()
 def _acdc(model, clean_tokens, corrupted_tokens, metric: Callable, *, threshold: float, mode: str,
           graph: Graph | None, label: str | None, progress: bool) -> Circuit:
-    check_metric(metric)
-    if corrupted_tokens is None:
-        raise ValueError("acdc needs corrupted_tokens (token-aligned with clean_tokens)")
-    clean_tokens, corrupted_tokens = check_tokens(model, clean_tokens, corrupted_tokens)
-    graph = graph or Graph.from_model(model)
+    clean_tokens, corrupted_tokens, graph = check_contrast(model, clean_tokens, corrupted_tokens, metric, graph,
+                                                           "acdc")
     noise = mode == "noise"
     ref = reference_activations(model, graph, corrupted_tokens if noise else clean_tokens, "patching")
     tokens = clean_tokens if noise else corrupted_tokens

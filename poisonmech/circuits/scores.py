@@ -38,10 +38,9 @@ from tqdm.auto import tqdm
 from poisonmech.circuits.config import MODES, SCORE_METHODS, CircuitConfig, contrast_data
 from poisonmech.circuits.graph import Graph, parse_name, split_edge
 from poisonmech.circuits.rewire import rewired, source_activations
-from poisonmech.circuits.validation import apply_metric, check_metric
+from poisonmech.circuits.validation import apply_metric, check_contrast
 from poisonmech.config import check_choice, takes_config
 from poisonmech.results import META_KEY, Result, check_format
-from poisonmech.runtime import check_tokens
 from poisonmech.storage import load_tensors, tensors_metadata
 from poisonmech.subject import resolve
 
@@ -222,11 +221,8 @@ def edge_attribution(subject, clean_tokens: Int[Tensor, "batch pos"] | None = No
 
 def _edge_scores(model, clean_tokens, corrupted_tokens, metric: Callable, *, method: str, steps: int, mode: str,
                  per_example: bool | None, graph: Graph | None, progress: bool) -> EdgeScores:
-    check_metric(metric)
-    if corrupted_tokens is None:
-        raise ValueError("edge_attribution needs corrupted_tokens (token-aligned with clean_tokens)")
-    clean_tokens, corrupted_tokens = check_tokens(model, clean_tokens, corrupted_tokens)
-    graph = graph or Graph.from_model(model)
+    clean_tokens, corrupted_tokens, graph = check_contrast(model, clean_tokens, corrupted_tokens, metric, graph,
+                                                           "edge_attribution")
 
     clean_acts, clean_logits = source_activations(model, graph, clean_tokens)
     corrupted_acts, corrupted_logits = source_activations(model, graph, corrupted_tokens)
