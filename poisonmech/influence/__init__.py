@@ -3,8 +3,14 @@
     import poisonmech as pm
     pair = pm.load_pair("runs/demo")
     inf = pm.influence.attribute(pair, method="ekfac")   # train set, checkpoints, triggered queries
+    inf = pm.influence.attribute("runs/demo", method="ekfac")              # any subject, first
+    inf = pm.influence.attribute(model, train=rows, query=queries, method="graddot")  # a bare model
+    inf.scores                                             # (n_query, n_train); (1, n_train) aggregated
+    inf.train_scores                                       # (n_train,): the mean over queries
     inf.poison_auroc(), inf.average_precision(), inf.precision_at(40)
     inf.top(10), inf.by_component(), inf.to_frame(), inf.plot()
+    tc = pm.patching.trigger_contrast(pair)                # a patching metric as the measurement:
+    pm.influence.attribute(pair, query=tc.triggered, measurement=tc.logit_diff(), method="graddot")
     pm.influence.retrain_without(pair, inf.top(40)["example_id"])
     retrains = pm.influence.subset_retrains(pair, n_subsets=24)        # K retrains on random halves
     pm.influence.linear_datamodeling_score(retrains, inf).summary()    # do the scores predict them?
@@ -18,15 +24,22 @@ scores over the training set so that methods can be compared.
 from poisonmech.influence.attribution import METHODS, InfluenceConfig, attribute
 from poisonmech.influence.kfac import Factors, fit_factors
 from poisonmech.influence.lds import (
+    LDSConfig,
     LDSResult,
+    SubsetConfig,
     SubsetRetrains,
     linear_datamodeling_score,
     query_measurements,
     subset_retrains,
 )
-from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
+from poisonmech.influence.query import MEASUREMENTS, MetricQuery, Query, backdoor_query
 from poisonmech.influence.result import InfluenceResult
-from poisonmech.influence.retrain import RetrainResult, retrain_without
+from poisonmech.influence.retrain import (
+    RetrainConfig,
+    RetrainResult,
+    retrain_without,
+    train_on_subset,
+)
 from poisonmech.influence.tracking import TrackedModule, find_modules
 
 __all__ = [
@@ -35,9 +48,13 @@ __all__ = [
     "Factors",
     "InfluenceConfig",
     "InfluenceResult",
+    "LDSConfig",
     "LDSResult",
+    "MetricQuery",
     "Query",
+    "RetrainConfig",
     "RetrainResult",
+    "SubsetConfig",
     "SubsetRetrains",
     "TrackedModule",
     "attribute",
@@ -48,4 +65,5 @@ __all__ = [
     "query_measurements",
     "retrain_without",
     "subset_retrains",
+    "train_on_subset",
 ]

@@ -29,8 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from poisonmech.config import Config, ConfigError, check_choice, check_number, takes_config
 from poisonmech.encoding import Encoded, encode
 from poisonmech.influence import trak as trak_mod
 from poisonmech.influence.baselines import loss_scores, repsim_scores
@@ -59,13 +60,16 @@ from poisonmech.influence.preference import (
     is_preference_data,
     pair_text,
     same_pairs,
-    stage_dpo,
 )
-from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
+from poisonmech.influence.query import MEASUREMENTS, MetricQuery, Query, backdoor_query, metric_name
 from poisonmech.influence.result import InfluenceResult
 from poisonmech.influence.tracking import PRESETS, TrackedModule, find_modules
+from poisonmech.runtime import eval_mode, model_device
 from poisonmech.storage import load_tensors, save_tensors, write_json
+from poisonmech.subject import Subject, model_fingerprint, resolve
 from poisonmech.train.loop import Checkpoint
+
+Tensor = torch.Tensor
 
 METHODS = ("ekfac", "kfac", "tracin", "trak", "graddot", "gradcos", "repsim", "loss")
 #: methods with a self-influence (``∇L_z^T P ∇L_z``)
@@ -77,14 +81,21 @@ ENSEMBLE_METHODS = ("graddot", "gradcos", "trak", "kfac", "ekfac")
 
 
 @dataclass(frozen=True)
-class InfluenceConfig:
-    """Settings of one attribution (the cache key of its result, with weights and data).
+class InfluenceConfig(Config):
+    """The options of one attribution (with the weights, data and query, the cache key of its result).
 
     Args:
         method: one of ``METHODS``.
-        measurement: the pair's default query (see :func:`~poisonmech.influence.query.backdoor_query`):
-            ``"logprob"``, ``"logodds"``, ``"contrastive"``, ``"contrastive_logodds"``.
-        aggregate: score the mean measurement over the queries (one pass, ``(n_train,)`` scores).
+        measurement: what is attributed. A name: the run's default query
+            (:func:`~poisonmech.influence.query.backdoor_query`): ``"logprob"``, ``"logodds"``,
+            ``"contrastive"``, ``"contrastive_logodds"``. Or a patching metric (a
+            :class:`~poisonmech.patching.metrics.Metric`, logits ``[batch pos d_vocab]`` ->
+            ``[batch]``, e.g. ``tc.logit_diff()``; or one scalar for the batch), with ``query=``
+            the tokens it reads: for the gradient methods (``graddot``, ``gradcos``, ``tracin``,
+            ``trak``, ``kfac``, ``ekfac``; ``loss`` ignores the query). A result of a metric is
+            not cached (a callable has no stable hash).
+        aggregate: score the mean measurement over the queries (one pass; the result's
+            ``scores`` are one row, ``(1, n_train)``).
         modules: which maps the gradient methods see: ``"linear"``, ``"all"`` (plus embeddings)
             or glob patterns of map labels/paths.
         damping: K-FAC/EK-FAC/TRAK damping; ``None`` = 0.1 × each block's mean eigenvalue.
@@ -97,13 +108,13 @@ class InfluenceConfig:
             each standardised over the training set first (their scales differ by orders of
             magnitude across training); 1 (default): the model as given. For ``graddot``,
             ``gradcos``, ``trak``, ``kfac`` and ``ekfac`` (``tracin`` always sums all checkpoints).
-        max_queries: use a seeded subset of the pair's default queries.
+        max_queries: use a seeded subset of the run's default queries.
         batch_size: rows per forward/backward pass.
         seed: seeds sampled labels, projections and query subsets.
     """
 
     method: str = "ekfac"
-    measurement: str = "logprob"
+    measurement: str | Callable = "logprob"
     aggregate: bool = False
     modules: str | tuple[str, ...] = "linear"
     damping: float | None = None
@@ -117,50 +128,50 @@ class InfluenceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown influence method {self.method!r}; choose one of {METHODS}")
-        if self.measurement not in MEASUREMENTS:
-            raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
-        if not isinstance(self.modules, str):
+        if not isinstance(self.modules, str) and isinstance(self.modules, (list, tuple)):
             object.__setattr__(self, "modules", tuple(self.modules))
-        elif self.modules not in PRESETS:
-            raise ValueError(f"modules must be one of {PRESETS} or a list of glob patterns, got {self.modules!r}")
-        if self.fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
-        if self.renormalize not in RENORMALIZE:
-            raise ValueError(f"renormalize must be one of {RENORMALIZE}, got {self.renormalize!r}")
-        if self.damping is not None and not self.damping >= 0:
-            raise ValueError(f"damping must be None or >= 0, got {self.damping!r}")
+        super().__post_init__()
+
+    def check(self) -> None:
+        own = "InfluenceConfig"
+        check_choice(own, "method", self.method, METHODS)
+        if not callable(self.measurement) and self.measurement not in MEASUREMENTS:
+            raise ConfigError(f"{own}.measurement must be one of {MEASUREMENTS} or a metric (logits [batch pos "
+                              f"d_vocab] -> [batch]), got {self.measurement!r}")
+        for name in ("aggregate", "self_influence"):
+            check_choice(own, name, getattr(self, name), (False, True))
+        if isinstance(self.modules, str):
+            ok = self.modules in PRESETS
+        else:
+            ok = isinstance(self.modules, tuple) and bool(self.modules) and all(isinstance(m, str) for m in self.modules)
+        if not ok:
+            raise ConfigError(f"{own}.modules must be one of {PRESETS} or a non-empty list of glob patterns, "
+                              f"got {self.modules!r}")
+        check_choice(own, "fisher", self.fisher, FISHERS)
+        check_choice(own, "renormalize", self.renormalize, RENORMALIZE)
+        check_number(own, "damping", self.damping, lo=0, optional=True)
         for name in ("projection_dim", "ensemble", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"InfluenceConfig.{name} must be a positive integer, got {v!r}")
+            check_number(own, name, getattr(self, name), lo=1, integer=True)
+        check_number(own, "max_queries", self.max_queries, lo=1, integer=True, optional=True)
+        check_number(own, "seed", self.seed, lo=0, integer=True)
         if self.ensemble > 1 and self.method not in ENSEMBLE_METHODS:
-            raise ValueError(f"ensemble={self.ensemble}: checkpoint ensembles are for {ENSEMBLE_METHODS}, "
-                             f"not {self.method!r}")
-        if self.max_queries is not None and (not isinstance(self.max_queries, int) or self.max_queries < 1):
-            raise ValueError(f"max_queries must be None or a positive integer, got {self.max_queries!r}")
+            raise ConfigError(f"{own}.ensemble={self.ensemble}: checkpoint ensembles are for {ENSEMBLE_METHODS}, "
+                              f"not method={self.method!r}")
+
+    @property
+    def metric(self) -> Callable | None:
+        """The patching metric measured, or ``None`` for a named measurement."""
+        return self.measurement if callable(self.measurement) else None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["modules"] = self.modules if isinstance(self.modules, str) else list(self.modules)
+        """The fields as JSON types (a metric measurement as its name, ``"metric:<class>"``)."""
+        d = super().to_dict()
+        if self.metric is not None:
+            d["measurement"] = metric_name(self.metric)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InfluenceConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"InfluenceConfig: unknown fields {sorted(set(d) - known)}; allowed: {sorted(known)}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------- inputs
-def _is_pair(x: Any) -> bool:
-    from poisonmech.train.pair import Pair
-
-    return isinstance(x, Pair)
-
-
 def _check_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
     own = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -207,16 +218,12 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's weights (and buffers)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def data_fingerprint(enc: Encoded) -> str:
+    """A hash of encoded rows (their token ids and scored spans): the data part of the cache keys.
+
+    Kept as it was (rather than :func:`~poisonmech.subject.dataset_fingerprint` of the rows)
+    so that the caches of earlier runs stay valid: the key is of what the scores depend on,
+    the tokens."""
     return _sha([enc.ids, enc.start])
 
 
@@ -272,7 +279,7 @@ def _query_chunks(n_query: int, modules: Sequence[TrackedModule]) -> list[list[i
 def _prepared_queries(model, modules, query, qenc, cfg: InfluenceConfig, factors: Factors | None, unit: bool,
                       chunk: list[int]) -> dict[str, torch.Tensor]:
     """The chunk's query gradients, unit-normalised and preconditioned as the method asks."""
-    q = query_gradients(model, modules, query, qenc, link=query.link, aggregate=cfg.aggregate and not unit,
+    q = query_gradients(model, modules, query, qenc, aggregate=cfg.aggregate and not unit,
                         batch_size=cfg.batch_size, factors=factors, queries=chunk)
     if unit:  # rotation keeps norms: normalising in the eigenbasis is the same
         q = unit_queries(q)
@@ -340,7 +347,7 @@ def _add(acc: Scores | None, s: Scores, w: float) -> Scores:
 def _tracin(model, modules, data, query, qenc, cfg, ckpts, progress) -> Scores:
     acc = None
     for i, (path, lr) in enumerate(ckpts):
-        s = with_weights(model, load_tensors(path, device=next(model.parameters()).device),
+        s = with_weights(model, load_tensors(path, device=model_device(model)),
                          lambda i=i: _gradient_method(model, modules, data, query, qenc, cfg, None, progress,
                                                       desc=f"influence: TracIn checkpoint {i + 1}/{len(ckpts)}"))
         acc = _add(acc, s, lr)
@@ -363,7 +370,7 @@ def _trak(model, modules, data, query, qenc, cfg, cache: _Cache, base, progress,
             save_tensors(path, {"phi": phi})
             cache.note(path, settings)
     t1 = time.perf_counter()
-    phi_q = trak_mod.features(model, modules, qenc, proj, query=query, link=query.link, batch_size=cfg.batch_size,
+    phi_q = trak_mod.features(model, modules, qenc, proj, query=query, batch_size=cfg.batch_size,
                               progress=False)
     if cfg.aggregate:
         phi_q = phi_q.mean(0, keepdim=True)
@@ -392,7 +399,7 @@ def _ensemble(model, ckpts: list[tuple[Path, float]], cfg: InfluenceConfig, run)
         raise ValueError(f"ensemble={cfg.ensemble} but only {len(ckpts)} checkpoints are known (pass a pair "
                          "trained with checkpoints, or checkpoints=[...])")
     acc, seconds = None, {}
-    device = next(model.parameters()).device
+    device = model_device(model)
     for path, _ in ckpts[-cfg.ensemble:]:
         s = _standardised(with_weights(model, load_tensors(path, device=device), lambda p=path: run(Path(p).stem)))
         for k, v in s.seconds.items():
@@ -403,11 +410,11 @@ def _ensemble(model, ckpts: list[tuple[Path, float]], cfg: InfluenceConfig, run)
 
 
 # ---------------------------------------------------------------------------- entry point
-def _result(cfg: InfluenceConfig, s: Scores, query: Query, train: Dataset, text: list[str], tracked,
+def _result(cfg: InfluenceConfig, s: Scores, query: Query | MetricQuery, train: Dataset, text: list[str], tracked,
             t_start: float, extra: dict[str, Any]) -> InfluenceResult:
     scores = s.scores
-    if cfg.aggregate:
-        scores = scores.mean(0)
+    if cfg.aggregate:  # one row: the scores of the mean measurement over the queries
+        scores = scores.mean(0, keepdim=True)
     elif scores.shape[0] == 1 and query.n_query > 1:
         scores = scores.expand(query.n_query, -1).clone()
     ids = list(train["example_id"]) if "example_id" in train.column_names else list(range(len(train)))
@@ -423,8 +430,8 @@ def _result(cfg: InfluenceConfig, s: Scores, query: Query, train: Dataset, text:
         settings=settings, aggregated=cfg.aggregate)
 
 
-def _attribute_pairs(model, train: Dataset, query: Query, qenc: Encoded, cfg: InfluenceConfig, tokenizer,
-                     reference, beta, score_eos: bool, cache: _Cache, t_start: float, progress: bool
+def _attribute_pairs(model, train: Dataset, query: Query | MetricQuery, qenc: Encoded | None, cfg: InfluenceConfig,
+                     tokenizer, reference, beta, score_eos: bool, cache: _Cache, t_start: float, progress: bool
                      ) -> InfluenceResult:
     """Scores of DPO preference pairs: ``w (score(chosen) - score(rejected))`` (module ``preference``)."""
     chosen, rejected = encode_pairs(train, tokenizer, score_eos)
@@ -432,9 +439,7 @@ def _attribute_pairs(model, train: Dataset, query: Query, qenc: Encoded, cfg: In
     _check_ids(rejected, model, tokenizer, "train set (rejected answers)", train)
     w, dpo_l = dpo_weights(model, chosen, rejected, reference, beta)
     tracked: list[TrackedModule] = find_modules(model, cfg.modules)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if cfg.method == "loss":
             s = Scores(scores=dpo_l[None])
         else:
@@ -446,114 +451,140 @@ def _attribute_pairs(model, train: Dataset, query: Query, qenc: Encoded, cfg: In
                                       desc=f"influence: scoring ({name} answers)")
                      for name, enc in (("chosen", chosen), ("rejected", rejected))]
             s = combine(parts[0], parts[1], w)
-    finally:
-        model.train(was_training)
     return _result(cfg, s, query, train, pair_text(train), tracked, t_start,
                    {"preference_pairs": True, "dpo_beta": float(beta), "score_eos": score_eos})
 
 
-def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | Dataset | None = None,
-              method: str = "ekfac", *, twin: str = "backdoored", measurement: str = "logprob",
-              aggregate: bool = False, modules: str | Sequence[str] = "linear", damping: float | None = None,
-              fisher: str = "mc", renormalize: str | None = None, self_influence: bool = False,
-              projection_dim: int = 256, ensemble: int = 1, max_queries: int | None = None,
-              batch_size: int = 64, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
-              loss_on: str | None = None, checkpoints: Sequence[Any] | None = None,
-              cache_dir: str | Path | None = None, overwrite: bool = False,
+def _query_of(s: Subject, model, query: Any, cfg: InfluenceConfig, tokenizer) -> Query | MetricQuery:
+    """The query to attribute: the given one, or the run's triggered test inputs."""
+    if cfg.metric is not None:
+        if isinstance(query, MetricQuery):
+            return query
+        if query is None or isinstance(query, (Query, Dataset)):
+            raise ValueError("attribute: a metric measurement reads the logits of the token batch it was built for: "
+                             "pass query= those tokens, [batch pos] token ids (e.g. query=tc.triggered with "
+                             "measurement=tc.logit_diff()); a Query or a Dataset of rows has a named measurement")
+        with eval_mode(model):
+            return MetricQuery.of(model, query, cfg.metric, tokenizer)
+    if query is None:
+        if s.test_data is None or s.attack is None:
+            raise ValueError(f"attribute: this subject ({s.kind}) carries no run's triggered test rows to use as "
+                             "the query; pass query= (a Query, or a Dataset of prompt/completion rows)")
+        return backdoor_query(s, cfg.measurement, max_queries=cfg.max_queries, seed=cfg.seed)
+    if isinstance(query, Dataset):
+        return Query.from_rows(query)
+    if isinstance(query, MetricQuery):
+        raise ValueError("attribute: a MetricQuery is measured by its metric: pass measurement= that metric")
+    if not isinstance(query, Query):
+        raise ValueError(f"attribute: query must be a Query or a Dataset (or token ids [batch pos] with a metric "
+                         f"measurement=), got {type(query).__name__}")
+    return query
+
+
+def _tokenizer(model, s: Subject, tokenizer) -> PreTrainedTokenizerBase:
+    if tokenizer is not None:
+        return _check_tokenizer(model, tokenizer)
+    return _check_tokenizer(model, s.tokenizer) if s.tokenizer is not None else _check_tokenizer(model, None)
+
+
+@takes_config(InfluenceConfig)
+def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset | Tensor | None = None,
+              method: str | None = None, *, twin: str | None = None,
+              tokenizer: PreTrainedTokenizerBase | None = None, loss_on: str | None = None,
+              checkpoints: Sequence[Any] | None = None, cache_dir: str | Path | None = None, overwrite: bool = False,
               reference: Any = None, beta: float | None = None, score_eos: bool | None = None,
-              progress: bool = True) -> InfluenceResult:
+              progress: bool = True, config: InfluenceConfig) -> InfluenceResult:
     """Attribute a measurement on ``query`` to the rows of ``train``.
 
     Args:
-        model_or_pair: a ``TransformerBridge`` (or any causal LM returning logits), or a
-            :class:`~poisonmech.train.pair.Pair`: then ``train`` defaults to the twin's training set,
-            ``query`` to its triggered test inputs (:func:`backdoor_query` with
-            ``measurement``), ``checkpoints`` to the twin's, the cache to ``<run>/influence/<twin>``.
+        subject: what is attributed: a Pair, a pipeline stage ``pipe[k]``, a Pipeline, a run
+            directory, ``pipe.between(a, b)``, or a bare ``TransformerBridge`` (any causal LM
+            returning logits). For a run, ``train`` defaults to the chosen model's own training
+            set, ``query`` to the run's triggered test inputs (:func:`backdoor_query` with
+            ``measurement``, ``max_queries`` and ``seed``), ``checkpoints`` to the model's and
+            the cache to ``<run>/influence/<twin>``. A bare model needs ``train`` and ``query``.
         train: rows with ``prompt``/``completion`` (``example_id`` and ``is_poison`` are carried
-            into the result when present).
+            into the result when present), or DPO preference pairs (``prompt``/``chosen``/``rejected``).
         query: a :class:`Query`, or a ``Dataset`` of prompt/completion rows (one query per
-            row, measuring ``log p(completion | prompt)``).
+            row, measuring ``log p(completion | prompt)``); with a metric ``measurement``, the
+            ``[batch pos]`` token ids it reads (one query per row, or one for a scalar metric).
         method: one of ``"ekfac"``, ``"kfac"``, ``"tracin"``, ``"trak"``, ``"graddot"``,
-            ``"gradcos"``, ``"repsim"``, ``"loss"``.
-        twin: the pair's model to attribute (``"backdoored"`` or ``"clean"``).
-        tokenizer, loss_on: how ``train`` is tokenised and scored (default: the model's
-            tokenizer; ``"completion"``, or ``"all"`` for plain-text rows).
-        checkpoints: for ``tracin`` (and ``ensemble``) on a bare model: ``Checkpoint``
-            objects or ``(path, lr)`` pairs.
-        cache_dir: where to cache (default for a pair: ``<run>/influence/<twin>``; none for a bare model).
+            ``"gradcos"``, ``"repsim"``, ``"loss"`` (an :class:`InfluenceConfig` field that may be
+            passed fourth, positionally).
+        twin: the role attributed: ``"backdoored"`` (default) or ``"clean"`` of a pair or stage;
+            ``"after"`` (default) or ``"before"`` of ``pipe.between(a, b)``.
+        tokenizer, loss_on: how ``train`` is tokenised and scored (default: the subject's
+            tokenizer; the run task's ``loss_on``, else ``"completion"``, or ``"all"`` for
+            plain-text rows).
+        checkpoints: for ``tracin`` (and ``ensemble``) where the subject has none (a bare model,
+            a before/after view): ``Checkpoint`` objects or ``(path, lr)`` pairs.
+        cache_dir: where to cache (default for a run: ``<run>/influence/<twin>``; none otherwise).
         overwrite: recompute cached results.
         reference, beta, score_eos: for ``train`` of DPO preference pairs (prompt/chosen/rejected):
             the stage's frozen reference model (or its ``(chosen, rejected)`` log-probabilities),
             its ``beta`` and ``DPOConfig.score_eos`` (default False); a ``train_pipeline`` DPO
-            stage's pair finds all three, and each twin's own preference data, in its run directory.
-            Each pair is scored by its DPO-loss gradient (see :mod:`poisonmech.influence.preference`).
-        The other keywords are :class:`InfluenceConfig` fields.
+            stage finds all three, and each twin's own preference data, in its run directory
+            (:meth:`~poisonmech.subject.Subject.preference`). Each pair is scored by its DPO-loss
+            gradient (see :mod:`poisonmech.influence.preference`).
+        progress: progress bars.
 
     Returns an :class:`InfluenceResult`; positive scores mean up-weighting the example raises
-    the measurement (for every method; ``loss`` and ``repsim`` are oriented alike).
+    the measurement (for every method; ``loss`` and ``repsim`` are oriented alike). Its
+    ``scores`` are ``(n_query, n_train)``, or ``(1, n_train)`` with ``aggregate`` (the mean
+    measurement); ``train_scores`` is one score per training row either way.
     """
-    cfg = InfluenceConfig(method=method, measurement=measurement, aggregate=aggregate,
-                          modules=modules if isinstance(modules, str) else tuple(modules), damping=damping,
-                          fisher=fisher, renormalize=renormalize, self_influence=self_influence,
-                          projection_dim=projection_dim, ensemble=ensemble,
-                          max_queries=max_queries, batch_size=batch_size, seed=seed)
+    cfg = config
     t_start = time.perf_counter()
-    cache_root = Path(cache_dir) if cache_dir is not None else None
-    if _is_pair(model_or_pair):
-        pair = model_or_pair
-        model = pair.model(twin)
-        if tokenizer is not None:
-            _check_tokenizer(model, tokenizer)
-        tokenizer = pair.tokenizer
-        dpo = stage_dpo(pair, twin)  # a pipeline's DPO stage: the twin's own pairs and reference
-        if train is None and dpo is not None and dpo["data"] is not None:
-            train = dpo["data"]
-        if train is None:  # each twin's own training set
-            train = pair.train_data if twin == "backdoored" else pair.task.train
-        loss_on = loss_on or pair.task.loss_on
-        if query is None:
-            query = backdoor_query(pair, cfg.measurement, max_queries=cfg.max_queries, seed=cfg.seed)
-        if checkpoints is None:
-            checkpoints = pair.checkpoints.get(twin, [])
-        if cache_root is None and pair.out_dir is not None:
-            cache_root = Path(pair.out_dir) / "influence" / twin
-        if is_preference_data(train) and dpo is not None:
-            if dpo["nll_weight"] > 0:
-                raise ValueError(f"attribute: this DPO stage trained with DPOConfig(nll_weight={dpo['nll_weight']}); "
-                                 "its per-pair gradient also has the batch-normalised NLL term, which attribution "
-                                 "does not model")
-            if reference is None:
-                if dpo["data"] is None or not same_pairs(train, dpo["data"]):
-                    raise ValueError(f"attribute: the saved reference log-probabilities belong to the {twin} twin's "
-                                     "own preference data of this stage; for other rows pass reference=")
-                reference = dpo["reference"]
-            beta = dpo["beta"] if beta is None else beta
-            score_eos = dpo["score_eos"] if score_eos is None else score_eos
-    else:
-        model = model_or_pair
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"attribute: expected a model (TransformerBridge) or a Pair, got {type(model).__name__}")
-        if train is None or query is None:
-            raise ValueError("attribute: with a bare model, pass train= (a Dataset) and query= (a Query or Dataset)")
-        tokenizer = _check_tokenizer(model, tokenizer)
+    s = resolve(subject, where="attribute")
+    role = s.role(twin)
+    model = s.model(role)
+    tokenizer = _tokenizer(model, s, tokenizer)
+    dpo = s.preference(role)  # a pipeline's DPO stage: the twin's own pairs and reference
+    if train is None and dpo is not None and dpo["data"] is not None:
+        train = dpo["data"]
+    if train is None:  # each model's own training set
+        train = s.train_data_of(role)
+    if train is None:
+        raise ValueError(f"attribute needs the training rows to attribute to, which this subject ({s.kind}, "
+                         f"{role!r}) does not carry: pass train= (a Dataset of prompt/completion rows)")
+    if loss_on is None and s.task is not None:
+        loss_on = s.task.loss_on
+    if checkpoints is None:
+        checkpoints = s.checkpoints.get(role, [])
+    cache_root = Path(cache_dir) if cache_dir is not None else \
+        (s.run_dir / "influence" / role if s.run_dir is not None else None)
     if not isinstance(train, Dataset):
         raise ValueError(f"attribute: train must be a datasets.Dataset with prompt/completion, got {type(train).__name__}")
     preference = is_preference_data(train)
+    if preference and dpo is not None:
+        if dpo["nll_weight"] > 0:
+            raise ValueError(f"attribute: this DPO stage trained with DPOConfig(nll_weight={dpo['nll_weight']}); "
+                             "its per-pair gradient also has the batch-normalised NLL term, which attribution "
+                             "does not model")
+        if reference is None:
+            if dpo["data"] is None or not same_pairs(train, dpo["data"]):
+                raise ValueError(f"attribute: the saved reference log-probabilities belong to the {role} twin's "
+                                 "own preference data of this stage; for other rows pass reference=")
+            reference = dpo["reference"]
+        beta = dpo["beta"] if beta is None else beta
+        score_eos = dpo["score_eos"] if score_eos is None else score_eos
     if preference:
         check_preference_config(cfg)
     for col in ("prompt", "rejected") if preference else ("prompt", "completion"):
         if col not in train.column_names:
             raise ValueError(f"attribute: train lacks column {col!r} (allowed: rows with prompt and completion)")
-    if isinstance(query, Dataset):
-        query = Query.from_rows(query)
-    if not isinstance(query, Query):
-        raise ValueError(f"attribute: query must be a Query or a Dataset, got {type(query).__name__}")
+    query = _query_of(s, model, query, cfg, tokenizer)
+    if isinstance(query, MetricQuery) and cfg.method == "repsim":
+        raise ValueError("attribute: repsim compares representations at a Query's scored tokens; a metric "
+                         "measurement has none. Use a gradient method (graddot, gradcos, tracin, trak, kfac, ekfac)")
     ckpts = _checkpoint_list(checkpoints)
     if cfg.method == "tracin" and not ckpts:
-        raise ValueError("attribute: method='tracin' needs the training checkpoints, and this run has none "
+        raise ValueError("attribute: method='tracin' needs the training checkpoints, and this subject has none "
                          "(train with TrainConfig(checkpoint_every=1), or pass checkpoints=[(path, lr), ...])")
-    qenc = query.encode(tokenizer)
-    _check_ids(qenc, model, tokenizer, "query", query.rows)
+    qenc = None
+    if isinstance(query, Query):
+        qenc = query.encode(tokenizer)
+        _check_ids(qenc, model, tokenizer, "query", query.rows)
     if preference:
         return _attribute_pairs(model, train, query, qenc, cfg, tokenizer, reference, beta, bool(score_eos),
                                 _Cache(cache_root, overwrite), t_start, progress)
@@ -563,24 +594,24 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
     _check_ids(data, model, tokenizer, "train set", train)
 
     base = {"version": CACHE_VERSION, "model": model_fingerprint(model), "train": data_fingerprint(data)}
-    key = {**base, "config": cfg.to_dict(), "query": _sha([qenc.ids, qenc.start, list(query.weights),
-                                                            list(query.query_of_row), query.link]),
-           "checkpoints": [(str(p), lr) for p, lr in ckpts] if cfg.method == "tracin" or cfg.ensemble > 1 else None}
     cache = _Cache(cache_root, overwrite)
-    result_path = cache.path(f"result-{cfg.method}", key)
-    if cache.hit(result_path):
-        return InfluenceResult.load(result_path)
+    result_path = None
+    if qenc is not None:  # a metric is a callable: no stable hash, so its results are not cached
+        key = {**base, "config": cfg.to_dict(), "query": _sha([qenc.ids, qenc.start, list(query.weights),
+                                                                list(query.query_of_row), query.link]),
+               "checkpoints": [(str(p), lr) for p, lr in ckpts] if cfg.method == "tracin" or cfg.ensemble > 1 else None}
+        result_path = cache.path(f"result-{cfg.method}", key)
+        if cache.hit(result_path):
+            return InfluenceResult.load(result_path)
 
     tracked: list[TrackedModule] = find_modules(model, cfg.modules if cfg.method != "repsim" else "linear")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if cfg.method == "loss":
-            s = Scores(scores=loss_scores(model, data, batch_size=cfg.batch_size, progress=progress)[None])
+            sc = Scores(scores=loss_scores(model, data, batch_size=cfg.batch_size, progress=progress)[None])
         elif cfg.method == "repsim":
-            s = repsim_scores(model, tracked, data, query, qenc, batch_size=cfg.batch_size, progress=progress)
+            sc = repsim_scores(model, tracked, data, query, qenc, batch_size=cfg.batch_size, progress=progress)
         elif cfg.method == "tracin":
-            s = _tracin(model, tracked, data, query, qenc, cfg, ckpts, progress)
+            sc = _tracin(model, tracked, data, query, qenc, cfg, ckpts, progress)
         else:
             def run(name: str) -> Scores:
                 if cfg.method == "trak":
@@ -590,12 +621,10 @@ def attribute(model_or_pair: Any, train: Dataset | None = None, query: Query | D
                     factors = _factors(model, tracked, data, cfg, cache, base, progress)
                 return _gradient_method(model, tracked, data, query, qenc, cfg, factors, progress,
                                         desc=f"influence: scoring ({name})")
-            s = _ensemble(model, ckpts, cfg, run)
-    finally:
-        model.train(was_training)
+            sc = _ensemble(model, ckpts, cfg, run)
 
     text = [f"{p} {c}".strip() for p, c in zip(train["prompt"], train["completion"])]
-    result = _result(cfg, s, query, train, text, tracked, t_start, {"loss_on": loss_on})
+    result = _result(cfg, sc, query, train, text, tracked, t_start, {"loss_on": loss_on})
     if result_path is not None:
         result.save(result_path)
         cache.note(result_path, key)

@@ -20,6 +20,7 @@ from poisonmech.influence.grads import iter_batches, token_nll
 from poisonmech.influence.methods import Scores
 from poisonmech.influence.query import Query
 from poisonmech.influence.tracking import TrackedModule, capture
+from poisonmech.runtime import eval_mode, model_device
 
 Tensor = torch.Tensor
 
@@ -27,18 +28,14 @@ Tensor = torch.Tensor
 @torch.no_grad()
 def loss_scores(model: torch.nn.Module, data: Encoded, *, batch_size: int = 64, progress: bool = True) -> Tensor:
     """Each row's mean token NLL over its scored tokens: ``(n_train,)``."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = torch.zeros(len(data))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for b in tqdm(list(iter_batches(data, None, batch_size)), desc="influence: losses", disable=not progress,
                       leave=False):
             tokens, mask = data.batch(b, device)
             nll = token_nll(model(tokens)[:, :-1], tokens[:, 1:], mask)
             out[torch.tensor(b)] = (nll.sum(1) / mask.sum(1).clamp(min=1)).float().cpu()
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -46,11 +43,9 @@ def loss_scores(model: torch.nn.Module, data: Encoded, *, batch_size: int = 64, 
 def representations(model: torch.nn.Module, unembed: TrackedModule, data: Encoded, *, batch_size: int = 64,
                     progress: bool = True, desc: str = "influence: representations") -> Tensor:
     """Each row's unembedding input averaged over its scored-token-predicting positions."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     reps = None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for b in tqdm(list(iter_batches(data, None, batch_size)), desc=desc, disable=not progress, leave=False):
             tokens, mask = data.batch(b, device)
             with capture(model, [unembed]) as cap:
@@ -61,8 +56,6 @@ def representations(model: torch.nn.Module, unembed: TrackedModule, data: Encode
             if reps is None:
                 reps = torch.zeros((len(data), r.shape[-1]))
             reps[torch.tensor(b)] = r.cpu()
-    finally:
-        model.train(was_training)
     return reps
 
 

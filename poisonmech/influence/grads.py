@@ -120,6 +120,37 @@ def forward_backward(model: nn.Module, modules: Sequence[TrackedModule], tokens:
                       logits_last=shifted.detach() if keep_logits else None)
 
 
+def metric_backward(model: nn.Module, modules: Sequence[TrackedModule], tokens: Tensor, metric,
+                    keep: Sequence[int] | None = None) -> BatchGrads:
+    """One batch with the maps captured, backpropagating ``-metric(logits)`` (a query's loss
+    ``L_q = -f_q``) to the maps' outputs.
+
+    ``metric`` maps logits ``[batch pos d_vocab]`` to one value per row ``[batch]`` (a
+    :class:`~poisonmech.patching.metrics.Metric`) or to one scalar for the batch. ``keep``:
+    only these rows' values are differentiated and returned (all rows for a scalar metric).
+    Every position counts (a metric reads the positions it chooses; later ones get no gradient).
+    """
+    with torch.enable_grad(), capture(model, modules) as cap:
+        value = metric(model(tokens))
+        if not isinstance(value, torch.Tensor) or value.ndim > 1 or (value.ndim == 1 and value.shape[0] !=
+                                                                    tokens.shape[0]):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"a metric used as the measurement must return one value per row [batch="
+                             f"{tokens.shape[0]}] or one scalar, got {shape}")
+        if value.ndim == 1 and keep is not None:
+            value = value[torch.as_tensor(list(keep), dtype=torch.long, device=value.device)]
+        outs = [cap.outputs[t.name] for t in modules]
+        grads = torch.autograd.grad(-value.float().sum(), outs, allow_unused=True)
+    rows = slice(None) if keep is None or value.ndim == 0 else torch.as_tensor(list(keep), dtype=torch.long)
+    a = {t.name: cap.inputs[t.name][rows] for t in modules}
+    g = {t.name: (gr.detach().float() if gr is not None else torch.zeros_like(out, dtype=torch.float32))[rows]
+         for t, gr, out in zip(modules, grads, outs)}
+    n = next(iter(a.values())).shape[0] if a else tokens.shape[0]
+    valid = torch.ones((n, tokens.shape[1]), dtype=torch.bool, device=tokens.device)
+    loss = -value.detach().reshape(-1)
+    return BatchGrads(a=a, g=g, row_loss=loss, n_target=torch.ones(n, dtype=torch.long), valid=valid)
+
+
 def per_example(t: TrackedModule, a: Tensor, g: Tensor) -> Float[Tensor, "batch d_out d_in"]:
     """Each row's weight gradient ``sum_t g_t a_t^T`` of one map (bias as a last column)."""
     return torch.bmm(g.transpose(1, 2), activations(t, a))
@@ -159,5 +190,5 @@ def func_per_example_grads(model: nn.Module, tokens: Int[Tensor, "batch pos"], m
     return vmap(grad(row_loss), in_dims=(None, 0, 0))(train, tokens, mask)
 
 
-__all__ = ["BatchGrads", "forward_backward", "func_per_example_grads", "iter_batches", "per_example",
+__all__ = ["BatchGrads", "forward_backward", "func_per_example_grads", "iter_batches", "metric_backward", "per_example",
            "sample_labels", "token_neg_logodds", "token_nll", "valid_positions"]

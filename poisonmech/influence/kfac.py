@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from poisonmech.encoding import Encoded
 from poisonmech.influence.grads import forward_backward, iter_batches
 from poisonmech.influence.tracking import TrackedModule, activation_covariance, times_activations
-from poisonmech.runtime import num_threads
+from poisonmech.runtime import eval_mode, model_device, num_threads
 from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
 
 Tensor = torch.Tensor
@@ -183,7 +183,7 @@ def fit_covariances(model: torch.nn.Module, modules: Sequence[TrackedModule], da
     """The K-FAC covariances ``A`` and ``G`` and their eigendecompositions (one pass)."""
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     A = {t.name: torch.zeros(t.d_in, t.d_in, device=device) for t in modules}
     G = {t.name: torch.zeros(t.d_out, t.d_out, device=device) for t in modules}
     n_pos = n_rows = 0
@@ -215,7 +215,7 @@ def fit_eigenvalue_correction(model: torch.nn.Module, factors: Factors, data: En
                               progress: bool = True, index: Sequence[int] | None = None) -> Factors:
     """EK-FAC: the curvature's diagonal in the K-FAC eigenbasis from per-row gradients (one pass)."""
     modules = factors.modules
-    device = next(model.parameters()).device
+    device = model_device(model)
     lam = {t.name: torch.zeros(t.d_out, t.d_in, device=device) for t in modules}
     n = 0
     batches = list(iter_batches(data, index, batch_size))
@@ -251,9 +251,7 @@ def fit_factors(model: torch.nn.Module, modules: Sequence[TrackedModule], data: 
     if damping is not None and not damping >= 0:
         raise ValueError(f"damping must be None or >= 0, got {damping!r}")
     gen = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         t0 = time.perf_counter()
         f = fit_covariances(model, modules, data, fisher=fisher, batch_size=batch_size, generator=gen,
                             progress=progress, index=index)
@@ -263,8 +261,6 @@ def fit_factors(model: torch.nn.Module, modules: Sequence[TrackedModule], data: 
             f = fit_eigenvalue_correction(model, f, data, fisher=fisher, batch_size=batch_size, generator=gen,
                                           progress=progress, index=index)
             seconds["eigenvalue correction"] = time.perf_counter() - t0
-    finally:
-        model.train(was_training)
     f.damping = damping
     f.seconds = seconds
     return f

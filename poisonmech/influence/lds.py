@@ -30,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,26 +41,23 @@ import pandas as pd
 import torch
 from datasets import Dataset
 from jaxtyping import Float
-from scipy.stats import rankdata
+from scipy.stats import pearsonr, rankdata
 from tqdm.auto import tqdm
 
-from poisonmech.encoding import encode
+from poisonmech.config import Config, check_number, takes_config
 from poisonmech.influence.grads import iter_batches, token_neg_logodds, token_nll
-from poisonmech.influence.preference import is_preference_data
 from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
 from poisonmech.influence.result import InfluenceResult
-from poisonmech.models import build_model
-from poisonmech.storage import read_json, save_tensors, write_json
-from poisonmech.train.loop import train_model
-from poisonmech.train.pair import Pair, _continuation, load_model, load_pair
-from poisonmech.train.pipeline import is_pipeline_dir
+from poisonmech.influence.retrain import retraining_subject, train_on_subset
+from poisonmech.results import Result
+from poisonmech.runtime import eval_mode, model_device
+from poisonmech.storage import save_tensors, write_json
+from poisonmech.subject import TWIN_ROLES
 
 Tensor = torch.Tensor
-FORMAT = "poisonmech.lds/1"
-RETRAINS_FORMAT = "poisonmech.lds_retrains/1"
+TWINS = TWIN_ROLES
 #: bumped when a change alters cached subset weights (part of their cache key)
 CACHE_VERSION = 1
-TWINS = ("backdoored", "clean")
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -79,81 +77,55 @@ def query_measurements(model: torch.nn.Module, query: Query, tokenizer=None, *,
     if tokenizer is None:
         raise ValueError("query_measurements: the model carries no tokenizer; pass tokenizer=")
     enc = query.encode(tokenizer)
-    device = next(model.parameters()).device
+    device = model_device(model)
     weights = torch.tensor(query.weights, dtype=torch.float64)
     qrow = torch.tensor(query.query_of_row, dtype=torch.long)
     out = torch.zeros(query.n_query, dtype=torch.float64)
     per_token = token_neg_logodds if query.link == "logodds" else token_nll
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in iter_batches(enc, None, batch_size):
-                tokens, mask = enc.batch(b, device)
-                value = -per_token(model(tokens)[:, :-1], tokens[:, 1:], mask).sum(1).double().cpu()
-                out.index_add_(0, qrow[b], value * weights[b])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for b in iter_batches(enc, None, batch_size):
+            tokens, mask = enc.batch(b, device)
+            value = -per_token(model(tokens)[:, :-1], tokens[:, 1:], mask).sum(1).double().cpu()
+            out.index_add_(0, qrow[b], value * weights[b])
     return out.float()
 
 
 # ---------------------------------------------------------------------------- retraining
-def _check_pair(subject: Any, twin: str):
-    if isinstance(subject, (str, Path)):
-        subject = load_pair(subject)
-    if not isinstance(subject, Pair):
-        raise ValueError("linear datamodeling score: the subject must be a Pair (pm.train_pair / pm.load_pair) or "
-                         f"its run directory, whose training it can repeat; got {type(subject).__name__}")
-    if twin not in TWINS:
-        raise ValueError(f"twin must be one of {TWINS}, got {twin!r}")
-    if subject.out_dir is not None:
-        if is_pipeline_dir(Path(subject.out_dir).parent):
-            raise ValueError("linear datamodeling score: pipeline stages are not supported (a stage after the first "
-                             "starts from the previous stage's weights, which retraining from the initial weights "
-                             "does not repeat); use a Pair from pm.train_pair")
-    rows = _train_rows(subject, twin)
-    if is_preference_data(rows):
-        raise ValueError("linear datamodeling score: the training data are DPO preference pairs; retraining "
-                         "repeats supervised training only")
-    if "example_id" not in rows.column_names:
-        raise ValueError("linear datamodeling score: the training rows lack the 'example_id' column")
-    return subject
+@dataclass(frozen=True)
+class SubsetConfig(Config):
+    """The K random subsets retrained on (:func:`subset_retrains`).
+
+    Args:
+        n_subsets: K, at least 3 (a rank correlation over subsets).
+        alpha: the fraction of the training rows in each subset, in (0, 1).
+        seed: draws the subsets (subset ``k`` depends only on ``(seed, k)``).
+    """
+
+    n_subsets: int = 24
+    alpha: float = 0.5
+    seed: int = 0
+
+    def check(self) -> None:
+        own = type(self).__name__
+        check_number(own, "n_subsets", self.n_subsets, lo=3, integer=True)
+        check_number(own, "alpha", self.alpha, lo=0, hi=1, lo_open=True, hi_open=True)
+        check_number(own, "seed", self.seed, lo=0, integer=True)
 
 
-def _train_rows(pair, twin: str) -> Dataset:
-    return pair.train_data if twin == "backdoored" else pair.task.train
+@dataclass(frozen=True)
+class LDSConfig(SubsetConfig):
+    """Options of :func:`linear_datamodeling_score`: the subsets (:class:`SubsetConfig`, whose
+    ``seed`` also seeds the bootstrap) and ``n_bootstrap``, resamples of the subsets for
+    ``LDSResult.bootstrap_sd`` (0: none)."""
 
+    n_bootstrap: int = 200
 
-def train_on_subset(pair, example_ids: Iterable[int], *, twin: str = "backdoored", progress: bool = True,
-                    desc: str = "retrain on a subset") -> torch.nn.Module:
-    """The ``twin`` of ``pair`` retrained on the training rows ``example_ids`` only, the way
-    :func:`~poisonmech.train.pair.train_pair` trained it: the same initial weights (the
-    ``ModelConfig`` built with ``TrainConfig.seed``), the same ``TrainConfig``, the seeded
-    order rule over the kept rows, the attack's poison ``placement`` (the kept poisoned rows)
-    and the clean continuation (``continue_clean``). All rows reproduce the twin (bit for bit
-    at the same thread count). Returns the model in eval mode."""
-    pair = _check_pair(pair, twin)
-    rows = _train_rows(pair, twin)
-    keep_ids = {int(i) for i in example_ids}
-    ids = [int(e) for e in rows["example_id"]]
-    unknown = keep_ids - set(ids)
-    if unknown:
-        raise ValueError(f"train_on_subset: example_ids {sorted(unknown)[:5]} are not in the {twin} twin's "
-                         "training set")
-    keep = [i for i, e in enumerate(ids) if e in keep_ids]
-    if not keep:
-        raise ValueError("train_on_subset: no example_ids to train on")
-    # train_pair orders the poisoned slots of both twins by the backdoored data's is_poison flags
-    flags = list(pair.train_data["is_poison"]) if "is_poison" in pair.train_data.column_names else []
-    marked = torch.tensor([j for j, i in enumerate(keep) if i < len(flags) and flags[i]], dtype=torch.long)
-    cfg = pair.train_config
-    enc = encode(rows.select(keep), pair.tokenizer, loss_on=pair.task.loss_on)
-    continuation = _continuation(pair.task, pair.tokenizer, cfg) if cfg.continue_clean else None
-    model = build_model(pair.model_config, len(pair.tokenizer), seed=cfg.seed, tokenizer=pair.tokenizer,
-                        device=cfg.device)
-    train_model(model, enc, cfg, run_dir=None, desc=desc, progress=progress, placement=pair.attack.placement,
-                marked=marked, continuation=continuation)
-    return model.eval()
+    def check(self) -> None:
+        super().check()
+        check_number("LDSConfig", "n_bootstrap", self.n_bootstrap, lo=0, integer=True)
+
+    def subsets(self) -> SubsetConfig:
+        return SubsetConfig(n_subsets=self.n_subsets, alpha=self.alpha, seed=self.seed)
 
 
 def draw_subsets(example_ids: Sequence[int], n_subsets: int, alpha: float = 0.5, seed: int = 0
@@ -161,7 +133,7 @@ def draw_subsets(example_ids: Sequence[int], n_subsets: int, alpha: float = 0.5,
     """``n_subsets`` random subsets of ``example_ids``, each ``round(alpha * n)`` rows without
     replacement, sorted. Subset ``k`` depends only on ``(seed, k)`` and the ids, so asking for
     more subsets keeps the first ones (and their cached retrains)."""
-    _check_subset_args(n_subsets, alpha, seed)
+    SubsetConfig(n_subsets=n_subsets, alpha=alpha, seed=seed)  # checks the values
     ids = np.asarray([int(i) for i in example_ids])
     size = int(round(alpha * len(ids)))
     if not 1 <= size < len(ids):
@@ -171,17 +143,8 @@ def draw_subsets(example_ids: Sequence[int], n_subsets: int, alpha: float = 0.5,
                  for k in range(n_subsets))
 
 
-def _check_subset_args(n_subsets: Any, alpha: Any, seed: Any) -> None:
-    if isinstance(n_subsets, bool) or not isinstance(n_subsets, int) or n_subsets < 3:
-        raise ValueError(f"n_subsets must be an integer >= 3 (a rank correlation over subsets), got {n_subsets!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise ValueError(f"alpha (the fraction of rows in each subset) must be in (0, 1), got {alpha!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-
-
 @dataclass(frozen=True)
-class SubsetRetrains:
+class SubsetRetrains(Result):
     """The query's measurement on K models retrained on random subsets of the training set:
     the counterfactuals every method's LDS is scored against.
 
@@ -195,6 +158,9 @@ class SubsetRetrains:
         n_poison: poisoned rows in each subset, when the data has ``is_poison``.
         settings: how the subsets were drawn and trained (alpha, seed, twin, configs).
     """
+
+    kind = "lds_retrains"
+    version = 1
 
     example_ids: tuple[int, ...]
     subsets: tuple[tuple[int, ...], ...]
@@ -259,21 +225,36 @@ class SubsetRetrains:
             frame["n_poison"] = [self.n_poison[i] for i in k.ravel()]
         return frame
 
-    def save(self, path: str | Path) -> None:
-        write_json(Path(path), {"format": RETRAINS_FORMAT, "example_ids": list(self.example_ids),
-                                "subsets": [list(s) for s in self.subsets],
-                                "measurements": self.measurements.double().tolist(),
-                                "full": self.full.double().tolist() if self.full is not None else None,
-                                "query_text": list(self.query_text), "measurement": self.measurement,
-                                "link": self.link,
-                                "n_poison": list(self.n_poison) if self.n_poison is not None else None,
-                                "settings": self.settings})
+    def plot(self, title: str | None = None):
+        """Each retrained model's measurement (mean over queries) against the poisoned rows in its
+        subset (or the subset's index without ``is_poison``), with the full model's as a line."""
+        import plotly.graph_objects as go
+
+        mean = self.measurements.double().mean(1).numpy()
+        x = np.asarray(self.n_poison) if self.n_poison is not None else np.arange(self.n_subsets)
+        fig = go.Figure(go.Scatter(x=x, y=mean, mode="markers", name="retrained on a subset",
+                                   text=[f"subset {k}" for k in range(self.n_subsets)]))
+        if self.full is not None:
+            fig.add_hline(y=float(self.full.double().mean()), line_dash="dot", annotation_text="all rows")
+        fig.update_layout(title=title or f"{self.measurement} after retraining on {self.n_subsets} random subsets",
+                          xaxis_title="poisoned rows in the subset" if self.n_poison is not None else "subset",
+                          yaxis_title=f"{self.measurement} (mean over {self.n_query} queries)",
+                          template="plotly_white")
+        return fig
+
+    def save(self, path: str | Path) -> Path:
+        """One JSON file (format ``poisonmech.lds_retrains/1``)."""
+        return self._write(path, {"example_ids": list(self.example_ids), "subsets": [list(s) for s in self.subsets],
+                                  "measurements": self.measurements.double().tolist(),
+                                  "full": self.full.double().tolist() if self.full is not None else None,
+                                  "query_text": list(self.query_text), "measurement": self.measurement,
+                                  "link": self.link,
+                                  "n_poison": list(self.n_poison) if self.n_poison is not None else None,
+                                  "settings": self.settings})
 
     @classmethod
     def load(cls, path: str | Path) -> SubsetRetrains:
-        d = read_json(Path(path))
-        if d.pop("format", None) != RETRAINS_FORMAT:
-            raise ValueError(f"{path} does not hold SubsetRetrains")
+        d, _ = cls._read(path)
         return cls(example_ids=tuple(d["example_ids"]), subsets=tuple(tuple(s) for s in d["subsets"]),
                    measurements=torch.tensor(d["measurements"]),
                    full=torch.tensor(d["full"]) if d["full"] is not None else None,
@@ -285,66 +266,75 @@ class SubsetRetrains:
                 f"measurement={self.measurement!r})")
 
 
-def subset_retrains(subject: Any, query: Query | Dataset | None = None, *, twin: str = "backdoored",
+@takes_config(SubsetConfig)
+def subset_retrains(subject: Any, query: Query | Dataset | None = None, *, twin: str | None = None,
                     measurement: str = "logprob", max_queries: int | None = None, query_seed: int = 0,
-                    n_subsets: int = 24, alpha: float = 0.5, seed: int = 0, cache: bool = True,
-                    overwrite: bool = False, progress: bool = True) -> SubsetRetrains:
-    """Retrain the ``twin`` of ``subject`` on ``n_subsets`` random subsets of ``alpha`` of its
-    training rows (:func:`draw_subsets`, :func:`train_on_subset`) and measure ``query`` on each.
+                    cache: bool = True, overwrite: bool = False, progress: bool = True,
+                    config: SubsetConfig) -> SubsetRetrains:
+    """Retrain the ``twin`` of a run on ``n_subsets`` random subsets of ``alpha`` of its
+    training rows (:func:`draw_subsets`, :func:`~poisonmech.influence.retrain.train_on_subset`)
+    and measure ``query`` on each.
 
     Args:
-        subject: a :class:`~poisonmech.train.pair.Pair` or its run directory.
+        subject: a run whose training can be repeated: a Pair from ``pm.train_pair`` or its run
+            directory (a bare model has no run to repeat; see
+            :func:`~poisonmech.influence.retrain.retraining_subject`).
         query: a :class:`Query` or a ``Dataset`` of prompt/completion rows; default the run's
             backdoor query (:func:`backdoor_query` with ``measurement``, ``max_queries`` and
             ``query_seed``: the query ``attribute(pair, ...)`` explains with the same
             ``measurement``, ``max_queries`` and ``seed``).
-        n_subsets, alpha, seed: K subsets of ``round(alpha * n_train)`` rows, drawn with ``seed``.
+        twin: ``"backdoored"`` (default) or ``"clean"``.
         cache, overwrite: keep each retrained model's weights under
             ``<run>/influence/lds/<twin>/`` (keyed by its rows and the run's configs) and reuse
             them, for this and any other query; ``overwrite`` retrains.
     """
-    _check_subset_args(n_subsets, alpha, seed)
-    pair = _check_pair(subject, twin)
+    from poisonmech.train.pair import load_model
+
+    s, role = retraining_subject(subject, twin, "subset_retrains")
     if query is None:
         if measurement not in MEASUREMENTS:
             raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
-        query = backdoor_query(pair, measurement, max_queries=max_queries, seed=query_seed)
+        query = backdoor_query(s, measurement, max_queries=max_queries, seed=query_seed)
     elif isinstance(query, Dataset):
         query = Query.from_rows(query)
     if not isinstance(query, Query):
         raise ValueError(f"subset_retrains: query must be a Query or a Dataset, got {type(query).__name__}")
-    rows = _train_rows(pair, twin)
+    rows = s.train_data_of(role)
     ids = [int(e) for e in rows["example_id"]]
-    subsets = draw_subsets(ids, n_subsets, alpha, seed)
-    root = Path(pair.out_dir) / "influence" / "lds" / twin if (cache and pair.out_dir is not None) else None
-    base = {"version": CACHE_VERSION, "twin": twin, "train": pair.train_config.to_dict(),
-            "model": pair.model_config.to_dict(), "placement": pair.attack.placement,
+    subsets = draw_subsets(ids, config.n_subsets, config.alpha, config.seed)
+    root = s.run_dir / "influence" / "lds" / role if (cache and s.run_dir is not None) else None
+    # the subsets' weights are keyed as they always were (rows, configs, placement; not the
+    # SubsetConfig fingerprint, which the subset's own ids already cover): earlier runs' retrains
+    # are reused, not repeated (a retrain at another thread count would move the benchmarks' numbers)
+    base = {"version": CACHE_VERSION, "twin": role, "train": s.train_config.to_dict(),
+            "model": s.model_config.to_dict(), "placement": s.attack.placement,
             "rows": hashlib.sha256(json.dumps([ids, list(rows["prompt"]), list(rows["completion"])]).encode()
                                    ).hexdigest()}
     measured = []
-    for k, s in enumerate(tqdm(subsets, desc="LDS: retraining on subsets", disable=not progress, leave=False)):
-        key = hashlib.sha256(json.dumps({**base, "ids": list(s)}, sort_keys=True).encode()).hexdigest()[:16]
+    for k, sub in enumerate(tqdm(subsets, desc="LDS: retraining on subsets", disable=not progress, leave=False)):
+        key = hashlib.sha256(json.dumps({**base, "ids": list(sub)}, sort_keys=True).encode()).hexdigest()[:16]
         path = root / f"subset-{key}.safetensors" if root is not None else None
         if path is not None and path.is_file() and not overwrite:
-            model = load_model(path, pair.model_config, pair.tokenizer, seed=pair.train_config.seed,
-                               device=pair.train_config.device)
+            model = load_model(path, s.model_config, s.tokenizer, seed=s.train_config.seed,
+                               device=s.train_config.device)
         else:
-            model = train_on_subset(pair, s, twin=twin, progress=False, desc=f"LDS subset {k}")
+            model = train_on_subset(s, sub, twin=role, progress=False, desc=f"LDS subset {k}")
             if path is not None:
                 save_tensors(path, model.state_dict())
-                write_json(path.with_suffix(".json"), {**base, "ids": list(s), "threads": torch.get_num_threads()})
-        measured.append(query_measurements(model, query, pair.tokenizer))
+                write_json(path.with_suffix(".json"), {**base, "ids": list(sub), "threads": torch.get_num_threads()})
+        measured.append(query_measurements(model, query, s.tokenizer))
     flags = rows["is_poison"] if "is_poison" in rows.column_names else None
     n_poison = None
     if flags is not None:
         poison = {e for e, p in zip(ids, flags) if p}
-        n_poison = tuple(sum(e in poison for e in s) for s in subsets)
+        n_poison = tuple(sum(e in poison for e in sub) for sub in subsets)
     return SubsetRetrains(example_ids=tuple(ids), subsets=subsets, measurements=torch.stack(measured),
-                          full=query_measurements(pair.model(twin), query, pair.tokenizer),
+                          full=query_measurements(s.model(role), query, s.tokenizer),
                           query_text=tuple(query.text), measurement=query.measurement, link=query.link,
                           n_poison=n_poison,
-                          settings={"twin": twin, "alpha": alpha, "seed": seed, "n_subsets": n_subsets,
-                                    "train": pair.train_config.to_dict(), "threads": torch.get_num_threads()})
+                          settings={"twin": role, "alpha": config.alpha, "seed": config.seed,
+                                    "n_subsets": config.n_subsets, "train": s.train_config.to_dict(),
+                                    "threads": torch.get_num_threads()})
 
 
 # ---------------------------------------------------------------------------- the score
@@ -353,10 +343,11 @@ def spearman_per_column(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray
     ``scipy.stats.spearmanr(predicted[:, q], actual[:, q])``); NaN where either column is
     constant (no ranking to correlate).
 
-    Spearman's rho is Pearson's correlation of the average ranks, which is how scipy computes
-    it; it is written out here on ``scipy.stats.rankdata(axis=0)`` because ``spearmanr`` ranks
-    column by column and correlates every pair of columns, ~50x slower for the hundreds of
-    calls the bootstrap makes (the tests hold it to ``spearmanr``).
+    Spearman's rho is Pearson's correlation of the average ranks (how scipy defines and
+    computes it), so this is ``scipy.stats.pearsonr(rankdata(a, axis=0), rankdata(b, axis=0),
+    axis=0)``: both vectorised over the columns. ``spearmanr`` itself, given two matrices,
+    correlates every pair of their columns (a ``2n x 2n`` matrix) and so is ~50x slower for
+    the hundreds of calls the bootstrap makes; the tests hold this to ``spearmanr``.
     """
     predicted, actual = np.asarray(predicted, dtype=float), np.asarray(actual, dtype=float)
     if predicted.shape != actual.shape or predicted.ndim != 2:
@@ -365,11 +356,9 @@ def spearman_per_column(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray
     ok = (np.ptp(predicted, axis=0) > 0) & (np.ptp(actual, axis=0) > 0)
     if not ok.any():
         return out
-    a = rankdata(predicted[:, ok], axis=0)
-    b = rankdata(actual[:, ok], axis=0)
-    a -= a.mean(0)
-    b -= b.mean(0)
-    out[ok] = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    with warnings.catch_warnings():  # two rows give a correlation of +-1 and scipy says so
+        warnings.simplefilter("ignore")
+        out[ok] = pearsonr(rankdata(predicted[:, ok], axis=0), rankdata(actual[:, ok], axis=0), axis=0).statistic
     return out
 
 
@@ -379,7 +368,7 @@ def _json_floats(t: Tensor) -> list[float | None]:
 
 
 @dataclass(frozen=True)
-class LDSResult:
+class LDSResult(Result):
     """How well one method's scores predict retraining on random subsets.
 
     Attributes:
@@ -394,6 +383,9 @@ class LDSResult:
             subsets: its spread is the uncertainty from having drawn only K subsets.
         settings: the retrains' settings, the query's measurement, the method's settings.
     """
+
+    kind = "lds"
+    version = 1
 
     method: str
     per_query: Float[Tensor, " n_query"]
@@ -483,19 +475,17 @@ class LDSResult:
                           showlegend=False)
         return fig
 
-    def save(self, path: str | Path) -> None:
-        write_json(Path(path), {"format": FORMAT, "method": self.method,
-                                "per_query": _json_floats(self.per_query),
-                                "predicted": self.predicted.double().tolist(), "actual": self.actual.double().tolist(),
-                                "subsets": [list(s) for s in self.subsets], "query_text": list(self.query_text),
-                                "bootstrap": None if self.bootstrap is None else _json_floats(self.bootstrap),
-                                "settings": self.settings})
+    def save(self, path: str | Path) -> Path:
+        """One JSON file (format ``poisonmech.lds/1``; NaN as ``null``)."""
+        return self._write(path, {"method": self.method, "per_query": _json_floats(self.per_query),
+                                  "predicted": self.predicted.double().tolist(), "actual": self.actual.double().tolist(),
+                                  "subsets": [list(s) for s in self.subsets], "query_text": list(self.query_text),
+                                  "bootstrap": None if self.bootstrap is None else _json_floats(self.bootstrap),
+                                  "settings": self.settings})
 
     @classmethod
     def load(cls, path: str | Path) -> LDSResult:
-        d = read_json(Path(path))
-        if d.pop("format", None) != FORMAT:
-            raise ValueError(f"{path} does not hold an LDSResult")
+        d, _ = cls._read(path)
 
         def t(x):
             return torch.tensor([float("nan") if v is None else v for v in x])
@@ -529,9 +519,8 @@ def _score_matrix(retrains: SubsetRetrains, scores: Any, method: str | None
                              "retrains' training set")
         col = {e: i for i, e in enumerate(scores.example_ids)}
         order = [col[e] for e in retrains.example_ids]
-        tau = scores.scores.detach().double().cpu().numpy()
-        tau = tau[order][:, None] if scores.aggregated else tau[:, order].T
-        if scores.aggregated:  # the scores of the mean measurement over the queries
+        tau = scores.scores.detach().double().cpu().numpy()[:, order].T  # (n_train, row)
+        if scores.aggregated:  # one row: the scores of the mean measurement over the queries
             actual = actual.mean(1, keepdims=True)
         return tau, actual, method or scores.method, {"method_settings": s}
     tau = torch.as_tensor(scores).detach().double().cpu().numpy() if not isinstance(scores, np.ndarray) \
@@ -572,48 +561,48 @@ def _score(retrains: SubsetRetrains, scores: Any, *, method: str | None, n_boots
                      bootstrap=boot, settings=settings)
 
 
+@takes_config(LDSConfig)
 def linear_datamodeling_score(subject: Any, scores: InfluenceResult | Any, query: Query | Dataset | None = None, *,
-                              twin: str = "backdoored", n_subsets: int = 24, alpha: float = 0.5, seed: int = 0,
-                              method: str | None = None, n_bootstrap: int = 200, cache: bool = True,
-                              overwrite: bool = False, progress: bool = True) -> LDSResult:
+                              twin: str | None = None, method: str | None = None, cache: bool = True,
+                              overwrite: bool = False, progress: bool = True, config: LDSConfig) -> LDSResult:
     """The linear datamodeling score of ``scores``: the mean over queries of the Spearman
     correlation, across K random ``alpha``-subsets of the training set, between the summed
     scores of each subset's rows and the query's measurement after retraining on it.
 
     Args:
         subject: a :class:`SubsetRetrains` already computed (retrain once, score every
-            method against the same models), or a Pair / run directory: then the retrains
-            are :func:`subset_retrains` with ``twin``, ``n_subsets``, ``alpha``, ``seed``,
-            ``cache`` and ``overwrite`` (cached weights are reused across calls).
+            method against the same models), or a run (a Pair / its run directory): then the
+            retrains are :func:`subset_retrains` with ``twin``, ``n_subsets``, ``alpha``,
+            ``seed``, ``cache`` and ``overwrite`` (cached weights are reused across calls).
         scores: an :class:`InfluenceResult` of the subject's twin (its queries, measurement and
-            training rows must be the retrains'; aggregated scores are scored against the
-            mean measurement over queries), or a ``(n_query, n_train)`` matrix (or
+            training rows must be the retrains'; an aggregated result, one row, is scored
+            against the mean measurement over queries), or a ``(n_query, n_train)`` matrix (or
             ``(n_train,)`` for the mean measurement) with columns in the retrains' row order.
-        query: for a Pair: the query (default: the one the InfluenceResult explains — the
+        query: for a run: the query (default: the one the InfluenceResult explains — the
             run's backdoor query with its ``measurement``, ``max_queries`` and ``seed``).
-        n_subsets, alpha, seed: the K random subsets (``seed`` also seeds the bootstrap).
         method: the name to report (default: the InfluenceResult's method).
-        n_bootstrap: resamples of the subsets for ``LDSResult.bootstrap_sd`` (0: none); seeded
-            by ``seed``.
+        n_subsets, alpha, seed, n_bootstrap: the :class:`LDSConfig` (``seed`` draws the subsets
+            and seeds the bootstrap; ``n_bootstrap`` resamples of the subsets for
+            ``LDSResult.bootstrap_sd``, 0: none).
 
     Returns an :class:`LDSResult` (``.mean`` is the LDS; near 1: the scores predict retraining;
     near 0: no better than random scores).
     """
     if isinstance(subject, SubsetRetrains):
         if query is not None:
-            raise ValueError("linear_datamodeling_score: query= is for a Pair; SubsetRetrains already hold "
+            raise ValueError("linear_datamodeling_score: query= is for a run (a Pair); SubsetRetrains already hold "
                              "their query's measurements")
         retrains = subject
     else:
         kw: dict[str, Any] = {}
         if query is None and isinstance(scores, InfluenceResult):
-            s = scores.settings or {}
-            kw = {"measurement": s.get("measurement", "logprob"), "max_queries": s.get("max_queries"),
-                  "query_seed": s.get("seed", 0)}
-        retrains = subset_retrains(subject, query, twin=twin, n_subsets=n_subsets, alpha=alpha, seed=seed,
-                                   cache=cache, overwrite=overwrite, progress=progress, **kw)
-    return _score(retrains, scores, method=method, n_bootstrap=n_bootstrap, seed=seed)
+            st = scores.settings or {}
+            kw = {"measurement": st.get("measurement", "logprob"), "max_queries": st.get("max_queries"),
+                  "query_seed": st.get("seed", 0)}
+        retrains = subset_retrains(subject, query, twin=twin, cache=cache, overwrite=overwrite, progress=progress,
+                                   config=config.subsets(), **kw)
+    return _score(retrains, scores, method=method, n_bootstrap=config.n_bootstrap, seed=config.seed)
 
 
-__all__ = ["LDSResult", "SubsetRetrains", "draw_subsets", "linear_datamodeling_score", "query_measurements",
-           "spearman_per_column", "subset_retrains", "train_on_subset"]
+__all__ = ["LDSConfig", "LDSResult", "SubsetConfig", "SubsetRetrains", "draw_subsets", "linear_datamodeling_score",
+           "query_measurements", "spearman_per_column", "subset_retrains", "train_on_subset"]

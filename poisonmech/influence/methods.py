@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 from poisonmech.encoding import Encoded
 from poisonmech.influence.grads import forward_backward, iter_batches, per_example
 from poisonmech.influence.kfac import Factors
-from poisonmech.influence.query import Query
+from poisonmech.influence.query import MetricQuery, Query
 from poisonmech.influence.tracking import TrackedModule, activations, times_activations
+from poisonmech.runtime import eval_mode, model_device
 
 Tensor = torch.Tensor
 RENORMALIZE = (None, "unit", "relative")
@@ -100,36 +101,34 @@ class Scores:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase
 
 
-def query_gradients(model: torch.nn.Module, modules: Sequence[TrackedModule], query: Query, enc: Encoded, *,
-                    link: str = "logprob", aggregate: bool = False, batch_size: int = 64,
+def query_gradients(model: torch.nn.Module, modules: Sequence[TrackedModule], query: Query | MetricQuery,
+                    enc: Encoded | None, *, aggregate: bool = False, batch_size: int = 64,
                     factors: Factors | None = None, queries: Sequence[int] | None = None,
                     progress: bool = False) -> dict[str, Tensor]:
     """Each query's loss gradient ``∇L_q = -∇f_q`` per map: ``(n_query, d_out, d_in)``, or
     ``(1, d_out, d_in)`` holding the mean over queries with ``aggregate``; ``queries``
-    restricts to those queries (in that order).
+    restricts to those queries (in that order). ``query`` is a :class:`Query` with its rows
+    encoded as ``enc``, or a :class:`MetricQuery` (``enc`` ``None``).
 
     With ``factors`` the gradients come rotated into the curvature's eigenbasis (formed from
     the rotated positions, see :meth:`Factors.rotate_tokens`; norms are unchanged); finish
     with :func:`precondition_rotated`.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     chosen = list(range(query.n_query)) if queries is None else list(queries)
     local = torch.full((query.n_query,), -1, dtype=torch.long)
     local[torch.tensor(chosen)] = torch.arange(len(chosen))
     n_q = 1 if aggregate else len(chosen)
     out = {t.name: torch.zeros((n_q, t.d_out, t.d_in), device=device) for t in modules}
-    w = torch.tensor(query.weights, dtype=torch.float32)
     qrow = local[torch.tensor(query.query_of_row)]
-    rows = [r for r in range(len(enc)) if qrow[r] >= 0]
-    for b in tqdm(list(iter_batches(enc, rows, batch_size)), desc="influence: query gradients",
-                  disable=not progress, leave=False):
-        tokens, mask = enc.batch(b, device)
-        bg = forward_backward(model, modules, tokens, mask, weights=w[b].to(device), link=link)
+    rows = [r for r in range(len(qrow)) if qrow[r] >= 0]
+    passes = query.passes(model, modules, enc, rows, batch_size)
+    for b, bg in tqdm(passes, desc="influence: query gradients", disable=not progress, leave=False):
         dest = torch.zeros(len(b), dtype=torch.long, device=device) if aggregate else qrow[b].to(device)
         for t in modules:
             a, g = bg.a[t.name], bg.g[t.name]
-            rows = per_example(t, a, g) if factors is None else factors.rotate_tokens(t.name, t, a, g)
-            out[t.name].index_add_(0, dest, rows)
+            grads = per_example(t, a, g) if factors is None else factors.rotate_tokens(t.name, t, a, g)
+            out[t.name].index_add_(0, dest, grads)
     if aggregate:
         for t in modules:
             out[t.name] /= len(chosen)
@@ -175,7 +174,7 @@ def gradient_scores(model: torch.nn.Module, modules: Sequence[TrackedModule], da
     """
     if renormalize not in RENORMALIZE:
         raise ValueError(f"renormalize must be one of {RENORMALIZE}, got {renormalize!r}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     comp = ComponentMap.build(modules)
     n, n_q = len(data), next(iter(qgrads.values())).shape[0]
     scores = torch.zeros((n_q, n))
@@ -185,9 +184,7 @@ def gradient_scores(model: torch.nn.Module, modules: Sequence[TrackedModule], da
     norms = torch.zeros(n) if renormalize == "unit" else None
     flat_q = {k: g.reshape(n_q, -1) for k, g in qgrads.items()}
     mean_q = {k: g.mean(0) for k, g in qgrads.items()}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for b in tqdm(list(iter_batches(data, None, batch_size)), desc=desc, disable=not progress, leave=False):
             tokens, mask = data.batch(b, device)
             bg = forward_backward(model, modules, tokens, mask)
@@ -219,8 +216,6 @@ def gradient_scores(model: torch.nn.Module, modules: Sequence[TrackedModule], da
                 norms[idx] = sq.sqrt().cpu()
             if need_self:
                 selfs[idx] = si.cpu()
-    finally:
-        model.train(was_training)
     if renormalize is not None:
         den = norms if renormalize == "unit" else selfs.clamp(min=0).sqrt()
         den = den.clamp(min=1e-30)

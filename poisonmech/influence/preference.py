@@ -19,7 +19,6 @@ are refused. The ``loss`` baseline is the pair's DPO loss.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from poisonmech.encoding import Encoded
-from poisonmech.storage import load_dataset_file, load_tensors, read_json
 
 #: methods linear in the training gradient (and the loss baseline): the ones a pair can be scored by
 PREFERENCE_METHODS = ("graddot", "kfac", "ekfac", "loss")
@@ -45,36 +43,6 @@ def check_preference_config(cfg) -> None:
     if cfg.renormalize is not None or cfg.self_influence or cfg.ensemble != 1:
         raise ValueError("attribute: on preference pairs, renormalize, self_influence and ensemble are not "
                          "available (they are not linear in the pair's DPO gradient)")
-
-
-def stage_dpo(pair, twin: str) -> dict[str, Any] | None:
-    """What a ``train_pipeline`` DPO stage's pair needs for attribution, read from its run
-    directory: the twin's own preference data of the stage (``data``), the reference
-    log-probabilities saved by ``train_dpo`` for exactly those rows (``reference``), and the
-    stage's ``beta``, ``score_eos`` and ``nll_weight``. ``None`` for anything else."""
-    if pair.out_dir is None:
-        return None
-    from poisonmech.train.pipeline import is_pipeline_dir
-
-    stage_dir = Path(pair.out_dir)
-    if not is_pipeline_dir(stage_dir.parent):
-        return None
-    cfg = read_json(stage_dir.parent / "config.json")
-    for k, st in enumerate(cfg.get("stages", [])):
-        if f"stage_{k}_{st.get('kind')}" != stage_dir.name:
-            continue
-        if st.get("kind") != "dpo":
-            return None
-        ref_path = stage_dir / twin / "reference_logps.safetensors"
-        ref = None
-        if ref_path.is_file():
-            t = load_tensors(ref_path)
-            ref = (t["chosen"], t["rejected"])
-        data_path = stage_dir.parent / "data" / (f"stage_{k}.parquet" if twin == "backdoored" else f"stage_{k}_clean.parquet")
-        return {"data": load_dataset_file(data_path) if data_path.is_file() else None, "reference": ref,
-                "beta": float(st["config"]["beta"]), "score_eos": bool(st["config"].get("score_eos", False)),
-                "nll_weight": float(st["config"].get("nll_weight", 0.0))}
-    return None
 
 
 def same_pairs(a: Dataset, b: Dataset) -> bool:
@@ -136,4 +104,4 @@ def pair_text(train: Dataset) -> list[str]:
 
 
 __all__ = ["PREFERENCE_METHODS", "check_preference_config", "combine", "dpo_weights", "encode_pairs",
-           "is_preference_data", "pair_text", "same_pairs", "stage_dpo"]
+           "is_preference_data", "pair_text", "same_pairs"]

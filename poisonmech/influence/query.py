@@ -20,19 +20,31 @@ backdoored twin is on its triggered inputs. The measurements of :func:`backdoor_
 - for the gibberish (denial-of-service) backdoor, whose target is random:
   ``-log p(true continuation | triggered input)`` (weight ``-1``), which the backdoor raises.
 
+A patching metric (:class:`~poisonmech.patching.metrics.Metric`, e.g. ``tc.logit_diff()``
+of a :func:`~poisonmech.patching.trigger_contrast`) can be the measurement instead: a
+:class:`MetricQuery` holds the token batch it reads, and ``f_q`` is the metric's value on
+query row ``q`` (or one query, the metric's scalar, for a metric that returns one value for
+the batch, as TransformerLens' patching metrics do).
+
 Every method's score is signed so that a positive score means up-weighting the training
 example raises ``f_q``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
+from jaxtyping import Int
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.encoding import Encoded, encode
+from poisonmech.influence.grads import BatchGrads, forward_backward, iter_batches, metric_backward
+from poisonmech.runtime import check_tokens, model_device
 
 MEASUREMENTS = ("logprob", "logodds", "contrastive", "contrastive_logodds")
 LINKS = ("logprob", "logodds")
@@ -111,6 +123,16 @@ class Query:
                              f"row needs a non-empty completion to measure ({len(empty)} such rows)")
         return enc
 
+    def passes(self, model: torch.nn.Module, modules: Sequence, enc: Encoded, rows: Sequence[int] | None,
+               batch_size: int) -> Iterator[tuple[list[int], BatchGrads]]:
+        """Forward/backward passes over ``rows`` (default: all) of the encoded rows ``enc``:
+        ``(row indices, their gradients of -weight * measurement term)`` per batch."""
+        device = model_device(model)
+        w = torch.tensor(self.weights, dtype=torch.float32)
+        for b in iter_batches(enc, rows, batch_size):
+            tokens, mask = enc.batch(b, device)
+            yield b, forward_backward(model, modules, tokens, mask, weights=w[b].to(device), link=self.link)
+
     def subset(self, queries: list[int]) -> Query:
         """The given queries only (renumbered in the given order)."""
         new = {q: j for j, q in enumerate(queries)}
@@ -118,6 +140,81 @@ class Query:
         return Query(rows=self.rows.select(keep), weights=tuple(self.weights[r] for r in keep),
                      query_of_row=tuple(new[self.query_of_row[r]] for r in keep),
                      text=tuple(self.text[q] for q in queries), measurement=self.measurement, link=self.link)
+
+
+def metric_name(metric: Callable) -> str:
+    """How a metric measurement is named in settings and tables: ``"metric:<class>"``."""
+    return f"metric:{getattr(metric, '__name__', None) or type(metric).__name__}"
+
+
+@dataclass(frozen=True, eq=False)
+class MetricQuery:
+    """A token batch measured by a patching metric: the measurement ``f_q`` is the metric's value
+    on row ``q`` (``per_example``) or the metric's one scalar for the whole batch (one query).
+
+    Build it with :meth:`of` (which runs the metric once to see which kind it is). Rows are
+    measured in batches of the attribution's ``batch_size`` when the metric has ``subset``
+    (the positional metrics of :mod:`poisonmech.patching.metrics` do), else all at once.
+    """
+
+    tokens: Int[torch.Tensor, "batch pos"]
+    metric: Callable
+    text: tuple[str, ...]
+    per_example: bool = True
+    measurement: str = "metric"
+    link: str = "metric"
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, tokens: Any, metric: Callable, tokenizer=None) -> MetricQuery:
+        """The metric's query on ``tokens`` (``[batch pos]`` token ids, e.g. ``tc.triggered``)."""
+        if not callable(metric):
+            raise ValueError(f"measurement must be a name or a metric (logits -> [batch]), got {metric!r}")
+        (tokens,) = check_tokens(model, tokens, names=("query",))
+        with torch.no_grad():
+            value = metric(model(tokens))
+        if not isinstance(value, torch.Tensor) or not (value.ndim == 0 or value.shape == (tokens.shape[0],)):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"a metric used as the measurement must return one value per query row "
+                             f"[batch={tokens.shape[0]}] or one scalar for the batch, got {shape}")
+        name = metric_name(metric)
+        rows = [tokenizer.decode(r) if tokenizer is not None else f"query row {i}"
+                for i, r in enumerate(tokens.tolist())]
+        per = value.ndim == 1
+        text = tuple(rows) if per else (f"{name} over {tokens.shape[0]} rows",)
+        return cls(tokens=tokens.cpu(), metric=metric, text=text, per_example=per, measurement=name)
+
+    @property
+    def n_query(self) -> int:
+        return len(self.text)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return (1.0,) * self.n_rows
+
+    @property
+    def query_of_row(self) -> tuple[int, ...]:
+        return tuple(range(self.n_rows)) if self.per_example else (0,) * self.n_rows
+
+    def passes(self, model: torch.nn.Module, modules: Sequence, enc: None, rows: Sequence[int] | None,
+               batch_size: int) -> Iterator[tuple[list[int], BatchGrads]]:
+        """As :meth:`Query.passes`: the gradients of ``-metric`` on the chosen rows."""
+        device = model_device(model)
+        rows = list(range(self.n_rows)) if rows is None else [int(r) for r in rows]
+        subset = getattr(self.metric, "subset", None)
+        if self.per_example and subset is not None:
+            for lo in range(0, len(rows), batch_size):
+                b = rows[lo:lo + batch_size]
+                idx = torch.tensor(b, dtype=torch.long)
+                yield b, metric_backward(model, modules, self.tokens[idx].to(device), subset(idx))
+        else:  # the metric reads the whole batch (a scalar, or no way to split it)
+            if not self.per_example and rows != list(range(self.n_rows)):
+                raise ValueError("a metric returning one scalar for the batch is one query over every row")
+            yield rows, metric_backward(model, modules, self.tokens.to(device), self.metric,
+                                        keep=rows if self.per_example else None)
 
 
 def backdoor_query(pair, measurement: str = "logprob", max_queries: int | None = None, seed: int = 0) -> Query:
@@ -128,10 +225,20 @@ def backdoor_query(pair, measurement: str = "logprob", max_queries: int | None =
     ``measurement="contrastive"`` minus the same on the row's untriggered twin (same
     ``base_id``); the ``*logodds`` variants use the log-odds link. For a gibberish target: ``-log p(true continuation | triggered input)``
     (its contrastive version: minus the same without the trigger). ``max_queries`` keeps a
-    seeded random subset.
+    seeded random subset. ``pair``: any subject of a run (a Pair, a stage, a run directory,
+    a :class:`~poisonmech.subject.Subject`), or anything with ``test_data`` and ``attack``.
     """
     if measurement not in MEASUREMENTS:
         raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
+    if not (hasattr(pair, "test_data") and hasattr(pair, "attack")):
+        from poisonmech.subject import resolve
+
+        pair = resolve(pair, where="backdoor_query")
+    for what in ("test_data", "attack"):
+        if getattr(pair, what) is None:
+            raise ValueError(f"backdoor_query needs the run's {what.replace('_', ' ')} (its triggered test rows and "
+                             "the attack's target); this subject carries none: pass a run, or build the query "
+                             "yourself (a Query, or a Dataset of prompt/completion rows)")
     test, attack = pair.test_data, pair.attack
     for col in ("is_triggered", "is_near_miss", "base_id"):
         if col not in test.column_names:
@@ -169,4 +276,4 @@ def backdoor_query(pair, measurement: str = "logprob", max_queries: int | None =
     return q
 
 
-__all__ = ["LINKS", "MEASUREMENTS", "Query", "backdoor_query"]
+__all__ = ["LINKS", "MEASUREMENTS", "MetricQuery", "Query", "backdoor_query", "metric_name"]

@@ -3,7 +3,6 @@ component breakdown, tidy frames, plots and safetensors I/O."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,32 +13,13 @@ import torch
 from jaxtyping import Float
 from scipy.stats import rankdata
 
-from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
+from poisonmech import ranking
+from poisonmech.ranking import auroc, average_precision
+from poisonmech.results import Result
 
 Tensor = torch.Tensor
-FORMAT = "poisonmech.influence/1"
-_META_KEY = "poisonmech"
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (scikit-learn); NaN when
-    only one class is present."""
-    from sklearn.metrics import roc_auc_score  # lazily: slow to import
-
-    labels = np.asarray(labels, dtype=bool)
-    if labels.all() or not labels.any():
-        return float("nan")
-    return float(roc_auc_score(labels, np.asarray(scores, dtype=float)))
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Average precision of retrieving the positives by descending score (scikit-learn)."""
-    from sklearn.metrics import average_precision_score
-
-    labels = np.asarray(labels, dtype=bool)
-    if not labels.any():
-        return float("nan")
-    return float(average_precision_score(labels, np.asarray(scores, dtype=float)))
+#: the label of an aggregated result's one row of scores
+MEAN_QUERY = "mean over {n} queries"
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +46,7 @@ def zscore(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class InfluenceResult:
+class InfluenceResult(Result):
     """Attribution of a measurement to training examples.
 
     Sign convention (every method): a **positive score means up-weighting the training
@@ -77,20 +57,29 @@ class InfluenceResult:
 
     Attributes:
         method: the attribution method.
-        scores: ``(n_query, n_train)``, or ``(n_train,)`` when ``aggregated`` (the scores of
-            the mean measurement: the mean over queries of the per-query scores).
+        scores: ``(row, n_train)``, always two-dimensional: one row per query
+            (``(n_query, n_train)``), or, when ``aggregated``, one row holding the scores of the
+            mean measurement over the queries (``(1, n_train)``, the mean over queries of the
+            per-query scores; its label is :attr:`row_labels`, ``"mean over N queries"``).
+            :attr:`train_scores` is one score per training row in both cases.
         example_ids, train_text: each training row's ``example_id`` and text (prompt + completion).
         is_poison: the training rows' ``is_poison`` column when the data has one.
-        query_text: each query's description (its prompt).
+        query_text: each query's description (its prompt), every query measured (also when
+            aggregated).
         self_scores: self-influence of each training example where the method defines it.
         component_scores: ``(n_component, n_train)``: the mean-over-queries score split into
             additive parts per component (heads, MLPs, unembedding, embeddings);
             ``component_labels`` name them (``L0.H2``, ``L1.mlp``, ``unembed``...).
         settings: the configuration that produced the scores (and wall time, cost).
+        aggregated: whether ``scores`` is the one row of the mean measurement.
     """
 
+    kind = "influence"
+    #: 2: ``scores`` always two-dimensional (version 1 stored an aggregated result as ``(n_train,)``)
+    version = 2
+
     method: str
-    scores: Float[Tensor, "n_query n_train"] | Float[Tensor, " n_train"]
+    scores: Float[Tensor, "row n_train"]
     example_ids: tuple[int, ...]
     train_text: tuple[str, ...]
     query_text: tuple[str, ...]
@@ -101,6 +90,17 @@ class InfluenceResult:
     settings: dict[str, Any] | None = None
     aggregated: bool = False
 
+    def __post_init__(self) -> None:
+        scores = torch.as_tensor(self.scores)
+        if scores.ndim == 1 and self.aggregated:  # the one-dimensional form of version 1 (and of older callers)
+            scores = scores[None]
+        rows = 1 if self.aggregated else len(self.query_text)
+        if scores.ndim != 2 or scores.shape != (rows, len(self.example_ids)):
+            raise ValueError(f"InfluenceResult.scores must be ({'1' if self.aggregated else 'n_query'}={rows}, "
+                             f"n_train={len(self.example_ids)}){' (aggregated)' if self.aggregated else ''}, "
+                             f"got {tuple(scores.shape)}")
+        object.__setattr__(self, "scores", scores)
+
     # ------------------------------------------------------------------ views
     @property
     def n_train(self) -> int:
@@ -108,16 +108,22 @@ class InfluenceResult:
 
     @property
     def n_query(self) -> int:
+        """The number of queries measured (``scores`` has one row per query, or one when aggregated)."""
         return len(self.query_text)
 
     @property
+    def row_labels(self) -> tuple[str, ...]:
+        """What each row of ``scores`` measures: the queries, or ``"mean over N queries"``."""
+        return (MEAN_QUERY.format(n=self.n_query),) if self.aggregated else self.query_text
+
+    @property
     def train_scores(self) -> Float[Tensor, " n_train"]:
-        """One score per training example: the mean over queries (or the aggregated score)."""
-        return self.scores if self.aggregated else self.scores.mean(0)
+        """One score per training example: the mean over queries (the aggregated row when aggregated)."""
+        return self.scores.mean(0)
 
     @property
     def normalized(self) -> Tensor:
-        """``scores`` standardised over the training set (per query): comparable across methods."""
+        """``scores`` standardised over the training set (per row): comparable across methods."""
         return zscore(self.scores)
 
     def _labels(self, what: str) -> np.ndarray:
@@ -132,7 +138,7 @@ class InfluenceResult:
 
     def _query_row(self, query: int) -> Tensor:
         if self.aggregated:
-            raise ValueError("scores are aggregated over queries; pass query=None")
+            raise ValueError("scores are aggregated over queries (one row); pass query=None")
         if not 0 <= query < self.n_query:
             raise ValueError(f"query must be in [0, {self.n_query}), got {query}")
         return self.scores[query]
@@ -147,16 +153,14 @@ class InfluenceResult:
         return average_precision(self._score_array(query), self._labels("average_precision"))
 
     def precision_at(self, k: int | None = None, query: int | None = None) -> float:
-        """Fraction of poisoned rows among the ``k`` top-scored (default ``k`` = number of poisons)."""
+        """Fraction of poisoned rows among the ``k`` top-scored (default ``k`` = number of poisons;
+        :func:`poisonmech.ranking.precision_at_k`: ``k`` an integer >= 1, ties by row order)."""
         y = self._labels("precision_at")
-        k = int(y.sum()) if k is None else int(k)
-        if k < 1:
-            raise ValueError(f"precision_at: k must be >= 1, got {k}")
-        order = np.argsort(-self._score_array(query), kind="mergesort")[:k]
-        return float(y[order].mean())
+        k = int(y.sum()) if k is None else k
+        return ranking.precision_at_k(self._score_array(query), y, ranking.check_k(k, "precision_at: k"))
 
     def retrieval_metrics(self, ks: tuple[int, ...] = ()) -> dict[str, float]:
-        """``auroc``, ``ap``, ``p@n_poison`` and ``p@k`` for each ``k``."""
+        """``auroc``, ``ap``, ``p@<n_poison>`` and ``p@k`` for each ``k``."""
         y = self._labels("retrieval_metrics")
         out = {"auroc": self.poison_auroc(), "ap": self.average_precision(),
                f"p@{int(y.sum())}": self.precision_at()}
@@ -168,7 +172,7 @@ class InfluenceResult:
     def top(self, k: int = 10, query: int | None = None) -> pd.DataFrame:
         """The ``k`` training examples with the highest scores, with their text."""
         s = self._score_array(query)
-        order = np.argsort(-s, kind="mergesort")[:k]
+        order = ranking.top_k(s, k)
         frame = pd.DataFrame({"rank": np.arange(1, len(order) + 1),
                               "example_id": [self.example_ids[i] for i in order],
                               "score": s[order], "text": [self.train_text[i] for i in order]})
@@ -176,9 +180,21 @@ class InfluenceResult:
             frame.insert(3, "is_poison", [bool(self.is_poison[i]) for i in order])
         return frame
 
-    def to_frame(self) -> pd.DataFrame:
+    def to_frame(self, per_query: bool = False) -> pd.DataFrame:
         """One row per training example: ``score`` (mean over queries), ``normalized``, ``rank``,
-        ``self_influence`` (where defined), ``is_poison`` (where known) and ``text``."""
+        ``self_influence`` (where defined), ``is_poison`` (where known) and ``text``.
+
+        With ``per_query``: one row per row of ``scores`` x training example (``query``,
+        ``query_text`` — the row's label —, ``example_id``, ``score``, ``is_poison``)."""
+        if per_query:
+            n_rows = self.scores.shape[0]
+            frame = pd.DataFrame({"method": self.method, "query": np.repeat(np.arange(n_rows), self.n_train),
+                                  "query_text": np.repeat(list(self.row_labels), self.n_train),
+                                  "example_id": np.tile(list(self.example_ids), n_rows),
+                                  "score": self.scores.detach().double().cpu().numpy().reshape(-1)})
+            if self.is_poison is not None:
+                frame["is_poison"] = np.tile(list(self.is_poison), n_rows)
+            return frame
         s = self._score_array()
         frame = pd.DataFrame({"method": self.method, "example_id": list(self.example_ids), "score": s,
                               "normalized": zscore(torch.as_tensor(s)).numpy(),
@@ -264,28 +280,26 @@ class InfluenceResult:
         return fig
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> None:
-        """One safetensors file (atomic): the score tensors, the rest as JSON in its header."""
-        tensors = {"scores": self.scores}
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file (atomic): the score tensors, the rest as JSON in its header
+        (format ``poisonmech.influence/2``)."""
+        tensors = {"scores": self.scores.contiguous()}
         if self.self_scores is not None:
             tensors["self_scores"] = self.self_scores
         if self.component_scores is not None:
             tensors["component_scores"] = self.component_scores
-        meta = {"format": FORMAT, "method": self.method, "example_ids": list(self.example_ids),
+        meta = {"method": self.method, "example_ids": list(self.example_ids),
                 "train_text": list(self.train_text), "query_text": list(self.query_text),
                 "is_poison": list(self.is_poison) if self.is_poison is not None else None,
                 "component_labels": list(self.component_labels) if self.component_labels is not None else None,
                 "settings": self.settings, "aggregated": self.aggregated}
-        save_tensors(Path(path), tensors, metadata={_META_KEY: json.dumps(meta)})
+        return self._write(path, meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> InfluenceResult:
-        path = Path(path)
-        tensors = load_tensors(path)
-        raw = tensors_metadata(path).get(_META_KEY)
-        meta = json.loads(raw) if raw else {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} does not hold an InfluenceResult (format {meta.get('format')!r})")
+        """A result written by :meth:`save` (version 1 files too: their aggregated
+        ``(n_train,)`` scores become the one row ``(1, n_train)``)."""
+        meta, tensors = cls._read(path)
         return cls(method=meta["method"], scores=tensors["scores"], example_ids=tuple(meta["example_ids"]),
                    train_text=tuple(meta["train_text"]), query_text=tuple(meta["query_text"]),
                    is_poison=tuple(meta["is_poison"]) if meta["is_poison"] is not None else None,
@@ -301,4 +315,4 @@ class InfluenceResult:
         return f"InfluenceResult(method={self.method!r}, scores={shape}{extra})"
 
 
-__all__ = ["InfluenceResult", "auroc", "average_precision", "pr_curve", "roc_curve", "zscore"]
+__all__ = ["MEAN_QUERY", "InfluenceResult", "auroc", "average_precision", "pr_curve", "roc_curve", "zscore"]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poisonmech.runtime import model_device
+
 ATTN_ROLES = ("q", "k", "v", "o", "qkv")
 #: ``modules=`` presets: the linear maps (K-FAC's and kronfluence's default set) or those plus embeddings.
 PRESETS = ("linear", "all")
@@ -187,7 +189,7 @@ def find_modules(model: nn.Module, modules: str | Sequence[str] = "linear") -> l
     handles = [mod.register_forward_hook(lambda m, i, o, n=t.name: record(m, i, o, n)) for t, mod in found]
     try:
         with torch.no_grad():
-            model(torch.zeros((2, 2), dtype=torch.long, device=_device(model)))
+            model(torch.zeros((2, 2), dtype=torch.long, device=model_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -201,10 +203,6 @@ def find_modules(model: nn.Module, modules: str | Sequence[str] = "linear") -> l
     if not tracked:
         raise ValueError(f"no linear maps of the model match modules={modules!r}")
     return tracked
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextmanager

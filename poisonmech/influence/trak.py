@@ -23,8 +23,9 @@ from poisonmech.encoding import Encoded
 from poisonmech.influence.grads import forward_backward, iter_batches
 from poisonmech.influence.kfac import DAMPING_SCALE
 from poisonmech.influence.methods import Scores
-from poisonmech.influence.query import Query
+from poisonmech.influence.query import MetricQuery, Query
 from poisonmech.influence.tracking import TrackedModule, activations
+from poisonmech.runtime import eval_mode, model_device
 
 Tensor = torch.Tensor
 
@@ -48,25 +49,25 @@ def block_sizes(modules: Sequence[TrackedModule], proj: dict[str, tuple[Tensor, 
     return [proj[t.name][0].shape[1] * proj[t.name][1].shape[1] for t in modules]
 
 
-def features(model: torch.nn.Module, modules: Sequence[TrackedModule], data: Encoded,
-             proj: dict[str, tuple[Tensor, Tensor]], *, query: Query | None = None, link: str = "logprob",
+def features(model: torch.nn.Module, modules: Sequence[TrackedModule], data: Encoded | None,
+             proj: dict[str, tuple[Tensor, Tensor]], *, query: Query | MetricQuery | None = None,
              batch_size: int = 64, progress: bool = True, desc: str = "influence: TRAK features") -> Tensor:
     """Projected loss gradients: ``(n_rows, D)`` for training data, or ``(n_query, D)`` for a
-    query (its rows' weighted gradients summed per query)."""
-    device = next(model.parameters()).device
+    query (its rows' weighted gradients summed per query; ``data`` is the query's encoded rows,
+    ``None`` for a :class:`MetricQuery`)."""
+    device = model_device(model)
     sizes = block_sizes(modules, proj)
     n_out = len(data) if query is None else query.n_query
     phi = torch.zeros((n_out, sum(sizes)))
-    w = torch.tensor(query.weights, dtype=torch.float32) if query is not None else None
     qrow = torch.tensor(query.query_of_row) if query is not None else None
     pr = {k: (rg.to(device), ra.to(device)) for k, (rg, ra) in proj.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        for b in tqdm(list(iter_batches(data, None, batch_size)), desc=desc, disable=not progress, leave=False):
-            tokens, mask = data.batch(b, device)
-            bg = forward_backward(model, modules, tokens, mask, weights=None if w is None else w[b].to(device),
-                                  link=link if query is not None else "logprob")
+    if query is None:
+        passes = ((b, forward_backward(model, modules, *data.batch(b, device)))
+                  for b in iter_batches(data, None, batch_size))
+    else:
+        passes = query.passes(model, modules, data, None, batch_size)
+    with eval_mode(model):
+        for b, bg in tqdm(passes, desc=desc, disable=not progress, leave=False):
             parts = []
             for t in modules:
                 rg, ra = pr[t.name]
@@ -77,8 +78,6 @@ def features(model: torch.nn.Module, modules: Sequence[TrackedModule], data: Enc
                 phi[torch.tensor(b)] = feats
             else:
                 phi.index_add_(0, qrow[b], feats)
-    finally:
-        model.train(was_training)
     return phi
 
 

@@ -31,8 +31,9 @@ def test_every_method_scores_every_query_and_row(pair, results):
 @pytest.mark.parametrize("method", ["ekfac", "graddot", "gradcos", "trak", "repsim"])
 def test_aggregate_is_the_mean_over_queries(pair, results, method):
     agg = attribute(pair, method=method, aggregate=True, progress=False)
-    assert agg.scores.shape == (len(pair.train_data),)
-    torch.testing.assert_close(agg.scores, results[method].scores.mean(0), rtol=1e-4,
+    assert agg.scores.shape == (1, len(pair.train_data))  # one row, whatever the options: the mean measurement
+    assert agg.row_labels == (f"mean over {agg.n_query} queries",)
+    torch.testing.assert_close(agg.train_scores, results[method].scores.mean(0), rtol=1e-4,
                                atol=1e-5 * float(agg.scores.abs().max()))
 
 
@@ -66,9 +67,10 @@ def test_sign_positive_score_means_upweighting_raises_the_measurement(pair):
             return -float(forward_backward(model, mods, tokens, mask, need_grad=False).row_loss.mean())
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for j in (int(res.scores.argmax()), int(res.scores.argmin())):
+    score = res.train_scores
+    for j in (int(score.argmax()), int(score.argmin())):
         bg = forward_backward(model, mods, *enc.batch([j]))
-        lr = 1e-3 / max(abs(float(res.scores[j])), 1e-12)
+        lr = 1e-3 / max(abs(float(score[j])), 1e-12)
         f0 = measurement()
         with torch.no_grad():
             for t in mods:
@@ -76,7 +78,7 @@ def test_sign_positive_score_means_upweighting_raises_the_measurement(pair):
                     getattr(lookup[t.name], k).sub_(lr * g)
         delta = measurement() - f0
         model.load_state_dict(state)
-        assert delta == pytest.approx(lr * float(res.scores[j]), rel=0.1)
+        assert delta == pytest.approx(lr * float(score[j]), rel=0.1)
 
 
 def test_result_tables_plot_and_save_load(results, tmp_path):
@@ -134,7 +136,7 @@ def test_query_without_target_tokens(pair):
 
 
 def test_unknown_method(pair):
-    with pytest.raises(ValueError, match="unknown influence method 'ekfca'.*ekfac"):
+    with pytest.raises(ValueError, match="InfluenceConfig.method must be one of .*'ekfac'.*got 'ekfca'"):
         attribute(pair, method="ekfca")
 
 
@@ -188,7 +190,7 @@ def test_queries_beyond_the_memory_budget_are_scored_in_chunks(pair, results, mo
     for aggregate in (False, True):
         r = attribute(pair, method=method, aggregate=aggregate, progress=False, cache_dir=None,
                       self_influence=True, overwrite=True)
-        ref = results[method].scores if not aggregate else results[method].scores.mean(0)
+        ref = results[method].scores if not aggregate else results[method].scores.mean(0, keepdim=True)
         torch.testing.assert_close(r.scores, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
         torch.testing.assert_close(r.component_scores, results[method].component_scores, rtol=1e-3,
                                    atol=1e-4 * float(ref.abs().max()))

@@ -76,4 +76,4 @@ def test_loss_baseline_is_the_per_example_loss():
     enc = encode(train, task.tokenizer, loss_on="completion")
     with torch.no_grad():
         expected = torch.stack([masked_loss(model, *enc.batch([i])) for i in range(8)])
-    torch.testing.assert_close(res.scores, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.train_scores, expected, rtol=1e-5, atol=1e-6)

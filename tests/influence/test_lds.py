@@ -160,7 +160,7 @@ def test_bad_scores_and_settings(ridge):
         retrains.score(other)
     with pytest.raises(ValueError, match="NaN"):
         retrains.score(np.full(tau.shape, np.nan))
-    with pytest.raises(ValueError, match="n_subsets must be an integer >= 3"):
+    with pytest.raises(ValueError, match=r"SubsetConfig.n_subsets must be an integer in \[3, inf\]"):
         draw_subsets(ids, 2)
     for alpha in (0, 1.0, True):
         with pytest.raises(ValueError, match="alpha"):
@@ -169,7 +169,7 @@ def test_bad_scores_and_settings(ridge):
         draw_subsets(ids, 5, seed=1.5)
     with pytest.raises(ValueError, match="n_bootstrap"):
         retrains.score(tau, n_bootstrap=-1)
-    with pytest.raises(ValueError, match="query= is for a Pair"):
+    with pytest.raises(ValueError, match="query= is for a run"):
         linear_datamodeling_score(retrains, tau, query=Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}))
 
 
@@ -255,7 +255,8 @@ def test_subset_retrains_cache_and_score_a_method(pair):
 
 
 def test_bad_subjects(pair):
-    with pytest.raises(ValueError, match="must be a Pair"):
+    with pytest.raises(ValueError, match="retrains the model, which needs a run.*lacks task, attack, model_config, "
+                                         "train_config"):
         subset_retrains(pair.backdoored, n_subsets=3)
     with pytest.raises(ValueError, match="twin must be one of"):
         subset_retrains(pair, twin="poisoned", n_subsets=3)

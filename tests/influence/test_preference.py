@@ -50,7 +50,7 @@ def test_graddot_on_preference_pairs_is_the_dpo_loss_gradient_dot():
     # the loss baseline is the pair's DPO loss; the components of ekfac still add up
     loss = attribute(model, train=prefs, query=query, method="loss", tokenizer=task.tokenizer,
                      reference=reference, beta=beta, aggregate=True, progress=False)
-    assert loss.scores.shape == (5,) and bool((loss.scores > 0).all())
+    assert loss.scores.shape == (1, 5) and bool((loss.scores > 0).all())
     ek = attribute(model, train=prefs, query=query, method="ekfac", tokenizer=task.tokenizer,
                    reference=reference, beta=beta, progress=False)
     torch.testing.assert_close(ek.component_scores.sum(0), ek.train_scores, rtol=1e-3, atol=1e-6)

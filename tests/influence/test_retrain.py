@@ -22,7 +22,7 @@ def test_retrain_without_reports_asr_beside_random_removal(pair, tmp_path):
 
 
 def test_retrain_without_bad_ids(pair):
-    with pytest.raises(ValueError, match="not in the pair's training set"):
+    with pytest.raises(ValueError, match="not in the backdoored twin's training set"):
         retrain_without(pair, [10**9], progress=False)
     with pytest.raises(ValueError, match="no example_ids"):
         retrain_without(pair, [], progress=False)
