@@ -114,6 +114,21 @@ class Activations:
             raise ValueError(f"layer {layer} was not collected (collected: {self.layers})")
         return self.acts[self.layers.index(layer)]
 
+    def select(self, rows, layers: Sequence[int], positions: Sequence[int], *, where: str = "activations"
+               ) -> Activations:
+        """The activations of ``rows`` at ``layers`` and ``positions`` (each must have been collected)."""
+        missing = [x for x in layers if x not in self.layers]
+        if missing:
+            raise ValueError(f"{where}: layers {missing} were not collected (collected: {self.layers})")
+        gone = [p for p in positions if p not in self.positions]
+        if gone:
+            raise ValueError(f"{where}: positions {gone} were not collected (collected: {self.positions})")
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        li = torch.tensor([self.layers.index(x) for x in layers], dtype=torch.long)
+        pi = torch.tensor([self.positions.index(p) for p in positions], dtype=torch.long)
+        return Activations(acts=self.acts[li][:, rows][:, :, pi], valid=self.valid[rows][:, pi],
+                           lengths=self.lengths[rows], layers=tuple(layers), positions=tuple(positions), site=self.site)
+
 
 def prompt_encoding(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Encoded:
     """``[BOS] + prompt`` token ids of every row (the completion is not needed to read a prompt)."""
@@ -238,14 +253,30 @@ def collect_activations(subject, dataset: Dataset | None = None, *, twin: str | 
 
 def collect(model: torch.nn.Module, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, config: ActivationConfig,
             *, progress: bool = False, positions: PositionSpec | None = None,
-            layers: int | Sequence[int] | None = None) -> Activations:
-    """:func:`collect_activations` on one model (``positions`` / ``layers`` override the config's)."""
+            layers: int | Sequence[int] | None = None, rows: np.ndarray | None = None,
+            reuse: Activations | None = None) -> Activations:
+    """:func:`collect_activations` on one model (``positions`` / ``layers`` override the config's),
+    for ``rows`` of ``dataset`` only (default: every row).
+
+    With ``reuse`` (activations of every row of ``dataset`` collected before, on the same model),
+    the rows, layers and positions are taken from it instead of running the model again: each
+    row's activations do not depend on the other rows of its batch.
+    """
     layer_t = check_site_layers(model, config.site, config.layers if layers is None else layers)
-    enc = prompt_encoding(dataset, tokenizer)
+    enc = prompt_encoding(dataset if rows is None else dataset.select(rows.tolist()), tokenizer)
     lengths = torch.tensor([len(r) for r in enc.ids], dtype=torch.long)
     pos = resolve_positions(config.positions if positions is None else positions, lengths)
-    return gather_activations(model, enc, site=config.site, layers=layer_t, positions=pos,
-                              batch_size=config.batch_size, progress=progress)
+    if reuse is None:
+        return gather_activations(model, enc, site=config.site, layers=layer_t, positions=pos,
+                                  batch_size=config.batch_size, progress=progress)
+    if reuse.site != config.site or reuse.acts.shape[1] != len(dataset):
+        raise ValueError(f"activations: expected {config.site!r} activations of the dataset's {len(dataset)} rows, got "
+                         f"{reuse.site!r} activations of {reuse.acts.shape[1]} rows (collect them with "
+                         "collect_activations on the same dataset and options)")
+    out = reuse.select(np.arange(len(dataset)) if rows is None else rows, layer_t, pos, where="activations")
+    if not torch.equal(out.lengths, lengths):
+        raise ValueError("activations: their prompt lengths differ from the dataset's (another dataset or tokenizer)")
+    return out
 
 
 def tokenizer_of(s: Subject, where: str) -> PreTrainedTokenizerBase:

@@ -226,7 +226,8 @@ def probe_data(s: Subject, where: str) -> tuple[Dataset, PreTrainedTokenizerBase
 @takes_config(ProbeConfig)
 def probe_layers(subject, dataset: Dataset | None = None, label: str | Sequence | np.ndarray = "is_triggered", *,
                  twin: str | None = None, target: str | Backdoor | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, name: str | None = None, progress: bool = True,
+                 tokenizer: PreTrainedTokenizerBase | None = None, name: str | None = None,
+                 activations: Activations | None = None, progress: bool = True,
                  config: ProbeConfig) -> ProbeResult:
     """Fit a linear probe for ``label`` at every layer (and position) of one model.
 
@@ -243,6 +244,10 @@ def probe_layers(subject, dataset: Dataset | None = None, label: str | Sequence 
         target: the attack or its target string, for ``"will_emit_target"``.
         tokenizer: default: the subject's (a bare bridge's ``.tokenizer``).
         name: how the result names the model (default: the role).
+        activations: the probed model's activations of every row of ``dataset``
+            (``collect_activations`` with the same ``site`` and at least these layers and
+            positions), reused instead of running the model again: probing several contrasts
+            of one dataset then reads the model once.
         The options are :class:`ProbeConfig`'s (``site``, ``layers``, ``positions``,
         ``method``, ``C``, ``standardize``, ``test_size``, ``n_random``, ``seed``,
         ``group_by``, ``contrast``, ``balance_length``, ``batch_size``).
@@ -256,11 +261,13 @@ def probe_layers(subject, dataset: Dataset | None = None, label: str | Sequence 
     data, tok = probe_data(s, "probe_layers")
     role = s.role(twin)
     return fit_probes(s.models[role], data, label, config, tokenizer=tok,
-                      target=target if target is not None else s.attack, name=name or role, progress=progress)
+                      target=target if target is not None else s.attack, name=name or role, progress=progress,
+                      reuse=activations)
 
 
 def fit_probes(model: torch.nn.Module, dataset: Dataset, label, cfg: ProbeConfig, *,
-               tokenizer: PreTrainedTokenizerBase, target, name: str, progress: bool) -> ProbeResult:
+               tokenizer: PreTrainedTokenizerBase, target, name: str, progress: bool,
+               reuse: Activations | None = None) -> ProbeResult:
     """``probe_layers`` on one model (the subject resolved)."""
     y = resolve_label(model, dataset, label, tokenizer=tokenizer, target=target)
     train_idx, test_idx = split_by_example(example_groups(dataset, cfg.group_by), float(cfg.test_size), cfg.seed)
@@ -268,8 +275,8 @@ def fit_probes(model: torch.nn.Module, dataset: Dataset, label, cfg: ProbeConfig
                                       balance_length=bool(cfg.balance_length), tokenizer=tokenizer, seed=cfg.seed)
     check_split(y, train_idx, test_idx, label_name(label), rows_text(cfg.contrast, cfg.balance_length))
     rows = np.union1d(train_idx, test_idx)  # collect only the probed rows
-    sub = dataset if len(rows) == len(dataset) else dataset.select(rows.tolist())
-    acts = collect(model, sub, tokenizer, cfg, progress=progress)
+    acts = collect(model, dataset, tokenizer, cfg, progress=progress,
+                   rows=None if len(rows) == len(dataset) else rows, reuse=reuse)
     tr, te = np.searchsorted(rows, train_idx), np.searchsorted(rows, test_idx)
     (fit,) = fit_cells(acts.acts[:, tr], acts.valid[tr], y[train_idx],
                        [(acts.acts[:, te], acts.valid[te], y[test_idx])], method=cfg.method, C=cfg.C,
@@ -285,7 +292,8 @@ def fit_probes(model: torch.nn.Module, dataset: Dataset, label, cfg: ProbeConfig
 @takes_config(ProbeConfig)
 def probe_twins(subject, dataset: Dataset | None = None, label: str | Sequence | np.ndarray = "is_triggered", *,
                 target: str | Backdoor | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                progress: bool = True, config: ProbeConfig) -> ProbeComparison:
+                activations: dict[str, Activations] | None = None, progress: bool = True,
+                config: ProbeConfig) -> ProbeComparison:
     """``probe_layers`` on both models of a two-model subject, with the same split and random directions.
 
     ``subject`` is a run with two roles: a ``Pair`` / pipeline stage / run directory (the
@@ -294,11 +302,18 @@ def probe_twins(subject, dataset: Dataset | None = None, label: str | Sequence |
     ``"will_emit_target"`` reads each model's own answers to the run's attack (so with
     ``balance_length`` each may keep other rows). Returns a ``ProbeComparison`` named by the
     roles, the reference first (``clean``, ``backdoored`` / ``before``, ``after``).
+    ``activations`` maps roles to their activations of every row of ``dataset``, reused as
+    in :func:`probe_layers`: ``{role: collect_activations(subject, dataset, twin=role)}``.
     """
     s = resolve(subject, test=dataset, tokenizer=tokenizer, where="probe_twins")
     s.reference("probe_twins")
     data, tok = probe_data(s, "probe_twins")
     target = target if target is not None else s.attack
+    roles = (s.reference_role, s.default_role)
+    activations = dict(activations or {})
+    unknown = sorted(set(activations) - set(roles))
+    if unknown:
+        raise ValueError(f"probe_twins: activations are keyed by role {roles}, got {unknown}")
     return ProbeComparison(tuple(fit_probes(s.models[role], data, label, config, tokenizer=tok, target=target,
-                                            name=role, progress=progress)
-                                 for role in (s.reference_role, s.default_role)))
+                                            name=role, progress=progress, reuse=activations.get(role))
+                                 for role in roles))

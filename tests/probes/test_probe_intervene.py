@@ -90,10 +90,11 @@ def test_causal_check_on_probe_pair(probe_pair, tmp_path):
     m = probe_pair.backdoored
     d = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))
     kw = {"test_data": probe_pair.test_data.select(range(24)), "tokenizer": probe_pair.tokenizer}
-    c = pp.causal_check(m, probe_pair.task, probe_pair.attack, 0, d, **kw)
+    c = pp.causal_check(probe_pair, 0, d, test_data=kw["test_data"])
     assert c.before["asr"] == pytest.approx(pm.evaluate(m, probe_pair.task, probe_pair.attack, **kw)["asr"])
     assert c.settings == ("ablate",) and {"asr", "clean_acc"} <= set(c.after[0])
-    s = pp.causal_check(m, probe_pair.task, probe_pair.attack, 0, d, intervention="steer", alpha=[2.0], **kw)
+    s = pp.causal_check(m, 0, d, task=probe_pair.task, attack=probe_pair.attack, intervention="steer", alpha=[2.0],
+                        **kw)
     assert s.settings == ("steer alpha=2",)
     frame = s.to_frame()
     assert set(frame["metric"]) >= {"asr", "clean_acc"} and (frame["delta"] == frame["after"] - frame["before"]).all()
