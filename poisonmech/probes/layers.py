@@ -218,6 +218,17 @@ def rows_text(contrast: str, balance_length: bool) -> str:
     return f"contrast={contrast!r}" + (", balance_length=True" if balance_length else "")
 
 
+def probe_split(dataset: Dataset, y: np.ndarray, label, cfg: ProbeConfig,
+                tokenizer: PreTrainedTokenizerBase) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices ``(train, test)``: the example split, restricted to the config's rows, checked
+    to leave both classes on each side."""
+    train, test = split_by_example(example_groups(dataset, cfg.group_by), float(cfg.test_size), cfg.seed)
+    train, test = probed_rows(dataset, y, train, test, contrast=cfg.contrast, balance_length=bool(cfg.balance_length),
+                              tokenizer=tokenizer, seed=cfg.seed)
+    check_split(y, train, test, label_name(label), rows_text(cfg.contrast, cfg.balance_length))
+    return train, test
+
+
 def probe_data(s: Subject, where: str) -> tuple[Dataset, PreTrainedTokenizerBase]:
     """The subject's probe rows (``dataset`` or the run's test rows) and tokenizer."""
     return s.require("test_data", where, "dataset"), tokenizer_of(s, where)
@@ -270,10 +281,7 @@ def fit_probes(model: torch.nn.Module, dataset: Dataset, label, cfg: ProbeConfig
                reuse: Activations | None = None) -> ProbeResult:
     """``probe_layers`` on one model (the subject resolved)."""
     y = resolve_label(model, dataset, label, tokenizer=tokenizer, target=target)
-    train_idx, test_idx = split_by_example(example_groups(dataset, cfg.group_by), float(cfg.test_size), cfg.seed)
-    train_idx, test_idx = probed_rows(dataset, y, train_idx, test_idx, contrast=cfg.contrast,
-                                      balance_length=bool(cfg.balance_length), tokenizer=tokenizer, seed=cfg.seed)
-    check_split(y, train_idx, test_idx, label_name(label), rows_text(cfg.contrast, cfg.balance_length))
+    train_idx, test_idx = probe_split(dataset, y, label, cfg, tokenizer)
     rows = np.union1d(train_idx, test_idx)  # collect only the probed rows
     acts = collect(model, dataset, tokenizer, cfg, progress=progress,
                    rows=None if len(rows) == len(dataset) else rows, reuse=reuse)

@@ -29,21 +29,8 @@ from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.config import takes_config
 from poisonmech.probes.activations import collect
 from poisonmech.probes.config import ProbeConfig
-from poisonmech.probes.labels import (
-    check_split,
-    example_groups,
-    label_name,
-    resolve_label,
-    split_by_example,
-)
-from poisonmech.probes.layers import (
-    fit_cells,
-    length_aurocs,
-    probe_data,
-    probed_rows,
-    rows_text,
-    to_result,
-)
+from poisonmech.probes.labels import label_name, resolve_label
+from poisonmech.probes.layers import fit_cells, length_aurocs, probe_data, probe_split, to_result
 from poisonmech.probes.result import ProbeResult, _plot, read_probe_file, span
 from poisonmech.results import Result
 from poisonmech.subject import resolve
@@ -155,10 +142,7 @@ def probe_transfer(subject, dataset: Dataset | None = None, label: str | Sequenc
     target = target if target is not None else s.attack
     ttok = tokenizer if tokenizer is not None else getattr(tmodel, "tokenizer", None) or tok
     y = resolve_label(model, dataset, label, tokenizer=tok, target=target)
-    train_idx, held_idx = split_by_example(example_groups(dataset, cfg.group_by), float(cfg.test_size), cfg.seed)
-    train_idx, held_idx = probed_rows(dataset, y, train_idx, held_idx, contrast=cfg.contrast,
-                                      balance_length=bool(cfg.balance_length), tokenizer=tok, seed=cfg.seed)
-    check_split(y, train_idx, held_idx, label_name(label), rows_text(cfg.contrast, cfg.balance_length))
+    train_idx, held_idx = probe_split(dataset, y, label, cfg, tok)
     src = collect(model, dataset, tok, cfg, progress=progress)
 
     tlabel = label if test_label is None else test_label
