@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,19 @@ class InfluenceConfig(Config):
         if self.metric is not None:
             d["measurement"] = metric_name(self.metric)
         return d
+
+    def fingerprint(self) -> str:
+        """As :meth:`Config.fingerprint`; with a metric measurement the hash takes the metric's
+        ``repr`` (a callable has no stable hash) and warns: it is then no cache key
+        (``attribute`` caches no result of a metric)."""
+        if self.metric is None:
+            return super().fingerprint()
+        warnings.warn(f"InfluenceConfig.fingerprint: the measurement is a metric ({metric_name(self.metric)}), "
+                      "which has no stable hash; the fingerprint uses its repr and should not key a cache",
+                      stacklevel=2)
+        blob = json.dumps({"config": type(self).__name__, **self.to_dict(), "metric_repr": repr(self.metric)},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -568,6 +582,11 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
             reference = dpo["reference"]
         beta = dpo["beta"] if beta is None else beta
         score_eos = dpo["score_eos"] if score_eos is None else score_eos
+    if preference and dpo is None and (reference is None or beta is None) and s.kind == "between":
+        raise ValueError("attribute: the training rows are DPO preference pairs, and a pipe.between(a, b) view has "
+                         "no run directory to read the stage's reference log-probabilities and beta from: pass "
+                         "reference= (the stage's frozen reference model, e.g. the model before it) and beta=, "
+                         "or attribute the stage itself (pipe[k])")
     if preference:
         check_preference_config(cfg)
     for col in ("prompt", "rejected") if preference else ("prompt", "completion"):

@@ -116,6 +116,13 @@ def test_between_has_no_checkpoints_or_run(pair, tmp_path):
         attribute(b, twin="before", method="loss", progress=False)
     with pytest.raises(ValueError, match="pipeline stages are not supported"):
         subset_retrains(b, n_subsets=3)
+    from poisonmech.tasks.preference import make_preferences
+
+    prefs = make_preferences(pair.task, 4)
+    with pytest.raises(ValueError, match=r"between\(a, b\) view has no run directory.*pass reference="):
+        attribute(b, train=prefs, method="graddot", max_queries=2, progress=False)
+    r = attribute(b, train=prefs, method="graddot", max_queries=2, reference=b.before, beta=0.1, progress=False)
+    assert r.scores.shape == (2, 4) and r.settings["preference_pairs"]
 
 
 def test_retraining_needs_a_run(pair):
@@ -231,6 +238,8 @@ def test_graddot_with_a_metric_is_the_dot_product_of_autograd_gradients(tiny):
     torch.testing.assert_close(res.scores, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     assert res.settings["query_measurement"] == "metric:LogitDiff" and res.settings["measurement"] == "metric:LogitDiff"
     assert res.n_query == 3 and len(res.query_text) == 3
+    with pytest.warns(UserWarning, match="no stable hash"):
+        InfluenceConfig(measurement=metric).fingerprint()
 
     # a metric without subset (one forward over the rows) and a TransformerLens-style scalar metric
     plain = attribute(model, train, tokens, "graddot", measurement=lambda logits: metric(logits), progress=False)
