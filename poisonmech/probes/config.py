@@ -35,7 +35,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _ints(owner: str, field: str, value: Any, *, lo: int | None, what: str) -> Any:
-    """``value`` as an int or a tuple of ints (lists become tuples), each >= ``lo``."""
+    """``value`` as an int or a tuple of ints (lists and arrays become tuples), each >= ``lo``."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
     if _is_int(value):
         items, out = [value], int(value)
     elif isinstance(value, Sequence) and not isinstance(value, str):
