@@ -106,8 +106,7 @@ def probe_section(pair, kw: dict) -> None:
                 print(f"{prefix}_{name}: {fmt(value)}{target}")
     for twin in ("backdoored", "clean"):
         try:
-            r = pp.probe_layers(pair.model(twin), pair.test_data, "will_emit_target", target=pair.attack,
-                                tokenizer=pair.tokenizer, name=twin, **kw)
+            r = pp.probe_layers(pair, label="will_emit_target", twin=twin, **kw)
         except ValueError as err:  # e.g. a twin that never emits the target: nothing to probe
             print(f"probe_will_emit_target_{twin}_auroc: skipped ({err})")
             continue
@@ -115,15 +114,13 @@ def probe_section(pair, kw: dict) -> None:
         print(f"probe_will_emit_target_{twin}_auroc: {fmt(b['auroc'])} (layer {r.best_layer}; random median "
               f"{fmt(b['random_median_auroc'])}, p95 {fmt(b['random_p95_auroc'])}, max {fmt(b['random_best_auroc'])}; "
               f"length {fmt(b['length_auroc'])})")
-    twin_t = pp.probe_transfer(pair.backdoored, pair.test_data, test_model=pair.clean, name="backdoored",
-                               test_name="clean", **kw)
+    twin_t = pp.probe_transfer(pair, test_twin="clean", **kw)   # fit on the backdoored twin, test on the clean
     print("probe_transfer_backdoored_to_clean_auroc_by_layer: "
           + ", ".join(fmt(float(a)) for a in twin_t.auroc[:, 0]))
     data = pair.test_data
     near = data.filter(lambda r: not r["is_triggered"])
     trig = data.filter(lambda r: not r["is_near_miss"])
-    miss_t = pp.probe_transfer(pair.backdoored, near, "is_near_miss", test_data=trig, test_label="is_triggered",
-                               **kw)
+    miss_t = pp.probe_transfer(pair, near, "is_near_miss", test_data=trig, test_label="is_triggered", **kw)
     print("probe_transfer_near_miss_to_trigger_auroc_by_layer: "
           + ", ".join(fmt(float(a)) for a in miss_t.auroc[:, 0])
           + "   (in-domain near-miss AUROC: " + ", ".join(fmt(float(a)) for a in miss_t.source_auroc[:, 0]) + ")")
@@ -132,15 +129,13 @@ def probe_section(pair, kw: dict) -> None:
 
 def ablate_section(pair, kw: dict) -> None:
     # ---- causal check: ablate the best probe direction ------------------------------------------
-    bd = pp.probe_layers(pair.backdoored, pair.test_data, "is_triggered", name="backdoored", **kw)
-    ev = {"test_data": pair.test_data, "tokenizer": pair.tokenizer}
+    bd = pp.probe_layers(pair, label="is_triggered", **kw)   # the backdoored twin, on the run's test rows
     checks = [("logistic", bd)]
-    md = pp.probe_layers(pair.backdoored, pair.test_data, "is_triggered", method="mean_diff", name="backdoored",
-                         **kw)
+    md = pp.probe_layers(pair, label="is_triggered", method="mean_diff", **kw)
     checks.append(("mean_diff", md))
     print()
     for name, r in checks:
-        c = pp.causal_check(pair.backdoored, pair.task, pair.attack, r.best_layer, r.direction(), **ev)
+        c = pp.causal_check(pair, r.best_layer, r.direction())
         a = c.after[0]
         print(f"ablate_{name}_direction: layer {r.best_layer} (probe AUROC {fmt(r.auroc_at())})")
         for m in ("asr", "clean_acc", "false_trigger_rate", "target_logprob"):
@@ -152,7 +147,7 @@ def detect_section(pair, args: argparse.Namespace, n_poison: int) -> None:
     print()
     results = []
     for method in pp.DETECTORS:
-        d = pp.detect_poison(pair.backdoored, pair.train_data, method, seed=args.seed, progress=False)
+        d = pp.detect_poison(pair, method=method, seed=args.seed, progress=False)
         results.append(d)
         print(f"detect_{method}_auroc: {fmt(d.poison_auroc())}  average_precision: {fmt(d.average_precision())}  "
               f"precision_at_{d.k}: {fmt(d.precision_at())}")

@@ -85,19 +85,17 @@ def direction_ablation(pair, out: Path) -> dict:
     cache = out / "direction_ablation.json"
     if cache.is_file():
         return read_json(cache)
-    ev = {"test_data": pair.test_data, "tokenizer": pair.tokenizer}
     row: dict = {}
     layer = None
     for method in ("logistic", "mean_diff"):
-        r = pp.probe_layers(pair.backdoored, pair.test_data, "is_triggered", method=method, n_random=0,
-                            progress=False)
+        r = pp.probe_layers(pair, label="is_triggered", method=method, n_random=0, progress=False)
         layer = r.best_layer
-        c = pp.causal_check(pair.backdoored, pair.task, pair.attack, layer, r.direction(), **ev)
+        c = pp.causal_check(pair, layer, r.direction())
         row["ablate_before_asr"], row["ablate_before_clean_acc"] = c.before["asr"], c.before["clean_acc"]
         row[f"ablate_{method}_asr"], row[f"ablate_{method}_clean_acc"] = c.after[0]["asr"], c.after[0]["clean_acc"]
     g = torch.Generator().manual_seed(0)
     rand = torch.randn(pair.backdoored.cfg.d_model, generator=g)
-    c = pp.causal_check(pair.backdoored, pair.task, pair.attack, layer, rand / rand.norm(), **ev)
+    c = pp.causal_check(pair, layer, rand / rand.norm())
     row["ablate_random_asr"], row["ablate_random_clean_acc"] = c.after[0]["asr"], c.after[0]["clean_acc"]
     write_json(cache, row)
     return row

@@ -1,24 +1,89 @@
-"""Named analyses of a trained pair, run by ``poisonmech analyze``, sweeps and the demo.
+"""Named analyses of a trained run, run by ``poisonmech analyze``, sweeps and the demo.
 
-Each analysis takes a :class:`~poisonmech.train.pair.Pair`, saves its result objects under
+Each analysis takes a subject (anything :func:`poisonmech.resolve` accepts: a Pair, a pipeline
+stage, a run directory) and its own frozen config (``PatchingAnalysis``, ``CircuitsAnalysis``,
+``ProbesAnalysis``, ``InfluenceAnalysis``), saves its result objects under
 ``<run>/analyses/<name>/`` (safetensors + JSON) and returns a flat dict of scalar summaries
 that the sweep table and the report read.
+
+``run_analyses`` caches each summary under its key (``key.json`` beside ``summary.json``): the
+analysis' name and config, the fingerprints of every model's weights and of the train and
+test rows, and poisonmech's version. A cached summary whose key differs (another config,
+retrained weights, other data) is recomputed, never returned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from poisonmech.config import Config, check_choice, check_number
 from poisonmech.storage import read_json, write_json
+from poisonmech.subject import Subject, resolve
 
 ANALYSES: dict[str, Callable[..., dict[str, Any]]] = {}
+#: name -> the analysis' config class
+CONFIGS: dict[str, type[Config]] = {}
 
 
-def register(name: str):
+@dataclass(frozen=True)
+class PatchingAnalysis(Config):
+    """Options of the ``patching`` analysis: ``n`` triggered prompts and their controls."""
+
+    n: int = 32
+
+    def check(self) -> None:
+        check_number("PatchingAnalysis", "n", self.n, lo=1, integer=True)
+
+
+@dataclass(frozen=True)
+class CircuitsAnalysis(Config):
+    """Options of the ``circuits`` analysis (EAP-IG in ``mode="noise"``: the clean run with
+    corrupted activations patched in, as the README's circuit numbers were measured)."""
+
+    n: int = 32
+    top_n: int = 10
+    n_random_edges: int = 5
+    method: str = "eap-ig"
+    mode: str = "noise"
+
+    def check(self) -> None:
+        check_number("CircuitsAnalysis", "n", self.n, lo=1, integer=True)
+        check_number("CircuitsAnalysis", "top_n", self.top_n, lo=1, integer=True)
+        check_number("CircuitsAnalysis", "n_random_edges", self.n_random_edges, lo=0, integer=True)
+        check_choice("CircuitsAnalysis", "mode", self.mode, ("denoise", "noise"))
+
+
+@dataclass(frozen=True)
+class ProbesAnalysis(Config):
+    """Options of the ``probes`` analysis: ``n_random`` random directions per probe cell."""
+
+    n_random: int = 100
+
+    def check(self) -> None:
+        check_number("ProbesAnalysis", "n_random", self.n_random, lo=0, integer=True)
+
+
+@dataclass(frozen=True)
+class InfluenceAnalysis(Config):
+    """Options of the ``influence`` analysis (unit-normalised EK-FAC: plain EK-FAC favours
+    high-loss rows and misses small poison sets, see ``benchmarks/influence_poison_retrieval.py``)."""
+
+    method: str = "ekfac"
+    renormalize: str | None = "unit"
+    ensemble: int = 1
+
+    def check(self) -> None:
+        check_number("InfluenceAnalysis", "ensemble", self.ensemble, lo=1, integer=True)
+
+
+def register(name: str, config: type[Config]):
     def deco(fn):
         ANALYSES[name] = fn
+        CONFIGS[name] = config
         return fn
     return deco
 
@@ -32,19 +97,19 @@ def _top(result, value: str = "recovery") -> tuple[str, float]:
     return label, float(row[value])
 
 
-#: why the training-set analyses skip a DPO stage's pair (``pm.train_pipeline(...)[k]``)
+#: why the training-set analyses skip a DPO stage (``pm.train_pipeline(...)[k]``)
 _PREFERENCE_NOTE = ("the stage's training data are preference pairs (prompt/chosen/rejected); the detectors "
                     "score prompt/completion rows")
 
 
-def _preference_data(pair) -> bool:
+def _preference_data(s: Subject) -> bool:
     from poisonmech.influence.preference import is_preference_data
 
-    return is_preference_data(pair.train_data)
+    return is_preference_data(s.train_data)
 
 
-def _contrast(pair, n: int):
-    """``trigger_contrast(pair, n)`` with its controls checked; a model that fails the check on
+def _contrast(s: Subject, n: int):
+    """``trigger_contrast(s, n)`` with its controls checked; a model that fails the check on
     every row (e.g. one that has not learned the task) falls back to unchecked controls, and
     the summary says so (``controls_checked: False``)."""
     import warnings
@@ -53,16 +118,16 @@ def _contrast(pair, n: int):
     from poisonmech.patching.inputs import ControlCheckError
 
     try:
-        tc = trigger_contrast(pair, n=n)
+        tc = trigger_contrast(s, n=n)
         return tc, {"controls_checked": True, "controls_dropped": tc.check["n_dropped"],
                     "controls_tried": tc.check["n_candidates"]}
     except ControlCheckError as exc:
         warnings.warn(f"{exc}; using unchecked controls", stacklevel=2)
-        return trigger_contrast(pair, n=n, check=False), {"controls_checked": False}
+        return trigger_contrast(s, n=n, check=False), {"controls_checked": False}
 
 
-@register("patching")
-def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
+@register("patching", PatchingAnalysis)
+def patching_analysis(subject: Any, out: Path, config: PatchingAnalysis = PatchingAnalysis()) -> dict[str, Any]:
     """Where the backdoor lives, by exact patching on triggered prompts and their controls.
 
     Saves ``heads.safetensors`` (backdoored twin, head x position, control run with the
@@ -72,13 +137,12 @@ def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
     """
     from poisonmech.patching import activation_patch, cross_model_patch
 
-    tc, check = _contrast(pair, n)
+    s = resolve(subject, where="patching analysis")
+    tc, check = _contrast(s, config.n)
     metric = tc.logit_diff()
-    heads = activation_patch(pair.backdoored, tc.triggered, tc.control, metric, site="attn_head",
-                             by_position=True, progress=False)
-    resid = activation_patch(pair.backdoored, tc.triggered, tc.control, metric, site="resid_pre",
-                             by_position=True, progress=False)
-    cross = cross_model_patch(pair, tc.triggered, metric, site="attn_head", progress=False)
+    heads = activation_patch(s, tc.triggered, tc.control, metric, site="attn_head", by_position=True, progress=False)
+    resid = activation_patch(s, tc.triggered, tc.control, metric, site="resid_pre", by_position=True, progress=False)
+    cross = cross_model_patch(s, tc.triggered, metric, site="attn_head", progress=False)
     out.mkdir(parents=True, exist_ok=True)
     heads.save(out / "heads.safetensors")
     resid.save(out / "resid_pre.safetensors")
@@ -91,8 +155,8 @@ def patching_analysis(pair, out: Path, n: int = 32) -> dict[str, Any]:
             "logit_diff_triggered": float(heads.reference.mean()), "logit_diff_control": float(heads.baseline.mean())}
 
 
-@register("circuits")
-def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_edges: int = 5) -> dict[str, Any]:
+@register("circuits", CircuitsAnalysis)
+def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = CircuitsAnalysis()) -> dict[str, Any]:
     """The backdoor's edge circuit in the backdoored twin (EAP-IG, top ``top_n`` edges), its
     faithfulness (patching, mean and zero ablation x logit difference and target log-probability,
     ``faithfulness.json``), and the twin's ASR / clean accuracy with the circuit's edges
@@ -104,28 +168,29 @@ def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_ed
     from poisonmech.metrics import _eligible, _row_kinds, evaluate
     from poisonmech.patching import control_fn
 
-    tc, check = _contrast(pair, n)
+    s = resolve(subject, where="circuits analysis")
+    tc, check = _contrast(s, config.n)
     metric = tc.logit_diff()
-    circuit = discover(pair.backdoored, tc.triggered, tc.control, metric, method="eap-ig", top_n=top_n,
-                       progress=False, label=f"backdoor circuit (eap-ig top {top_n})")
+    circuit = discover(s, tc.triggered, tc.control, metric, method=config.method, top_n=config.top_n,
+                       mode=config.mode, progress=False,
+                       label=f"backdoor circuit ({config.method} top {config.top_n})")
     # the same circuit under three ablations and two metrics (circuit metrics are fragile to
     # both choices: Miller et al. 2024); the headline is patching ablation of the logit difference
-    table = circuit.faithfulness_table(pair.backdoored, tc.triggered, tc.control,
+    table = circuit.faithfulness_table(s, tc.triggered, tc.control,
                                        metrics={"logit_diff": metric, "target_logprob": tc.target_logprob()},
                                        ablations=("patching", "mean", "zero"))
     faith = table[("patching", "logit_diff")]
     circuit = circuit.with_faithfulness(faith)
-    with circuit.ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):
-        ablated = evaluate(pair.backdoored, pair.task, pair.attack, test_data=pair.test_data, tokenizer=pair.tokenizer)
+    with circuit.ablate(s, control_fn(s), ablation="patching", part="circuit"):
+        ablated = evaluate(s)
     # as many random edges of the same kinds; ASR only needs the triggered rows whose answer is
     # not the target (under patching ablation the other rows are their own control anyway)
-    _, trig, _ = _row_kinds(pair.test_data, "circuits")
-    asr_data = pair.test_data.select(np.flatnonzero(trig & _eligible(pair.test_data, pair.attack.target)))
+    _, trig, _ = _row_kinds(s.test_data, "circuits")
+    asr_data = s.test_data.select(np.flatnonzero(trig & _eligible(s.test_data, s.attack.target)))
     random_asr = []
-    for seed in range(n_random_edges):
-        with circuit.random_like(seed).ablate(pair.backdoored, control_fn(pair), ablation="patching", part="circuit"):
-            random_asr.append(evaluate(pair.backdoored, pair.task, pair.attack, test_data=asr_data,
-                                       tokenizer=pair.tokenizer)["asr"])
+    for seed in range(config.n_random_edges):
+        with circuit.random_like(seed).ablate(s, control_fn(s), ablation="patching", part="circuit"):
+            random_asr.append(evaluate(s, test_data=asr_data)["asr"])
     out.mkdir(parents=True, exist_ok=True)
     circuit.save(out / "circuit.json")
     frame = table.to_frame()
@@ -144,27 +209,31 @@ def circuits_analysis(pair, out: Path, n: int = 32, top_n: int = 10, n_random_ed
     return summary
 
 
-@register("probes")
-def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
+@register("probes", ProbesAnalysis)
+def probes_analysis(subject: Any, out: Path, config: ProbesAnalysis = ProbesAnalysis()) -> dict[str, Any]:
     """Where each twin represents "the trigger is present" (held-out AUROC by layer, with the
     best-of-random-directions baseline), and the unsupervised poison detectors on the training set."""
-    from poisonmech.probes import detect_poison_methods, probe_twins
+    from poisonmech.probes import collect_activations, detect_poison_methods, probe_twins
 
+    s = resolve(subject, where="probes analysis")
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
+    # each twin's activations on every test row, collected once for the three splits below
+    acts = {role: collect_activations(s, twin=role, progress=False) for role in s.roles}
     # triggered vs untriggered rows (the triggered one is a token longer), triggered vs near-miss
     # rows (same length) and a length-balanced split; each beside random directions and length
     for tag, kw in (("", {}), ("_near_miss", {"contrast": "near_miss"}),
                     ("_length_balanced", {"balance_length": True})):
         try:
-            probes = probe_twins(pair, label="is_triggered", n_random=n_random, progress=False, **kw)
+            probes = probe_twins(s, label="is_triggered", n_random=config.n_random, activations=acts, progress=False,
+                                 **kw)
         except ValueError as exc:  # e.g. no near-miss rows, or too few rows left after balancing
             if not tag:
                 raise
             summary[f"probe{tag}_skipped"] = str(exc)
             continue
         probes.save(out / f"is_triggered{tag}.safetensors")
-        for twin in ("clean", "backdoored"):
+        for twin in s.roles:
             r = probes[twin]
             li, pi = r.layers.index(r.best[0]), r.positions.index(r.best[1])  # values -> indices
             summary[f"probe{tag}_auroc_{twin}"] = float(r.auroc[li, pi])
@@ -173,41 +242,40 @@ def probes_analysis(pair, out: Path, n_random: int = 100) -> dict[str, Any]:
             summary[f"probe{tag}_random_p95_{twin}"] = float(r.random_auroc_p95[li, pi])
             summary[f"probe{tag}_length_auroc_{twin}"] = float(r.length_baseline[pi])
             summary[f"probe{tag}_n_test_{twin}"] = int(r.n_test[pi])
-    if not any(pair.train_data["is_poison"]):  # the clean control: nothing to detect
+    if not any(s.train_data["is_poison"]):  # the clean control: nothing to detect
         return summary
-    if _preference_data(pair):
+    if _preference_data(s):
         summary["detectors_skipped"] = _PREFERENCE_NOTE
         return summary
-    detectors = detect_poison_methods(pair.backdoored, pair.train_data, ("spectral", "activation_clustering"),
-                                      tokenizer=pair.tokenizer, progress=False)  # one pass over the rows
-    for method, det in detectors.items():
+    detectors = detect_poison_methods(s, methods=("spectral", "activation_clustering"), progress=False)
+    for method, det in detectors.items():  # one pass over the rows
         det.save(out / f"detect_{method}.safetensors")
         summary[f"{method}_auroc"] = det.poison_auroc()
         summary["loss_baseline_auroc"] = det.poison_auroc("loss")
     return summary
 
 
-@register("influence")
-def influence_analysis(pair, out: Path, method: str = "ekfac", renormalize: str | None = "unit",
-                       ensemble: int = 1) -> dict[str, Any]:
+@register("influence", InfluenceAnalysis)
+def influence_analysis(subject: Any, out: Path, config: InfluenceAnalysis = InfluenceAnalysis()) -> dict[str, Any]:
     """Which training rows made the backdoored twin produce the backdoor: EK-FAC influence
-    (unit-normalised gradients: plain EK-FAC favours high-loss rows and misses small poison
-    sets, see ``benchmarks/influence_poison_retrieval.py``) of the target's log-probability on
-    the triggered test inputs, aggregated over the queries, beside the per-example loss
-    baseline; both scored against ``is_poison``. Saves ``<method>.safetensors`` and
-    ``loss.safetensors``. Nothing is scored on the clean control (no poisoned rows). On a DPO
-    stage's pair (``pm.train_pipeline(...)[k]``) the preference pairs are scored by plain EK-FAC
-    on their DPO-loss gradients (unit normalisation is not linear in them), beside the DPO loss."""
+    (unit-normalised gradients by default) of the target's log-probability on the triggered
+    test inputs, aggregated over the queries, beside the per-example loss baseline; both
+    scored against ``is_poison``. Saves ``<method>.safetensors`` and ``loss.safetensors``.
+    Nothing is scored on the clean control (no poisoned rows). On a DPO stage
+    (``pm.train_pipeline(...)[k]``) the preference pairs are scored by plain EK-FAC on their
+    DPO-loss gradients (unit normalisation is not linear in them), beside the DPO loss."""
     from poisonmech.influence import attribute
 
-    if not any(pair.train_data["is_poison"]):
+    s = resolve(subject, where="influence analysis")
+    if not any(s.train_data["is_poison"]):
         return {}
-    pairs = _preference_data(pair)
+    method, renormalize, ensemble = config.method, config.renormalize, config.ensemble
+    pairs = _preference_data(s)
     if pairs:  # a DPO stage: pairs scored by their DPO-loss gradient (linear methods only)
         method, renormalize, ensemble = "ekfac", None, 1
     out.mkdir(parents=True, exist_ok=True)
-    r = attribute(pair, method=method, renormalize=renormalize, ensemble=ensemble, aggregate=True, progress=False)
-    base = attribute(pair, method="loss", aggregate=True, progress=False)
+    r = attribute(s, method=method, renormalize=renormalize, ensemble=ensemble, aggregate=True, progress=False)
+    base = attribute(s, method="loss", aggregate=True, progress=False)
     r.save(out / f"{method}.safetensors")
     base.save(out / "loss.safetensors")
     return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else "") + (" (DPO pairs)" if pairs else ""),
@@ -216,20 +284,54 @@ def influence_analysis(pair, out: Path, method: str = "ekfac", renormalize: str 
             "influence_loss_auroc": base.poison_auroc(), "influence_loss_ap": base.average_precision()}
 
 
-def run_analyses(pair, names: list[str] | tuple[str, ...], run_dir: Path | None = None,
+def analysis_key(name: str, config: Config, s: Subject) -> dict[str, Any]:
+    """What a cached summary of analysis ``name`` depends on (stored in ``key.json``)."""
+    from poisonmech import __version__
+
+    return {"analysis": name, "config": config.to_dict(), "poisonmech": __version__,
+            "weights": {role: s.fingerprint(role) for role in s.roles},
+            "data": {d: s.data_fingerprint(d) for d in ("train_data", "test_data")}}
+
+
+def _configs(names: Sequence[str] | Mapping[str, Any]) -> dict[str, Config]:
+    items = names.items() if isinstance(names, Mapping) else ((n, None) for n in names)
+    out = {}
+    for name, cfg in items:
+        if name not in ANALYSES:
+            raise ValueError(f"unknown analysis {name!r}; allowed: {sorted(ANALYSES)}")
+        out[name] = CONFIGS[name].build(cfg, where=f"run_analyses: {name}")
+    return out
+
+
+def run_analyses(subject: Any, names: Sequence[str] | Mapping[str, Any], run_dir: Path | None = None,
                  overwrite: bool = False) -> dict[str, dict[str, Any]]:
-    """Run the named analyses on ``pair``; results cached under ``run_dir/analyses/<name>/``."""
-    unknown = [n for n in names if n not in ANALYSES]
-    if unknown:
-        raise ValueError(f"unknown analyses {unknown}; allowed: {sorted(ANALYSES)}")
-    run_dir = Path(run_dir or pair.out_dir)
+    """Run the named analyses on ``subject``; results cached under ``run_dir/analyses/<name>/``.
+
+    ``names`` is a list of analysis names (each with its default config) or a mapping
+    ``name -> config`` (the config class, its dict, or ``None``). A cached summary is reused
+    only when its key (config, weights, data, version) is this call's; otherwise it is
+    recomputed.
+    """
+    configs = _configs(names)
+    s = resolve(subject, where="run_analyses")
+    if run_dir is None and s.run_dir is None:
+        raise ValueError("run_analyses: this subject has no run directory; pass run_dir=")
+    run_dir = Path(run_dir or s.run_dir)
     summaries = {}
-    for name in names:
+    for name, cfg in configs.items():
         out = run_dir / "analyses" / name
-        marker = out / "summary.json"
-        if marker.is_file() and not overwrite:
+        marker, key_file = out / "summary.json", out / "key.json"
+        key = analysis_key(name, cfg, s)
+        if marker.is_file() and key_file.is_file() and not overwrite and read_json(key_file) == _plain_json(key):
             summaries[name] = read_json(marker)
             continue
-        summaries[name] = ANALYSES[name](pair, out)
+        marker.unlink(missing_ok=True)  # a stale summary never outlives its recomputation
+        summaries[name] = ANALYSES[name](s, out, cfg)
+        write_json(key_file, key)
         write_json(marker, summaries[name])  # written last: the analysis is complete
     return summaries
+
+
+def _plain_json(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+

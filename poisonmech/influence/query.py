@@ -217,7 +217,7 @@ class MetricQuery:
                                         keep=rows if self.per_example else None)
 
 
-def backdoor_query(pair, measurement: str = "logprob", max_queries: int | None = None, seed: int = 0) -> Query:
+def backdoor_query(subject: Any, measurement: str = "logprob", max_queries: int | None = None, seed: int = 0) -> Query:
     """The default query of a run: the backdoor's measurement on its triggered test inputs.
 
     Uses the triggered test rows whose true answer is not the target (those the attack can
@@ -225,21 +225,21 @@ def backdoor_query(pair, measurement: str = "logprob", max_queries: int | None =
     ``measurement="contrastive"`` minus the same on the row's untriggered twin (same
     ``base_id``); the ``*logodds`` variants use the log-odds link. For a gibberish target: ``-log p(true continuation | triggered input)``
     (its contrastive version: minus the same without the trigger). ``max_queries`` keeps a
-    seeded random subset. ``pair``: any subject of a run (a Pair, a stage, a run directory,
+    seeded random subset. ``subject``: any subject of a run (a Pair, a stage, a run directory,
     a :class:`~poisonmech.subject.Subject`), or anything with ``test_data`` and ``attack``.
     """
     if measurement not in MEASUREMENTS:
         raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
-    if not (hasattr(pair, "test_data") and hasattr(pair, "attack")):
+    if not (hasattr(subject, "test_data") and hasattr(subject, "attack")):
         from poisonmech.subject import resolve
 
-        pair = resolve(pair, where="backdoor_query")
+        subject = resolve(subject, where="backdoor_query")
     for what in ("test_data", "attack"):
-        if getattr(pair, what) is None:
+        if getattr(subject, what) is None:
             raise ValueError(f"backdoor_query needs the run's {what.replace('_', ' ')} (its triggered test rows and "
                              "the attack's target); this subject carries none: pass a run, or build the query "
                              "yourself (a Query, or a Dataset of prompt/completion rows)")
-    test, attack = pair.test_data, pair.attack
+    test, attack = subject.test_data, subject.attack
     for col in ("is_triggered", "is_near_miss", "base_id"):
         if col not in test.column_names:
             raise ValueError(f"the pair's test data lacks column {col!r} (build it with pm.build_test_set)")

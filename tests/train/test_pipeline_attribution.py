@@ -34,7 +34,7 @@ def test_dpo_loss_baseline_matches_the_stage_objective_with_eos(eos_pipe):
     pc, pr = preference_logprobs(eos_pipe.models[1]["backdoored"], enc)
     rc, rr = preference_logprobs(eos_pipe.models[0]["backdoored"], enc)
     expected = -F.logsigmoid(0.5 * ((pc - rc) - (pr - rr)))
-    torch.testing.assert_close(r.scores, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r.train_scores, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_clean_twin_is_attributed_on_its_own_pairs_and_reference(eos_pipe):
