@@ -7,7 +7,7 @@
     pair.metrics
 """
 
-from poisonmech import circuits, influence, patching, probes, viz
+from poisonmech import circuits, influence, patching, probes, sites, viz
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.config import Config, ConfigError
 from poisonmech.metrics import evaluate
@@ -60,6 +60,7 @@ __all__ = [
     "poison_dataset",
     "probes",
     "resolve",
+    "sites",
     "sweep",
     "train_pair",
     "train_pipeline",

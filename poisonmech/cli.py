@@ -261,7 +261,7 @@ def pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
 
 @app.command()
 def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                        help="TOML: [task], [[attacks]], seeds, [model] or [[models]], [train], analyses, out_dir."),
+                                        help="TOML: [task], [[attacks]], seeds, [model] or [[models]], [train], analyses (names, or [analyses.<name>] tables of options), out_dir."),
           backend: str = typer.Option("local", help="local or ray"),
           address: str | None = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
           out: Path | None = typer.Option(None, "--out", help="Override out_dir."),

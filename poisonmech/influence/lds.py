@@ -189,10 +189,12 @@ class SubsetRetrains(Result):
 
     @property
     def n_subsets(self) -> int:
+        """K, the number of retrained subsets."""
         return len(self.subsets)
 
     @property
     def n_query(self) -> int:
+        """The number of queries measured after each retrain."""
         return len(self.query_text)
 
     @property

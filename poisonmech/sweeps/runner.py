@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from multiprocessing import get_context
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from poisonmech.runtime import num_threads
 from poisonmech.storage import read_json, write_json
 from poisonmech.sweeps.result import Sweep, load_sweep
-from poisonmech.sweeps.spec import DONE, FAILED, RunSpec, run_state
+from poisonmech.sweeps.spec import DONE, FAILED, RunSpec, finished_with
 
 BACKENDS = ("local", "ray")
 
@@ -89,12 +89,25 @@ def _specs(task, attacks, seeds, models, train, analyses) -> list[RunSpec]:
                                          model=model.to_dict(),
                                          train={k: v for k, v in replace(tr, seed=seed).to_dict().items()
                                                 if k != "device"},
-                                         analyses=tuple(analyses)))
+                                         analyses=analyses))
     names = [s.name for s in specs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ValueError(f"sweep: the same run appears twice: {sorted(dupes)}")
     return specs
+
+
+def _analysis_configs(analyses) -> tuple[str, ...] | dict[str, dict[str, Any]]:
+    """Analysis names as they are, or ``{name: config}`` as checked config dicts."""
+    from poisonmech.analyses import ANALYSES, CONFIGS
+
+    unknown = [a for a in analyses if a not in ANALYSES]
+    if unknown:
+        raise ValueError(f"sweep: unknown analyses {unknown}; allowed: {sorted(ANALYSES)}")
+    if isinstance(analyses, Mapping):
+        return {name: CONFIGS[name].build(cfg, where=f"sweep: analyses[{name!r}]").to_dict()
+                for name, cfg in analyses.items()}
+    return tuple(analyses)
 
 
 def _check_manifest(out: Path, specs: list[RunSpec]) -> None:
@@ -124,7 +137,7 @@ def _check_ray_address(address: str) -> None:
 
 
 def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence | None = None, train=None,
-          out_dir: str | Path = "runs/sweep", backend: str = "local", analyses: Sequence[str] = (),
+          out_dir: str | Path = "runs/sweep", backend: str = "local", analyses: Sequence[str] | Mapping[str, Any] = (),
           max_workers: int | None = None, threads_per_run: int | None = None, address: str | None = None,
           progress: bool = True) -> Sweep:
     """Train a pair for every (attack, model, seed) and run ``analyses`` on each.
@@ -138,7 +151,10 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
             e.g. ``continue_clean``); its seed is replaced per run.
         backend: ``"local"`` (a process pool sized to the machine) or ``"ray"`` (Ray tasks on
             the cluster at ``address``, or a local Ray instance when ``address`` is None).
-        analyses: names from ``poisonmech.analyses.ANALYSES`` to run on every pair.
+        analyses: names from ``poisonmech.analyses.ANALYSES`` to run on every pair, or
+            ``{name: config}`` (``PatchingAnalysis(...)``, its dict, or ``None``). A finished
+            run whose analyses differ is revisited: its pair is reused and each analysis is
+            recomputed only when its config (or the weights or data) changed.
         max_workers: parallel runs (default: one per core, at most one per run of the sweep). Small
             models run many small kernels, which one thread each runs best: two one-thread runs
             on two cores finish sooner than two two-thread runs one after the other, and do not
@@ -148,18 +164,13 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
             runs, so that a resumed sweep trains at the same thread count). The same value on
             every backend gives bit-identical numbers; it is recorded in each run's config.json.
     """
-    from poisonmech.analyses import ANALYSES
-
     if backend not in BACKENDS:
         raise ValueError(f"sweep: backend must be one of {BACKENDS}, got {backend!r}")
-    unknown = [a for a in analyses if a not in ANALYSES]
-    if unknown:
-        raise ValueError(f"sweep: unknown analyses {unknown}; allowed: {sorted(ANALYSES)}")
-    specs = _specs(task, attacks, seeds, models, train, analyses)
+    specs = _specs(task, attacks, seeds, models, train, _analysis_configs(analyses))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, specs)
-    pending = [s for s in specs if run_state(out / "runs" / s.name) != "done"]
+    pending = [s for s in specs if not finished_with(out / "runs" / s.name, s)]
     # the clean controls (no poison) are the cheapest runs (their backdoored twin is the clean
     # twin, and nothing is attributed): start them last so that parallel workers finish together
     pending.sort(key=lambda s: s.attack.get("poison_count") == 0)

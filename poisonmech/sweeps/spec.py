@@ -14,13 +14,16 @@ FAILED = "FAILED.json"
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Plain-data configuration of one pair (task kwargs, attack, model, train) plus its analyses."""
+    """Plain-data configuration of one pair (task kwargs, attack, model, train) plus its analyses:
+    names (each with its default config) or ``{name: config dict}``. The analyses are not part
+    of the run's identity (its directory); a finished run whose analyses differ is revisited
+    (the pair is reused, each analysis recomputed only when its config key changed)."""
 
     task: dict[str, Any]
     attack: dict[str, Any]
     model: dict[str, Any]
     train: dict[str, Any]
-    analyses: tuple[str, ...] = ()
+    analyses: tuple[str, ...] | dict[str, dict[str, Any]] = ()
 
     def identity(self) -> dict[str, Any]:
         return {"task": self.task, "attack": self.attack, "model": self.model, "train": self.train}
@@ -40,12 +43,25 @@ class RunSpec:
         return f"{self.task['kind']}-{trig}-{amount}-s{self.train.get('seed', 0)}-{self.key}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.identity(), "analyses": list(self.analyses)}
+        analyses = dict(self.analyses) if isinstance(self.analyses, dict) else list(self.analyses)
+        return {**self.identity(), "analyses": analyses}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        analyses = d.get("analyses", ())
         return cls(task=d["task"], attack=d["attack"], model=d["model"], train=d["train"],
-                   analyses=tuple(d.get("analyses", ())))
+                   analyses=dict(analyses) if isinstance(analyses, dict) else tuple(analyses))
+
+
+def finished_with(run_dir: Path, spec: RunSpec) -> bool:
+    """True when ``run_dir`` finished (``DONE.json``) with exactly ``spec``'s analyses."""
+    if run_state(run_dir) != "done":
+        return False
+    try:
+        done = json.loads((run_dir / DONE).read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("spec", {}).get("analyses") == spec.to_dict()["analyses"]
 
 
 def run_state(run_dir: Path) -> str:

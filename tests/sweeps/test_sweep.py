@@ -124,3 +124,21 @@ def test_results_have_short_reprs(tmp_path):
                     method="exact", baseline=torch.zeros(3), reference=torch.ones(3))
     assert repr(r).count("\n") == 0 and "layer=2 x pos=5" in repr(r) and "batch=3" in repr(r)
     assert repr(Sweep(out_dir=tmp_path, runs=())) == f"Sweep({str(tmp_path)!r}, 0 runs: )"
+
+
+def test_analysis_configs_travel_with_the_sweep_and_a_change_revisits_finished_runs(tmp_path, monkeypatch):
+    import poisonmech.analyses as an
+
+    calls = []
+    real = an.ANALYSES["patching"]
+    monkeypatch.setitem(an.ANALYSES, "patching", lambda s, out, cfg: calls.append(cfg) or real(s, out, cfg))
+    sw = _tiny_sweep(tmp_path / "sw", counts=(4,), analyses={"patching": {"n": 4}})
+    assert calls == [an.PatchingAnalysis(n=4)]
+    assert sw.runs[0].spec.analyses == {"patching": {"n": 4}}
+    _tiny_sweep(tmp_path / "sw", counts=(4,), analyses={"patching": {"n": 4}})
+    assert len(calls) == 1  # finished with these analyses: nothing to do
+    sw2 = _tiny_sweep(tmp_path / "sw", counts=(4,), analyses={"patching": an.PatchingAnalysis(n=6)})
+    assert calls[-1] == an.PatchingAnalysis(n=6) and len(calls) == 2  # revisited: the pair reused, the analysis redone
+    assert sw2.runs[0].analyses["patching"]["patching_n_examples"] <= 6
+    with pytest.raises(pm.ConfigError, match="unknown field 'k'"):
+        _tiny_sweep(tmp_path / "sw", counts=(4,), analyses={"patching": {"k": 4}})
