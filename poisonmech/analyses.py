@@ -51,9 +51,11 @@ class CircuitsAnalysis(Config):
     mode: str = "noise"
 
     def check(self) -> None:
-        check_number("CircuitsAnalysis", "n", self.n, lo=1, integer=True)
-        check_number("CircuitsAnalysis", "top_n", self.top_n, lo=1, integer=True)
-        check_number("CircuitsAnalysis", "n_random_edges", self.n_random_edges, lo=0, integer=True)
+        from poisonmech.circuits.discover import METHODS
+
+        for name, lo in (("n", 1), ("top_n", 1), ("n_random_edges", 0)):
+            check_number("CircuitsAnalysis", name, getattr(self, name), lo=lo, integer=True)
+        check_choice("CircuitsAnalysis", "method", self.method, METHODS)
         check_choice("CircuitsAnalysis", "mode", self.mode, ("denoise", "noise"))
 
 
@@ -77,6 +79,11 @@ class InfluenceAnalysis(Config):
     ensemble: int = 1
 
     def check(self) -> None:
+        from poisonmech.influence.attribution import METHODS
+        from poisonmech.influence.methods import RENORMALIZE
+
+        check_choice("InfluenceAnalysis", "method", self.method, METHODS)
+        check_choice("InfluenceAnalysis", "renormalize", self.renormalize, RENORMALIZE)
         check_number("InfluenceAnalysis", "ensemble", self.ensemble, lo=1, integer=True)
 
 

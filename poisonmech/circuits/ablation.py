@@ -172,11 +172,11 @@ class Faithfulness(Result):
     kind = "faithfulness"
     version = 1
 
-    ablation: str
-    full: Float[Tensor, " batch"]
-    empty: Float[Tensor, " batch"]
-    circuit: Float[Tensor, " batch"]
-    complement: Float[Tensor, " batch"]
+    ablation: str  #: how the ablated edges are replaced ("patching", "mean", "zero")
+    full: Float[Tensor, " batch"]  #: the metric with nothing ablated
+    empty: Float[Tensor, " batch"]  #: every edge ablated
+    circuit: Float[Tensor, " batch"]  #: every edge outside the circuit ablated
+    complement: Float[Tensor, " batch"]  #: the circuit's own edges ablated
     n_edges: int
     n_graph_edges: int
 

@@ -199,6 +199,7 @@ class SubsetRetrains(Result):
 
     @property
     def n_train(self) -> int:
+        """The number of training rows the subsets are drawn from."""
         return len(self.example_ids)
 
     def mask(self) -> np.ndarray:

@@ -99,9 +99,9 @@ class Activations:
     acts: Float[Tensor, "layer batch pos d_model"]
     valid: Bool[Tensor, "batch pos"]
     lengths: Int[Tensor, " batch"]
-    layers: tuple[int, ...]
-    positions: tuple[int, ...]
-    site: str
+    layers: tuple[int, ...]  #: the layer of each ``acts[l]``
+    positions: tuple[int, ...]  #: the position of each ``acts[:, :, p]`` (negative: from the end)
+    site: str  #: the site's name in the registry
 
     def __repr__(self) -> str:
         return (f"Activations({self.site}, layers {list(self.layers)}, positions {list(self.positions)[:8]}"
