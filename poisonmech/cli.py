@@ -295,17 +295,28 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
             patching: bool = typer.Option(False, "--patching"), probes: bool = typer.Option(False, "--probes"),
             influence: bool = typer.Option(False, "--influence"), circuits: bool = typer.Option(False, "--circuits"),
             overwrite: bool = typer.Option(False, help="Recompute cached analyses."),
+            options: Path | None = typer.Option(None, "--options", exists=True, dir_okay=False,
+                                                help="TOML with one table of options per analysis, e.g. "
+                                                     "[circuits] top_n = 20 (the fields of CircuitsAnalysis)."),
             threads: int = _threads_option()) -> None:
-    """Run analyses on a finished pair, or on every stage of a pipeline (all analyses when none is named)."""
+    """Run analyses on a finished pair, or on every stage of a pipeline (all analyses when none is
+    named; with --options, those it names)."""
     import poisonmech as pm
-    from poisonmech.analyses import ANALYSES, run_analyses
+    from poisonmech.analyses import ANALYSES, CONFIGS, run_analyses
+    from poisonmech.config import ConfigError
 
+    opts = _read_toml(options) if options else {}
     asked = [n for n, flag in (("patching", patching), ("probes", probes), ("influence", influence),
-                               ("circuits", circuits)) if flag] or list(ANALYSES)
-    missing = [n for n in asked if n not in ANALYSES]
+                               ("circuits", circuits)) if flag] or list(opts) or list(ANALYSES)
+    missing = [n for n in [*asked, *opts] if n not in ANALYSES]
     if missing:
         typer.echo(f"error: analyses not available: {missing}; available: {sorted(ANALYSES)}", err=True)
         raise typer.Exit(2)
+    try:
+        configs = {n: CONFIGS[n].build(opts.get(n), where=f"--options [{n}]") for n in asked}
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     from poisonmech.train.pipeline import is_pipeline_dir
 
     if is_pipeline_dir(run):
@@ -315,7 +326,7 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
         pairs = [("", pm.load_pair(run))]
     for prefix, pair in pairs:
         with num_threads(threads):
-            summaries = run_analyses(pair, asked, pair.out_dir, overwrite=overwrite)
+            summaries = run_analyses(pair, configs, pair.out_dir, overwrite=overwrite)
         for name, summary in summaries.items():
             typer.echo(f"{prefix}{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in summary.items()))

@@ -43,6 +43,15 @@ def test_analyze_command_runs_influence_and_caches_it(tmp_path):
     assert (out / "summary.json").is_file() and (out / "ekfac.safetensors").is_file()
     r = pm.influence.InfluenceResult.load(out / "ekfac.safetensors")
     assert r.settings["renormalize"] == "unit" and sum(r.is_poison) == 4
+    # options from TOML: one table per analysis; another config recomputes, a bad field is named
+    opts = tmp_path / "opts.toml"
+    opts.write_text('[influence]\nmethod = "graddot"\nrenormalize = "unit"\n')
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "--options", str(opts)])
+    assert result.exit_code == 0, result.output
+    assert "influence_method=graddot unit" in result.output and "patching" not in result.output
+    opts.write_text("[influence]\nmethd = 1\n")
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "--options", str(opts)])
+    assert result.exit_code == 2 and "unknown field 'methd'; allowed: method, renormalize, ensemble" in result.output
 
 
 def test_train_command_reports_bad_config_clearly(tmp_path):
