@@ -31,10 +31,19 @@ def train_tiny_pair(out_dir, *, n_train: int = 200, n_test: int = 20, poison_cou
                          out_dir=out_dir, progress=False)
 
 
-def small_model(arch: str = "native", **kw):
-    """An untrained 2-layer bridge over a 50-token vocabulary."""
+def small_model(arch: str = "native", vocab: int = 50, **kw):
+    """An untrained 2-layer bridge (d_model 32, 2 heads, n_ctx 32) over ``vocab`` tokens."""
     cfg = {"n_layers": 2, "d_model": 32, "n_heads": 2, "n_ctx": 32, "architecture": arch, **kw}
-    return pm.build_model(pm.ModelConfig(**cfg), 50, seed=0)
+    return pm.build_model(pm.ModelConfig(**cfg), vocab, seed=0)
+
+
+def random_contrast(batch: int = 4, length: int = 7, vocab: int = 40, seed: int = 1):
+    """Random ``[batch, length]`` clean tokens and a corrupted copy whose position 2 is redrawn."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (batch, length), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(0, vocab, (batch,), generator=g)
+    return clean, corrupted
 
 
 def small_bridge(arch: str = "native", vocab: int = 40):

@@ -7,20 +7,17 @@ import poisonmech as pm
 from poisonmech.circuits import Circuit, Graph, acdc, compare, discover, rewired
 from poisonmech.circuits.rewire import reference_activations
 from poisonmech.patching import logit_diff, trigger_contrast
+from tests.helpers import random_contrast, small_model
 
 D_VOCAB = 40
 
 
 def build(architecture="native", **kw):
-    cfg = pm.ModelConfig(**{"n_layers": 2, "d_model": 32, "n_heads": 2, "n_ctx": 32, "architecture": architecture, **kw})
-    return pm.build_model(cfg, D_VOCAB, seed=0)
+    return small_model(architecture, vocab=D_VOCAB, **kw)
 
 
 def contrast(batch=4, length=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, D_VOCAB, (batch, length), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(0, D_VOCAB, (batch,), generator=g)
+    clean, corrupted = random_contrast(batch, length, D_VOCAB, seed)
     return clean, corrupted, logit_diff(3, 5, torch.full((batch,), length - 1))
 
 

@@ -30,23 +30,20 @@ from poisonmech.config import ConfigError
 from poisonmech.patching import control_fn, logit_diff, target_logprob, trigger_contrast
 from poisonmech.results import ResultFormatError
 from poisonmech.storage import save_tensors, write_json
+from tests.helpers import random_contrast, small_model
 
 D_VOCAB = 40
 BATCH, LENGTH = 4, 7
 
 
 def contrast(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, D_VOCAB, (BATCH, LENGTH), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(0, D_VOCAB, (BATCH,), generator=g)
+    clean, corrupted = random_contrast(BATCH, LENGTH, D_VOCAB, seed)
     return clean, corrupted, logit_diff(3, 5, torch.full((BATCH,), LENGTH - 1))
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = pm.ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=32, architecture="native")
-    return pm.build_model(cfg, D_VOCAB, seed=0)
+    return small_model(vocab=D_VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-import poisonmech as pm
 from poisonmech.circuits import Circuit, FaithfulnessTable, compare, discover, edge_attribution
 from poisonmech.patching import logit_diff, target_logprob
+from tests.helpers import random_contrast, small_model
 
 D_VOCAB = 40
 BATCH, LENGTH = 4, 7
 
 
 def contrast(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, D_VOCAB, (BATCH, LENGTH), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(0, D_VOCAB, (BATCH,), generator=g)
-    return clean, corrupted
+    return random_contrast(BATCH, LENGTH, D_VOCAB, seed)
 
 
 def metrics():
@@ -29,8 +25,7 @@ def metrics():
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = pm.ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=32, architecture="native")
-    return pm.build_model(cfg, D_VOCAB, seed=0)
+    return small_model(vocab=D_VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import poisonmech as pm
 from poisonmech.circuits import Graph, edge_attribution, rewired
 from poisonmech.circuits.rewire import reference_activations
 from poisonmech.patching import logit_diff
+from tests.helpers import small_model
 
 D_VOCAB = 40
 
 
 @pytest.fixture(scope="module")
 def model():
-    return pm.build_model(pm.ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=32), D_VOCAB, seed=0)
+    return small_model(vocab=D_VOCAB)
 
 
 @pytest.fixture(scope="module")

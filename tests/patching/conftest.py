@@ -1,11 +1,8 @@
 import pytest
-import torch
+
+from tests.helpers import random_contrast
 
 
 @pytest.fixture
 def tokens():
-    g = torch.Generator().manual_seed(1)
-    clean = torch.randint(0, 50, (3, 7), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(0, 50, (3,), generator=g)
-    return clean, corrupted
+    return random_contrast(batch=3, vocab=50)
