@@ -295,9 +295,7 @@ def analysis_key(name: str, config: Config, s: Subject) -> dict[str, Any]:
     """What a cached summary of analysis ``name`` depends on (stored in ``key.json``)."""
     from poisonmech import __version__
 
-    return {"analysis": name, "config": config.to_dict(), "poisonmech": __version__,
-            "weights": {role: s.fingerprint(role) for role in s.roles},
-            "data": {d: s.data_fingerprint(d) for d in ("train_data", "test_data")}}
+    return {"analysis": name, "poisonmech": __version__, **s.key_parts(config)}
 
 
 def _configs(names: Sequence[str] | Mapping[str, Any]) -> dict[str, Config]:

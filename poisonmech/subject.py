@@ -160,12 +160,19 @@ class Subject:
         """A hash of the rows of ``train_data`` or ``test_data`` (``""`` when absent)."""
         return dataset_fingerprint(getattr(self, which))
 
+    def key_parts(self, config: Any, *, roles: tuple[str, ...] | None = None,
+                  data: tuple[str, ...] = ("train_data", "test_data")) -> dict[str, Any]:
+        """What a result computed with ``config`` on ``roles`` (default: every role) depends on,
+        in JSON types: the config's fields, each role's weight fingerprint, the data's."""
+        roles = self.roles if roles is None else tuple(self.role(r) for r in roles)
+        return {"config": config.to_dict() if hasattr(config, "to_dict") else config,
+                "weights": {r: self.fingerprint(r) for r in roles},
+                "data": {d: self.data_fingerprint(d) for d in data}}
+
     def cache_key(self, config: Any, *, role: str | None = None, data: tuple[str, ...] = ("train_data", "test_data"),
                   extra: Any = None) -> str:
-        """The key under which an analysis of ``config`` on ``role`` is cached: the config's
-        fingerprint, the weights' and the data's."""
-        blob = {"config": config.fingerprint() if hasattr(config, "fingerprint") else config,
-                "weights": self.fingerprint(role), "data": {d: self.data_fingerprint(d) for d in data},
+        """A short hash of :meth:`key_parts` for ``config`` on ``role`` (and the config's class)."""
+        blob = {**self.key_parts(config, roles=(self.role(role),), data=data), "class": type(config).__name__,
                 "extra": extra}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
