@@ -122,7 +122,7 @@ class CircuitComparison(Result):
         return iter(self.frame)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("frame", "labels"):  # copy / pickle probes, and before init
+        if name.startswith("__") or name in ("frame", "labels"):  # dunder lookups (copy.copy) and attributes before __init__
             raise AttributeError(name)
         return getattr(object.__getattribute__(self, "frame"), name)
 
