@@ -14,7 +14,6 @@ retrained weights, other data) is recomputed, never returned.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +241,7 @@ def probes_analysis(subject: Any, out: Path, config: ProbesAnalysis = ProbesAnal
         probes.save(out / f"is_triggered{tag}.safetensors")
         for twin in s.roles:
             r = probes[twin]
-            li, pi = r.layers.index(r.best[0]), r.positions.index(r.best[1])  # values -> indices
+            li, pi = r._index(None, None)  # the best cell, as indices
             summary[f"probe{tag}_auroc_{twin}"] = float(r.auroc[li, pi])
             summary[f"probe{tag}_random_best_{twin}"] = float(r.random_auroc_max[li, pi])
             summary[f"probe{tag}_random_median_{twin}"] = float(r.random_auroc_median[li, pi])
@@ -327,7 +326,7 @@ def run_analyses(subject: Any, names: Sequence[str] | Mapping[str, Any], run_dir
         out = run_dir / "analyses" / name
         marker, key_file = out / "summary.json", out / "key.json"
         key = analysis_key(name, cfg, s)
-        if marker.is_file() and key_file.is_file() and not overwrite and read_json(key_file) == _plain_json(key):
+        if marker.is_file() and key_file.is_file() and not overwrite and read_json(key_file) == key:
             summaries[name] = read_json(marker)
             continue
         marker.unlink(missing_ok=True)  # a stale summary never outlives its recomputation
@@ -335,8 +334,4 @@ def run_analyses(subject: Any, names: Sequence[str] | Mapping[str, Any], run_dir
         write_json(key_file, key)
         write_json(marker, summaries[name])  # written last: the analysis is complete
     return summaries
-
-
-def _plain_json(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
 

@@ -146,6 +146,12 @@ def check_choice(owner: str, field: str, value: Any, allowed: Sequence[Any]) -> 
         raise ConfigError(f"{owner}.{field} must be one of {tuple(allowed)}, got {value!r}")
 
 
+def check_bool(owner: str, field: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` must be ``True`` or ``False`` (or ``None`` if ``optional``); 0 and 1 are refused."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ConfigError(f"{owner}.{field} must be True or False{' or None' if optional else ''}, got {value!r}")
+
+
 def check_number(owner: str, field: str, value: Any, *, lo: float | None = None, hi: float | None = None,
                  integer: bool = False, lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> None:
     """``value`` must be a number (an integer if ``integer``) in the range ``lo .. hi``."""
@@ -225,4 +231,4 @@ def takes_config(config_cls: type[Config]) -> Callable[[Callable], Callable]:
     return deco
 
 
-__all__ = ["Config", "ConfigError", "check_choice", "check_number", "takes_config"]
+__all__ = ["Config", "ConfigError", "check_bool", "check_choice", "check_number", "takes_config"]

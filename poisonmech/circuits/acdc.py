@@ -83,7 +83,7 @@ def _acdc(model, clean_tokens, corrupted_tokens, metric: Callable, *, threshold:
     removed = torch.zeros(graph.n_src, graph.n_dst, dtype=torch.bool)
     scores = torch.zeros(graph.n_src, graph.n_dst)
     full = current = run(removed)
-    corrupted = run(graph.edge_mask.clone())
+    corrupted = run(graph.edge_mask)
     n_forwards = 2
     bar = tqdm(total=graph.n_edges, desc="ACDC edges", disable=not progress, leave=False)
     for dst in reversed(range(graph.n_dst)):

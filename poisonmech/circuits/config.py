@@ -22,16 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from poisonmech.circuits.rewire import ABLATIONS
-from poisonmech.config import Config, ConfigError, check_choice, check_number
+from poisonmech.config import Config, ConfigError, check_bool, check_choice, check_number
+from poisonmech.patching.config import MODES
 
 METHODS = ("eap", "eap-ig", "acdc")
 SCORE_METHODS = ("eap", "eap-ig")
-MODES = ("denoise", "noise")
-
-
-def _check_bool(owner: str, field: str, value: Any, optional: bool = False) -> None:
-    if not (isinstance(value, bool) or (optional and value is None)):
-        raise ConfigError(f"{owner}.{field} must be True or False{' or None' if optional else ''}, got {value!r}")
 
 
 def _check_str(owner: str, field: str, value: Any, what: str) -> None:
@@ -86,8 +81,8 @@ class CircuitConfig(Config):
         check_number(owner, "threshold", self.threshold, lo=0, optional=True)
         check_number(owner, "steps", self.steps, lo=1, integer=True)
         check_choice(owner, "mode", self.mode, MODES)
-        _check_bool(owner, "absolute", self.absolute)
-        _check_bool(owner, "per_example", self.per_example, optional=True)
+        check_bool(owner, "absolute", self.absolute)
+        check_bool(owner, "per_example", self.per_example, optional=True)
         _check_str(owner, "label", self.label, "a string")
         _check_str(owner, "twin", self.twin, "a role name")
         check_number(owner, "n_contrast", self.n_contrast, lo=1, integer=True)

@@ -7,6 +7,9 @@ from collections.abc import Callable
 
 import torch
 
+from poisonmech.circuits.graph import Graph
+from poisonmech.runtime import check_tokens
+
 Tensor = torch.Tensor
 
 
@@ -39,13 +42,9 @@ def check_selection(top_n: int | None, threshold: float | None) -> None:
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
 
 
-
 def check_contrast(model, clean_tokens, corrupted_tokens, metric: Callable, graph, where: str):
     """``(clean_tokens, corrupted_tokens, graph)`` of a discovery: a metric, both token-aligned
     batches (moved to the model's device) and the model's graph (``graph`` or read from it)."""
-    from poisonmech.circuits.graph import Graph
-    from poisonmech.runtime import check_tokens
-
     check_metric(metric)
     if corrupted_tokens is None:
         raise ValueError(f"{where} needs corrupted_tokens (token-aligned with clean_tokens)")

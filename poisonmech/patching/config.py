@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from poisonmech.config import Config, ConfigError, check_choice, check_number
+from poisonmech.config import Config, check_bool, check_choice, check_number
 from poisonmech.sites import SITES as _REGISTRY
 
 #: the sites patching reads (every entry of the one site registry, :mod:`poisonmech.sites`)
@@ -20,11 +20,6 @@ SITES: tuple[str, ...] = tuple(_REGISTRY)
 MODES = ("denoise", "noise")
 #: ``"auto"``: the suffix engine when it reproduces the model, else hooks
 BACKENDS = ("auto", "fast", "hooks")
-
-
-def _check_bool(owner: str, field: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}.{field} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ class GridConfig(Config):
     def check(self) -> None:
         name = type(self).__name__
         check_choice(name, "site", self.site, SITES)
-        _check_bool(name, "by_position", self.by_position)
+        check_bool(name, "by_position", self.by_position)
         check_choice(name, "mode", self.mode, MODES)
 
 
@@ -95,7 +90,7 @@ class AttributionConfig(GridConfig):
 
     def check(self) -> None:
         super().check()
-        _check_bool(type(self).__name__, "qk_fix", self.qk_fix)
+        check_bool(type(self).__name__, "qk_fix", self.qk_fix)
 
 
 __all__ = ["AttributionConfig", "BACKENDS", "CrossModelPatchConfig", "GridConfig", "MODES", "PatchConfig", "SITES"]

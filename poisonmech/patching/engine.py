@@ -34,7 +34,6 @@ _ACTS = {
     "relu": torch.relu,
     "silu": torch.nn.functional.silu,
 }
-_CACHED = SITES
 
 
 @dataclass
@@ -48,7 +47,7 @@ class RunCache:
         return self.acts[key]
 
 
-def collect(model, tokens: Tensor, sites: tuple[str, ...] = _CACHED) -> RunCache:
+def collect(model, tokens: Tensor, sites: tuple[str, ...] = SITES) -> RunCache:
     """One forward with a cache of just the hooks the engine reads."""
     n_layers = model.cfg.n_layers
     names = {hook_name(s, layer): (s, layer) for s in sites for layer in range(n_layers)

@@ -25,8 +25,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-PROBE_METHODS = ("logistic", "mean_diff")
-
+from poisonmech.probes.config import PROBE_METHODS
 
 #: below this many matrix entries, BLAS / OpenMP run on one thread: for probe-sized problems
 #: extra threads cost more in hand-offs than they save (over 10x slower on a busy 2-core machine)
