@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from poisonmech.config import Config, ConfigError, check_choice, check_number
+from poisonmech.config import Config, ConfigError, check_bool, check_choice, check_number
 from poisonmech.runtime import model_device  # the one definition; kept importable from here
 
 ARCHITECTURES = ("native", "gpt2")
@@ -62,8 +62,7 @@ class ModelConfig(Config):
         if self.d_head is None and self.d_model % self.n_heads:
             raise ConfigError(f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model} "
                               "(or set d_head)")
-        if not isinstance(self.attn_only, bool):  # check_choice would take 1 == True
-            raise ConfigError(f"ModelConfig.attn_only must be True or False, got {self.attn_only!r}")
+        check_bool(owner, "attn_only", self.attn_only)
         check_choice(owner, "act_fn", self.act_fn, ACTIVATIONS)
         check_choice(owner, "normalization_type", self.normalization_type, NORMALIZATIONS)
         check_choice(owner, "positional_embedding_type", self.positional_embedding_type, POSITIONAL)

@@ -52,10 +52,8 @@ from poisonmech.influence.retrain import retraining_subject, train_on_subset
 from poisonmech.results import Result
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.storage import save_tensors, write_json
-from poisonmech.subject import TWIN_ROLES
 
 Tensor = torch.Tensor
-TWINS = TWIN_ROLES
 #: bumped when a change alters cached subset weights (part of their cache key)
 CACHE_VERSION = 1
 

@@ -248,12 +248,12 @@ class Pipeline:
                        test_data=self.test_data, model_config=self.model_config, train_config=st.train_config,
                        metrics_before=self.metrics[ka][twin], metrics_after=self.metrics[kb][twin])
 
-    def _pair(self, k: int, clean, backdoored, metrics, with_dir: bool = True) -> Pair:
+    def _pair(self, k: int, clean, backdoored, metrics) -> Pair:
         st = self.stages[k]
         return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=st.attack,
                     model_config=self.model_config, train_config=st.train_config, tokenizer=self.tokenizer,
                     train_data=self.train_data[k], test_data=self.test_data, metrics=metrics,
-                    out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None and with_dir else None,
+                    out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None else None,
                     checkpoints=self.checkpoints[k] if self.checkpoints else {},
                     history=self.history[k] if self.history else {})
 
