@@ -495,12 +495,6 @@ def _query_of(s: Subject, model, query: Any, cfg: InfluenceConfig, tokenizer) ->
     return query
 
 
-def _tokenizer(model, s: Subject, tokenizer) -> PreTrainedTokenizerBase:
-    if tokenizer is not None:
-        return _check_tokenizer(model, tokenizer)
-    return _check_tokenizer(model, s.tokenizer) if s.tokenizer is not None else _check_tokenizer(model, None)
-
-
 @takes_config(InfluenceConfig)
 def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset | Tensor | None = None,
               method: str | None = None, *, twin: str | None = None,
@@ -552,7 +546,7 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
     s = resolve(subject, where="attribute")
     role = s.role(twin)
     model = s.model(role)
-    tokenizer = _tokenizer(model, s, tokenizer)
+    tokenizer = _check_tokenizer(model, tokenizer if tokenizer is not None else s.tokenizer)
     dpo = s.preference(role)  # a pipeline's DPO stage: the twin's own pairs and reference
     if train is None and dpo is not None and dpo["data"] is not None:
         train = dpo["data"]

@@ -48,12 +48,16 @@ class PatchResult(Result):
     per_example: bool = True
     roles: tuple[str, str] | None = None
 
+    @property
+    def _roles_text(self) -> str:
+        """``", donor -> receiver"`` for a cross-model result, else ``""``."""
+        return f", {self.roles[1]} -> {self.roles[0]}" if self.roles else ""
+
     def __repr__(self) -> str:
         shape = " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape))
         gap = float((self.reference - self.baseline).mean())
         batch = f"batch={self.values.shape[-1]}" if self.per_example else "one value per cell (batch metric)"
-        roles = f", {self.roles[1]} -> {self.roles[0]}" if self.roles else ""
-        return (f"PatchResult(site={self.site!r}, mode={self.mode!r}{roles}, method={self.method!r}, {shape}, "
+        return (f"PatchResult(site={self.site!r}, mode={self.mode!r}{self._roles_text}, method={self.method!r}, {shape}, "
                 f"{batch}, mean gap reference - baseline={gap:.3f})")
 
     @property
@@ -124,8 +128,7 @@ class PatchResult(Result):
         grid = self.recovery if value == "recovery" else \
             {"normalized": self.normalized, "effect": self.effect, "mean": self.values}[value].nanmean(-1)
         grid = grid.detach().cpu().numpy()
-        roles = f", {self.roles[1]} -> {self.roles[0]}" if self.roles else ""
-        title = title or f"{self.method} patching: {self.site} ({self.mode}{roles}), {value}"
+        title = title or f"{self.method} patching: {self.site} ({self.mode}{self._roles_text}), {value}"
         ylab = [f"L{i}" for i in range(grid.shape[0])]
         pos_lab = None
         if "pos" in self.axes:

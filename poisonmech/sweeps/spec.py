@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from poisonmech.storage import read_json
+
 DONE = "DONE.json"  # written last: a run is finished exactly when this file exists
 FAILED = "FAILED.json"
 
@@ -58,7 +60,7 @@ def finished_with(run_dir: Path, spec: RunSpec) -> bool:
     if run_state(run_dir) != "done":
         return False
     try:
-        done = json.loads((run_dir / DONE).read_text())
+        done = read_json(run_dir / DONE)
     except (OSError, ValueError):
         return False
     return done.get("spec", {}).get("analyses") == spec.to_dict()["analyses"]

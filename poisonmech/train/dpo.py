@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from poisonmech.config import Config, ConfigError, check_number
+from poisonmech.config import Config, ConfigError, check_bool, check_number
 from poisonmech.encoding import Encoded, encode
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.storage import load_tensors, save_tensors
@@ -119,8 +119,7 @@ class DPOConfig(Config):
 
     def check(self) -> None:
         check_number("DPOConfig", "beta", self.beta, lo=0, lo_open=True, hi=math.inf, hi_open=True)
-        if not isinstance(self.score_eos, bool):  # check_choice would take 1 == True
-            raise ConfigError(f"DPOConfig.score_eos must be True or False, got {self.score_eos!r}")
+        check_bool("DPOConfig", "score_eos", self.score_eos)
         check_number("DPOConfig", "nll_weight", self.nll_weight, lo=0, hi=math.inf, hi_open=True)
         if self.train.continue_clean or self.train.continue_lr is not None:
             raise ConfigError("DPOConfig.train: a DPO stage has no clean continuation (continue_clean=0, "
