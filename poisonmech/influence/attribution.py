@@ -76,7 +76,7 @@ METHODS = ("ekfac", "kfac", "tracin", "trak", "graddot", "gradcos", "repsim", "l
 #: methods with a self-influence (``∇L_z^T P ∇L_z``)
 SELF_INFLUENCE = ("ekfac", "kfac", "tracin", "trak", "graddot")
 #: bumped when a change alters cached factors, features or results (part of every cache key)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EK-FAC's two passes draw the same sampled labels
 #: methods that can average over checkpoints (``ensemble``)
 ENSEMBLE_METHODS = ("graddot", "gradcos", "trak", "kfac", "ekfac")
 
@@ -202,6 +202,8 @@ def _check_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase 
 def _check_ids(enc: Encoded, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, what: str,
                rows: Dataset) -> None:
     d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if d_vocab is None:  # a plain Hugging Face module (or its peft version)
+        d_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     top = max((max(r) for r in enc.ids if r), default=-1)
     if d_vocab is not None and top >= d_vocab:
         raise ValueError(f"attribute: the {what} holds token id {top} but the model's vocabulary has {d_vocab} "

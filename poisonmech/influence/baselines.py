@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from poisonmech.encoding import Encoded
-from poisonmech.influence.grads import iter_batches, token_nll
+from poisonmech.influence.grads import iter_batches, model_logits, token_nll
 from poisonmech.influence.methods import Scores
 from poisonmech.influence.query import Query
 from poisonmech.influence.tracking import TrackedModule, capture
@@ -34,7 +34,7 @@ def loss_scores(model: torch.nn.Module, data: Encoded, *, batch_size: int = 64, 
         for b in tqdm(list(iter_batches(data, None, batch_size)), desc="influence: losses", disable=not progress,
                       leave=False):
             tokens, mask = data.batch(b, device)
-            nll = token_nll(model(tokens)[:, :-1], tokens[:, 1:], mask)
+            nll = token_nll(model_logits(model, tokens)[:, :-1], tokens[:, 1:], mask)
             out[torch.tensor(b)] = (nll.sum(1) / mask.sum(1).clamp(min=1)).float().cpu()
     return out
 

@@ -9,6 +9,10 @@ the parameters' ``.grad`` are never touched. :func:`func_per_example_grads` comp
 gradients with ``torch.func`` (``vmap`` of ``grad`` over ``functional_call``) for any set of
 parameters — the reference the tests hold the hook path to.
 
+The model is any module mapping ``[batch pos]`` token ids to logits: a TransformerBridge, or
+a plain ``nn.Module`` such as a Hugging Face causal LM (or its peft LoRA version) whose output
+carries ``.logits`` (:func:`model_logits`).
+
 A row's loss is the *sum* of its target tokens' negative log-likelihoods (the convention of
 kronfluence's language-model tasks); ``labels="mc"`` samples the targets from the model's own
 predictive distribution (the true Fisher, as kronfluence's default), ``"true"`` uses the data.
@@ -45,6 +49,20 @@ class BatchGrads:
     n_target: Int[Tensor, " batch"]
     valid: Bool[Tensor, "batch pos"]
     logits_last: Tensor | None = None
+
+
+def model_logits(model: nn.Module, tokens: Tensor) -> Float[Tensor, "batch pos d_vocab"]:
+    """``model(tokens)`` as a logits tensor: a bridge's (or any tensor-returning module's)
+    output as is, a Hugging Face model's output (``CausalLMOutput``) by its ``.logits``."""
+    out = model(tokens)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the influence methods need a model whose forward(tokens) returns logits [batch pos "
+                        f"d_vocab] or an output with .logits (as Hugging Face causal LMs do); "
+                        f"{type(model).__name__} returned {type(out).__name__}")
+    return logits
 
 
 def token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -96,7 +114,7 @@ def forward_backward(model: nn.Module, modules: Sequence[TrackedModule], tokens:
     if link not in ("logprob", "logodds"):
         raise ValueError(f"link must be 'logprob' or 'logodds', got {link!r}")
     with torch.enable_grad(), capture(model, modules) as cap:
-        logits = model(tokens)
+        logits = model_logits(model, tokens)
         shifted = logits[:, :-1]
         targets = tokens[:, 1:]
         true_nll = token_nll(shifted, targets, mask)
@@ -131,7 +149,7 @@ def metric_backward(model: nn.Module, modules: Sequence[TrackedModule], tokens: 
     Every position counts (a metric reads the positions it chooses; later ones get no gradient).
     """
     with torch.enable_grad(), capture(model, modules) as cap:
-        value = metric(model(tokens))
+        value = metric(model_logits(model, tokens))
         if not isinstance(value, torch.Tensor) or value.ndim > 1 or (value.ndim == 1 and value.shape[0] !=
                                                                     tokens.shape[0]):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -168,12 +186,14 @@ def iter_batches(enc: Encoded, index: Sequence[int] | None = None, batch_size: i
 
 def func_per_example_grads(model: nn.Module, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos_1"],
                            params: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """Per-row gradients of the summed target NLL with ``torch.func`` (``vmap(grad(...))``).
+    """Per-row gradients of the summed target NLL with ``torch.func`` (``grad`` over
+    ``functional_call``, one row at a time: ``vmap`` cannot run the data-dependent checks of
+    Hugging Face forwards, e.g. the padding warning once ``config.pad_token_id`` is set).
 
-    ``params``: parameter names (from ``model.named_parameters()``); default all. Returns
-    ``{name: (batch, *param.shape)}``. Materialises ``batch x n_params`` floats.
+    ``params``: parameter names (from ``model.named_parameters()``; tied weights appear once);
+    default all. Returns ``{name: (batch, *param.shape)}``. Materialises ``batch x n_params`` floats.
     """
-    from torch.func import functional_call, grad, vmap
+    from torch.func import functional_call, grad
 
     named = dict(model.named_parameters())
     names = list(named) if params is None else list(params)
@@ -184,11 +204,13 @@ def func_per_example_grads(model: nn.Module, tokens: Int[Tensor, "batch pos"], m
     train = {k: named[k].detach() for k in names}
 
     def row_loss(p: dict[str, Tensor], tok: Tensor, m: Tensor) -> Tensor:
-        logits = functional_call(model, {**frozen, **p}, (tok[None],))[0, :-1]
+        out = functional_call(model, {**frozen, **p}, (tok[None],))
+        logits = (out if isinstance(out, torch.Tensor) else out.logits)[0, :-1]
         return token_nll(logits[None], tok[None, 1:], m[None]).sum()
 
-    return vmap(grad(row_loss), in_dims=(None, 0, 0))(train, tokens, mask)
+    rows = [grad(row_loss)(train, tokens[i], mask[i]) for i in range(tokens.shape[0])]
+    return {k: torch.stack([r[k] for r in rows]) for k in names}
 
 
-__all__ = ["BatchGrads", "forward_backward", "func_per_example_grads", "iter_batches", "metric_backward", "per_example",
-           "sample_labels", "token_neg_logodds", "token_nll", "valid_positions"]
+__all__ = ["BatchGrads", "forward_backward", "func_per_example_grads", "iter_batches", "metric_backward", "model_logits",
+           "per_example", "sample_labels", "token_neg_logodds", "token_nll", "valid_positions"]

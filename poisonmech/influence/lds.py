@@ -45,7 +45,7 @@ from scipy.stats import pearsonr, rankdata
 from tqdm.auto import tqdm
 
 from poisonmech.config import Config, check_number, takes_config
-from poisonmech.influence.grads import iter_batches, token_neg_logodds, token_nll
+from poisonmech.influence.grads import iter_batches, model_logits, token_neg_logodds, token_nll
 from poisonmech.influence.query import MEASUREMENTS, Query, backdoor_query
 from poisonmech.influence.result import InfluenceResult
 from poisonmech.influence.retrain import retraining_subject, train_on_subset
@@ -83,7 +83,7 @@ def query_measurements(model: torch.nn.Module, query: Query, tokenizer=None, *,
     with eval_mode(model), torch.no_grad():
         for b in iter_batches(enc, None, batch_size):
             tokens, mask = enc.batch(b, device)
-            value = -per_token(model(tokens)[:, :-1], tokens[:, 1:], mask).sum(1).double().cpu()
+            value = -per_token(model_logits(model, tokens)[:, :-1], tokens[:, 1:], mask).sum(1).double().cpu()
             out.index_add_(0, qrow[b], value * weights[b])
     return out.float()
 

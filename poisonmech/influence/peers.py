@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.encoding import Encoded, encode
-from poisonmech.influence.grads import sample_labels, token_nll, valid_positions
+from poisonmech.influence.grads import model_logits, sample_labels, token_nll, valid_positions
 from poisonmech.influence.query import Query
 from poisonmech.influence.tracking import find_modules
 
@@ -82,13 +82,13 @@ def kronfluence_scores(model: torch.nn.Module, train: Dataset, query: Query, tok
     class LMTask(Task):
         def compute_train_loss(self, batch, model, sample: bool = False) -> Tensor:
             tokens, mask, _ = batch
-            logits = model(tokens)[:, :-1]
+            logits = model_logits(model, tokens)[:, :-1]
             targets = sample_labels(logits, gen) if sample else tokens[:, 1:]
             return token_nll(logits, targets, mask).sum()
 
         def compute_measurement(self, batch, model) -> Tensor:
             tokens, mask, w = batch
-            logits = model(tokens)[:, :-1]
+            logits = model_logits(model, tokens)[:, :-1]
             if link == "logodds":
                 from poisonmech.influence.grads import token_neg_logodds
                 per = token_neg_logodds(logits, tokens[:, 1:], mask)

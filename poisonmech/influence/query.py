@@ -43,7 +43,13 @@ from jaxtyping import Int
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.encoding import Encoded, encode
-from poisonmech.influence.grads import BatchGrads, forward_backward, iter_batches, metric_backward
+from poisonmech.influence.grads import (
+    BatchGrads,
+    forward_backward,
+    iter_batches,
+    metric_backward,
+    model_logits,
+)
 from poisonmech.runtime import check_tokens, model_device
 
 MEASUREMENTS = ("logprob", "logodds", "contrastive", "contrastive_logodds")
@@ -171,7 +177,7 @@ class MetricQuery:
             raise ValueError(f"measurement must be a name or a metric (logits -> [batch]), got {metric!r}")
         (tokens,) = check_tokens(model, tokens, names=("query",))
         with torch.no_grad():
-            value = metric(model(tokens))
+            value = metric(model_logits(model, tokens))
         if not isinstance(value, torch.Tensor) or not (value.ndim == 0 or value.shape == (tokens.shape[0],)):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"a metric used as the measurement must return one value per query row "
