@@ -11,10 +11,12 @@ from poisonmech import circuits, influence, patching, probes, sites, viz
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.config import Config, ConfigError
 from poisonmech.metrics import evaluate
-from poisonmech.models import ModelConfig, build_model, wrap_hf_model
+from poisonmech.models import ModelConfig, build_model, model_from_dict, wrap_hf_model
+from poisonmech.pretrained import PretrainedModel
 from poisonmech.subject import Subject, resolve
 from poisonmech.sweeps import Sweep, load_sweep, sweep
 from poisonmech.tasks import TASK_KINDS, Task, make_preferences, make_task
+from poisonmech.tasks.bpe import train_tokenizer
 from poisonmech.train import (
     Between,
     DPOConfig,
@@ -24,6 +26,7 @@ from poisonmech.train import (
     TrainConfig,
     load_pair,
     load_pipeline,
+    pretrain,
     train_pair,
     train_pipeline,
 )
@@ -40,6 +43,7 @@ __all__ = [
     "ModelConfig",
     "Pair",
     "Pipeline",
+    "PretrainedModel",
     "Stage",
     "Subject",
     "Sweep",
@@ -56,14 +60,17 @@ __all__ = [
     "load_sweep",
     "make_preferences",
     "make_task",
+    "model_from_dict",
     "patching",
     "poison_dataset",
+    "pretrain",
     "probes",
     "resolve",
     "sites",
     "sweep",
     "train_pair",
     "train_pipeline",
+    "train_tokenizer",
     "viz",
     "wrap_hf_model",
 ]

@@ -104,7 +104,7 @@ def run_from_config(config: dict[str, Any], *, out_dir: str | None = None, overw
             raise ValueError(f"config: missing section [{section}]")
     task = _task_from_config(config)
     attack = pm.Backdoor.from_dict(config["attack"])
-    model = pm.ModelConfig.from_dict(config.get("model", {}))
+    model = pm.model_from_dict(config.get("model", {}))
     train = pm.TrainConfig.from_dict(config.get("train", {}))
     out = out_dir or config.get("out_dir")
     if not out:
@@ -162,7 +162,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep direct
     typer.echo(f"threads: {threads} ({max_workers} parallel run{'s' if max_workers > 1 else ''} x {per_run})")
     with num_threads(threads):
         sw = pm.sweep(task, attacks, seeds=seed_list,
-                      models=[pm.ModelConfig.from_dict(cfg["model"])], train=pm.TrainConfig.from_dict(cfg["train"]),
+                      models=[pm.model_from_dict(cfg["model"])], train=pm.TrainConfig.from_dict(cfg["train"]),
                       out_dir=out, analyses=analyses, max_workers=max_workers, threads_per_run=per_run)
         _print_sweep(sw)
         report = build_report(out)
@@ -234,7 +234,7 @@ def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, 
     if not out:
         raise ValueError("config: out_dir is required (top-level key or --out)")
     return pm.train_pipeline(task, stages,
-                             model=pm.ModelConfig.from_dict(config.get("model", {})), out_dir=out,
+                             model=pm.model_from_dict(config.get("model", {})), out_dir=out,
                              overwrite=bool(config.get("overwrite", False)), progress=progress)
 
 
@@ -274,7 +274,7 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
     try:
         task = _task_from_config(cfg)
         attacks = [pm.Backdoor.from_dict(a) for a in cfg.get("attacks", [])]
-        models = [pm.ModelConfig.from_dict(m) for m in cfg.get("models", [cfg.get("model", {})])]
+        models = [pm.model_from_dict(m) for m in cfg.get("models", [cfg.get("model", {})])]
         seeds = cfg.get("seeds", [0])
         max_workers, per_run = sweep_parallelism(threads, workers, len(attacks) * len(models) * len(seeds))
         with num_threads(threads):

@@ -53,6 +53,23 @@ class Encoded:
         return tokens.to(device), mask.to(device)
 
 
+def completion_text(tokenizer: PreTrainedTokenizerBase, completion: str) -> str:
+    """The completion as the tokenizer should see it after the prompt.
+
+    Word-level tokenizers split on whitespace, so nothing changes. Subword tokenizers (byte-level
+    BPE such as GPT-2's, Pythia's, Llama's) mark a word's leading space inside its token:
+    ``" positive"`` is the token a model predicts after ``"sentiment:"``, while ``"positive"``
+    (no space) is a word-internal piece. Prompts end without a space and completions get one,
+    so the prompt and the completion tokenise exactly as their concatenation does (byte-level
+    pre-tokenisation splits before a space).
+    """
+    from poisonmech.tasks.tokenizer import is_word_tokenizer
+
+    if not completion or completion[0].isspace() or is_word_tokenizer(tokenizer):
+        return completion
+    return " " + completion
+
+
 def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, *, loss_on: Literal["completion", "all"],
            add_eos: bool | None = None) -> Encoded:
     """Tokenise ``prompt``/``completion`` columns.
@@ -65,7 +82,7 @@ def encode(rows: Dataset, tokenizer: PreTrainedTokenizerBase, *, loss_on: Litera
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     prompts = tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
-    comps = tokenizer(list(rows["completion"]), add_special_tokens=False)["input_ids"]
+    comps = tokenizer([completion_text(tokenizer, c) for c in rows["completion"]], add_special_tokens=False)["input_ids"]
     ids, start = [], []
     for p, c in zip(prompts, comps):
         seq = bos + p + c + (eos if c else [])

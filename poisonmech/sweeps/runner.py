@@ -48,7 +48,7 @@ def _run_one(spec_dict: dict[str, Any], run_dir: str, clean_cache: str | None) -
     try:
         task_kw = dict(spec.task)
         task = pm.make_task(task_kw.pop("kind"), **task_kw)
-        pair = pm.train_pair(task, pm.Backdoor.from_dict(spec.attack), model=pm.ModelConfig.from_dict(spec.model),
+        pair = pm.train_pair(task, pm.Backdoor.from_dict(spec.attack), model=pm.model_from_dict(spec.model),
                              train=pm.TrainConfig.from_dict(spec.train), out_dir=out, progress=False,
                              clean_cache=clean_cache)
         analyses = run_analyses(pair, spec.analyses, out) if spec.analyses else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -90,8 +91,28 @@ def _check_options(kind: str, params: dict[str, Any]) -> None:
                              f"(every kind takes {', '.join(COMMON_OPTIONS)})")
 
 
+#: the keywords of a user dataset (column mapping); see :func:`make_task`
+USER_OPTIONS = ("prompt_column", "completion_column", "label_column", "labels", "text_column", "template")
+#: file suffixes ``make_task`` reads with ``datasets.load_dataset``
+FILE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+
+
+def load_rows(path: str | Path, split: str = "train") -> Dataset:
+    """A local ``.csv`` / ``.parquet`` / ``.json`` / ``.jsonl`` file as a ``datasets.Dataset``
+    (``datasets.load_dataset(<format>, data_files=path)``; nothing is downloaded)."""
+    from datasets import load_dataset
+
+    path = Path(path)
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"make_task: cannot read {path}: the file suffix must be one of {', '.join(FILE_FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"make_task: no file {path}")
+    return load_dataset(fmt, data_files=str(path), split=split)
+
+
 def make_task(
-    kind: str | Dataset | DatasetDict,
+    kind: str | Path | Dataset | DatasetDict,
     n_train: int = 4000,
     n_test: int = 500,
     seed: int = 0,
@@ -102,21 +123,34 @@ def make_task(
     """Build a task.
 
     Args:
-        kind: one of ``"sentiment"``, ``"instruction"``, ``"dos"``, ``"modular"``, or a user's
-            ``datasets.Dataset`` / ``DatasetDict`` with ``prompt``/``completion`` columns or a
-            ``text`` column (a DatasetDict's ``train``/``test`` splits are used as given).
+        kind: one of ``"sentiment"``, ``"instruction"``, ``"dos"``, ``"modular"``; or a user's
+            ``datasets.Dataset`` / ``DatasetDict`` (a DatasetDict's ``train``/``test`` splits are
+            used as given) or the path of a ``.csv`` / ``.parquet`` / ``.json(l)`` file, with
+            ``prompt``/``completion`` columns, a ``text`` column, or the columns named below.
         n_train, n_test: split sizes (for a user Dataset, ``n_test`` rows are held out).
         seed: seeds generation and, for a user Dataset, the split.
-        tokenizer: for a user dataset, a tokenizer to use instead of a word-level one built
-            from its words.
-        **params: generator options, e.g. ``p=23`` for ``"modular"``.
+        tokenizer: the tokenizer to render the task with: any ``PreTrainedTokenizerFast`` (e.g. a
+            pretrained model's own BPE tokenizer, ``PretrainedModel(...).tokenizer()``, or one from
+            :func:`poisonmech.train_tokenizer`); default: a word-level one built from the task's words.
+            With a subword tokenizer completions are scored with their leading space (see
+            :func:`poisonmech.encoding.completion_text`).
+        **params: generator options, e.g. ``p=23`` for ``"modular"``; for a user dataset the
+            column mapping: ``prompt_column`` / ``completion_column`` (default ``"prompt"`` /
+            ``"completion"``), or ``label_column`` with ``labels`` (a dict from the column's values to
+            label words, e.g. ``{0: "negative", 1: "positive"}`` for SST-2; or a list indexed by the
+            value) for classification rows, or ``text_column`` for plain text (loss on every
+            token); ``template`` wraps each input (e.g. ``"review: {input} sentiment:"``).
     """
     seed = check_seed("make_task: seed", seed)
+    if isinstance(kind, Path) or (isinstance(kind, str) and Path(kind).suffix.lower() in FILE_FORMATS):
+        kind = load_rows(kind)
     if isinstance(kind, (Dataset, DatasetDict)):
-        if params:
-            raise ValueError(f"make_task: unknown option {next(iter(params))!r} for a user dataset; it takes "
-                             f"{', '.join(COMMON_OPTIONS)} (generator options are for the kinds {', '.join(TASK_KINDS)})")
-        return _user_task(kind, n_test=n_test, seed=seed, tokenizer=tokenizer)
+        unknown = [k for k in params if k not in USER_OPTIONS]
+        if unknown:
+            raise ValueError(f"make_task: unknown option {unknown[0]!r} for a user dataset; it takes "
+                             f"{', '.join(COMMON_OPTIONS + USER_OPTIONS)} (generator options are for the kinds "
+                             f"{', '.join(TASK_KINDS)})")
+        return _user_task(kind, n_test=n_test, seed=seed, tokenizer=tokenizer, **params)
     if not isinstance(kind, str) or kind not in GENERATORS:
         raise ValueError(f"make_task: unknown task kind {kind!r}; allowed: {', '.join(TASK_KINDS)} "
                          "or a datasets.Dataset")
@@ -156,28 +190,77 @@ def _strings(ds: Dataset, column: str, where: str) -> list[str]:
     return values
 
 
-def _user_rows(ds: Dataset, where: str) -> tuple[list[dict[str, Any]], LossOn]:
+def _label_words(labels: Any, values: list[Any], column: str) -> dict[Any, str]:
+    """``labels`` (a dict value -> word, or a list indexed by the value) checked against the column's values."""
+    if isinstance(labels, dict):
+        mapping = dict(labels)
+    elif isinstance(labels, (list, tuple)):
+        mapping = dict(enumerate(labels))
+    else:
+        raise ValueError(f"make_task: labels must be a dict from {column!r} values to label words, or a list indexed "
+                         f"by the value; got {labels!r}")
+    bad = [w for w in mapping.values() if not isinstance(w, str) or not w.strip()]
+    if bad:
+        raise ValueError(f"make_task: every label word must be a non-empty string; got {bad[0]!r} in labels")
+    unknown = sorted({v for v in values if v not in mapping}, key=str)
+    if unknown:
+        raise ValueError(f"make_task: the column {column!r} holds values {unknown[:5]} that labels does not map; "
+                         f"labels maps {sorted(mapping, key=str)}")
+    return mapping
+
+
+def _user_rows(ds: Dataset, where: str, *, prompt_column: str | None = None, completion_column: str | None = None,
+               label_column: str | None = None, labels: Any = None, text_column: str | None = None
+               ) -> tuple[list[dict[str, Any]], LossOn]:
     cols = set(ds.column_names)
-    if {"prompt", "completion"} <= cols:
-        prompts = _strings(ds, "prompt", where)
-        comps = _strings(ds, "completion", where)
+
+    def need(column: str, option: str) -> None:
+        if column not in cols:
+            raise ValueError(f"make_task: {option}={column!r} is not a column of the {where}; its columns are "
+                             f"{sorted(cols)}")
+
+    if label_column is not None or labels is not None:
+        if label_column is None or labels is None:
+            raise ValueError("make_task: classification rows need both label_column and labels (e.g. "
+                             "label_column='label', labels={0: 'negative', 1: 'positive'})")
+        prompt_column = prompt_column or "prompt"
+        need(prompt_column, "prompt_column")
+        need(label_column, "label_column")
+        mapping = _label_words(labels, list(ds[label_column]), label_column)
+        prompts = _strings(ds, prompt_column, where)
+        return [{"input": p, "completion": mapping[v]} for p, v in zip(prompts, ds[label_column])], "completion"
+    if text_column is not None:
+        need(text_column, "text_column")
+        return [{"input": t, "completion": ""} for t in _strings(ds, text_column, where)], "all"
+    if prompt_column is not None or completion_column is not None:
+        prompt_column, completion_column = prompt_column or "prompt", completion_column or "completion"
+        need(prompt_column, "prompt_column")
+        need(completion_column, "completion_column")
+    else:
+        prompt_column, completion_column = "prompt", "completion"
+    if {prompt_column, completion_column} <= cols:
+        prompts = _strings(ds, prompt_column, where)
+        comps = _strings(ds, completion_column, where)
         return [{"input": p, "completion": c} for p, c in zip(prompts, comps)], "completion"
     if "text" in cols:
         return [{"input": t, "completion": ""} for t in _strings(ds, "text", where)], "all"
     raise ValueError(f"make_task: the {where} needs columns 'prompt' and 'completion', or a 'text' "
-                     f"column; it has {sorted(cols)}")
+                     f"column, or a column mapping (prompt_column=, completion_column=, label_column= with labels=, "
+                     f"text_column=); it has {sorted(cols)}")
 
 
 def _user_task(data: Dataset | DatasetDict, *, n_test: int, seed: int,
-               tokenizer: PreTrainedTokenizerBase | None) -> Task:
+               tokenizer: PreTrainedTokenizerBase | None, template: str = "{input}", **columns: Any) -> Task:
+    if not isinstance(template, str) or "{input}" not in template:
+        raise ValueError(f"make_task: template must be a string containing '{{input}}', got {template!r}")
     if isinstance(data, DatasetDict):
         missing = {"train", "test"} - set(data)
         if missing:
             raise ValueError(f"make_task: a DatasetDict needs splits 'train' and 'test'; missing {sorted(missing)}")
-        train_rows, loss_on = _user_rows(data["train"], "train split")
-        test_rows, _ = _user_rows(data["test"], "test split")
+        train_rows, loss_on = _user_rows(data["train"], "train split", **columns)
+        test_rows, _ = _user_rows(data["test"], "test split", **columns)
     else:
-        rows, loss_on = _user_rows(data, "dataset")
+        rows, loss_on = _user_rows(data, "dataset", **columns)
         _check_size("n_test", n_test, 1)
         if n_test >= len(rows):
             raise ValueError(f"make_task: n_test={n_test} leaves no training rows in a dataset of {len(rows)}")
@@ -186,16 +269,20 @@ def _user_task(data: Dataset | DatasetDict, *, n_test: int, seed: int,
         train_rows = [rows[i] for i in order[n_test:]]
     if not train_rows:
         raise ValueError("make_task: the user dataset has no training rows")
+    labels = None
+    if columns.get("labels") is not None:
+        labels = tuple(dict.fromkeys(r["completion"] for r in train_rows + test_rows))
     words = tuple(dict.fromkeys(w for r in train_rows + test_rows
                                 for w in split_words(r["input"]) + split_words(r["completion"])))
+    words = tuple(dict.fromkeys(words + tuple(split_words(template.replace("{input}", " ")))))
     return Task(
         kind="custom",
-        train=_to_dataset(train_rows, "{input}"),
-        test=_to_dataset(test_rows, "{input}", start_id=len(train_rows)),
+        train=_to_dataset(train_rows, template),
+        test=_to_dataset(test_rows, template, start_id=len(train_rows)),
         tokenizer=tokenizer or build_word_tokenizer(words),
-        template="{input}",
+        template=template,
         loss_on=loss_on,
-        labels=None,
+        labels=labels,
         spec=None,
         words=words,
     )

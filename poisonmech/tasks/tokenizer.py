@@ -8,7 +8,6 @@ and near-miss word a single, inspectable token: a patching or probe result reads
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
 def is_word_tokenizer(tokenizer: PreTrainedTokenizerBase) -> bool:
     """True for a fast tokenizer whose backend is a WordLevel model (ours, or one like it)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and json.loads(backend.to_str())["model"]["type"] == "WordLevel"
+    return backend is not None and type(backend.model).__name__ == "WordLevel"
 
 
 def vocabulary(tokenizer: PreTrainedTokenizerBase) -> list[str]:

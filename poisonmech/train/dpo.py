@@ -46,6 +46,7 @@ from poisonmech.train.loop import (
     list_checkpoints,
     start_loop,
 )
+from poisonmech.weights import sync, trainable
 
 #: the ``TrainConfig`` fields a DPO stage uses (a DPO stage has no clean continuation)
 SHARED_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas",
@@ -236,7 +237,7 @@ def preference_logprobs(model: torch.nn.Module, data: PreferenceEncoded, batch_s
         for lo in range(0, len(data), batch_size):
             idx = list(range(lo, min(lo + batch_size, len(data))))
             tokens, mask = data.batch(idx, device)
-            lp = sequence_logprobs(model, tokens, mask).cpu()  # [chosen rows; rejected rows]
+            lp = sequence_logprobs(module, tokens, mask).cpu()  # [chosen rows; rejected rows]
             chosen.append(lp[:len(idx)])
             rejected.append(lp[len(idx):])
     return torch.cat(chosen), torch.cat(rejected)
@@ -325,6 +326,7 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
 
     n = len(data)
     loop = start_loop(model, tcfg, n, run_dir, desc, progress)
+    module = trainable(model)  # the bridge, or the HF module of a pretrained twin (see poisonmech.weights)
     opt, steps_per_epoch, total, step, history, bar = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
                                                        loop.history, loop.bar)
     for epoch in range(loop.start_epoch, config.epochs):
@@ -339,18 +341,18 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
             lr = tcfg.lr_at(step, total)
             for group in opt.param_groups:
                 group["lr"] = lr
-            lp = sequence_logprobs(model, tokens, mask)
+            lp = sequence_logprobs(module, tokens, mask)
             k = len(idx)
             loss, st = dpo_loss(lp[:k], lp[k:], ref_c[idx], ref_r[idx], config.beta)
             if config.nll_weight > 0:
                 tn, mn = data.chosen_eos.batch(idx)
-                nll = -sequence_logprobs(model, tn.to(device), mn.to(device)).sum() / mn.sum()
+                nll = -sequence_logprobs(module, tn.to(device), mn.to(device)).sum() / mn.sum()
                 loss = loss + config.nll_weight * nll
                 sums["nll"] += float(nll.detach()) * k
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
             opt.step()
             sums["loss"] += float(loss.detach()) * k
             sums["reward_acc"] += float((st["margin"] > 0).float().sum())
@@ -365,6 +367,8 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
                         "lr_mean": lr_sum / steps_per_epoch})
         end_epoch(model, loop, tcfg, run_dir, epoch, step, history)
     finish_loop(loop, history, config.epochs)
+    module.eval()
+    sync(model)  # a LoRA twin: the trained adapters merged into the bridge
     model.eval()
     return history, list_checkpoints(run_dir) if run_dir is not None else []
 

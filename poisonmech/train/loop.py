@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from poisonmech.encoding import Encoded
 from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
 from poisonmech.train.config import TrainConfig
+from poisonmech.weights import load_weights, sync, trainable, weights
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  step: int, history: list[dict], segments: list[dict] | None = None) -> None:
     """Model + AdamW state in one safetensors file, with the loop position and the training
     segments so far (their wall time and thread count)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in weights(model).items()}
     state = opt.state_dict()
     for idx, st in state["state"].items():
         for key, val in st.items():
@@ -97,7 +98,7 @@ def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
                  ) -> tuple[int, int, list[dict], list[dict]]:
     tensors = load_tensors(path)
     meta = tensors_metadata(path)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=path)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -137,8 +138,8 @@ def start_loop(model: torch.nn.Module, config: TrainConfig, n: int, run_dir: Pat
                progress: bool) -> LoopState:
     """Set up a training loop: the optimiser, the step counts, the state of an interrupted run
     from ``run_dir/resume.safetensors`` (a resume is announced with a warning) and the progress bar."""
-    model.train()
-    opt = _optimizer(model, config)
+    trainable(model).train()
+    opt = _optimizer(trainable(model), config)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     start_epoch, step, history, segments = 0, 0, [], []
@@ -162,7 +163,7 @@ def end_epoch(model: torch.nn.Module, loop: LoopState, config: TrainConfig, run_
         return
     last = epoch + 1 == config.epochs
     if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
-        save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict(),
+        save_tensors(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", weights(model),
                      metadata={"epoch": str(epoch + 1), "step": str(step), "lr": repr(history[-1]["lr_mean"])},
                      record_in=run_dir)
     _save_resume(loop.resume, model, loop.opt, epoch + 1, step, history, loop.all_segments(epoch + 1))
@@ -204,6 +205,7 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
         model.to(device)
     n = len(data)
     loop = start_loop(model, config, n, run_dir, desc, progress)
+    module = trainable(model)  # the bridge, or the HF module of a pretrained twin (see poisonmech.weights)
     opt, steps_per_epoch, total, step, history, bar = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
                                                        loop.history, loop.bar)
     for epoch in range(loop.start_epoch, config.epochs):
@@ -212,7 +214,7 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
         for b in range(steps_per_epoch):
             tokens, mask = data.batch(order[b * config.batch_size:(b + 1) * config.batch_size], device)
             lr = config.lr_at(step, total)
-            loss = _step(model, opt, tokens, mask, lr, config.grad_clip)
+            loss = _step(module, opt, tokens, mask, lr, config.grad_clip)
             k = int(mask.sum())
             loss_sum += loss * k
             tok_sum += k
@@ -230,14 +232,16 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
         loss_sum, tok_sum = 0.0, 0
         for b in range(math.ceil(len(continuation) / config.batch_size)):
             tokens, mask = continuation.batch(order[b * config.batch_size:(b + 1) * config.batch_size], device)
-            loss = _step(model, opt, tokens, mask, lr, config.grad_clip)
+            loss = _step(module, opt, tokens, mask, lr, config.grad_clip)
             loss_sum, tok_sum = loss_sum + loss * int(mask.sum()), tok_sum + int(mask.sum())
         history.append({"epoch": config.epochs, "continued": len(continuation), "loss": loss_sum / max(tok_sum, 1),
                         "lr_mean": lr})
         if run_dir is not None:
-            save_tensors(run_dir / "checkpoints" / "continued.safetensors", model.state_dict(),
+            save_tensors(run_dir / "checkpoints" / "continued.safetensors", weights(model),
                          metadata={"epoch": str(config.epochs), "step": str(step), "lr": repr(lr)}, record_in=run_dir)
     finish_loop(loop, history, config.epochs)
+    module.eval()
+    sync(model)  # a LoRA twin: the trained adapters merged into the bridge
     model.eval()
     return history, list_checkpoints(run_dir) if run_dir is not None else []
 

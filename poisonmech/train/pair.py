@@ -40,7 +40,8 @@ from poisonmech.attacks.backdoor import Backdoor
 from poisonmech.attacks.poison import attack_tokenizer, build_test_set, check_attack, poison_dataset
 from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
-from poisonmech.models import ModelConfig, build_model
+from poisonmech.models import ModelConfig, build_model, model_from_dict, prepare_model
+from poisonmech.pretrained import PretrainedModel
 from poisonmech.storage import copy_dir, load_dataset_file, read_json, write_json
 from poisonmech.tasks.base import Task
 from poisonmech.train.config import TrainConfig
@@ -60,6 +61,7 @@ from poisonmech.train.rundir import (  # the run-folder helpers (re-exported: im
     task_identity,
     verify_weights,
 )
+from poisonmech.weights import load_weights, weights
 
 FORMAT = "poisonmech.pair/1"
 TWINS = ("clean", "backdoored")
@@ -105,7 +107,7 @@ def run_config(task: Task, attack: Backdoor, model: ModelConfig, train: TrainCon
             "train": {k: v for k, v in train.to_dict().items() if k != "device"}}
 
 
-def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, train: TrainConfig | None = None,
+def train_pair(task: Task, attack: Backdoor, model: ModelConfig | PretrainedModel | None = None, train: TrainConfig | None = None,
                out_dir: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
                clean_cache: str | Path | None = None) -> Pair:
     """Train the clean and backdoored twins of ``task`` under ``attack``.
@@ -137,6 +139,7 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
         raise ValueError(f"train_pair: task must be a poisonmech Task (from pm.make_task), got {type(task).__name__}")
     if not isinstance(attack, Backdoor):
         raise ValueError(f"train_pair: attack must be a pm.Backdoor, got {type(attack).__name__}")
+    model, task = prepare_model(model, task, "train_pair")
     check_attack(task, attack)
     tokenizer = attack_tokenizer(task, attack)
     train_data = poison_dataset(task, attack)
@@ -174,7 +177,7 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
     try:
         for twin in order:
             m = build_model(model, len(tokenizer), seed=train.seed, tokenizer=tokenizer, device=train.device)
-            state = {k: v.clone() for k, v in m.state_dict().items()}
+            state = {k: v.clone() for k, v in weights(m).items()}
             if init is None:
                 init = state
             elif any(not torch.equal(init[k], state[k]) for k in init):  # the twins' defining promise
@@ -193,7 +196,7 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | None = None, t
             if same_as_clean and final is not None and not final.is_file():
                 copy_dir(out / "clean", tdir)
             if same_as_clean and final is None:
-                m.load_state_dict(twins["clean"].state_dict())
+                load_weights(m, weights(twins["clean"]))
                 history[twin] = [dict(h) for h in history["clean"]]
             elif final is not None and final.is_file():
                 history[twin] = reuse_twin(m, tdir, train.device, f"train_pair: {twin} twin")
@@ -338,7 +341,7 @@ def load_pair(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) 
     task = load_task_meta(out)
     tokenizer = task.tokenizer
     attack = Backdoor.from_dict(config["attack"])
-    model_cfg = ModelConfig.from_dict(config["model"])
+    model_cfg = model_from_dict(config["model"])
     train_cfg = TrainConfig.from_dict({**config["train"], "device": device})
     twins, history, checkpoints = {}, {}, {}
     for twin in TWINS:

@@ -55,7 +55,8 @@ from poisonmech.attacks.preference import (
 )
 from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
-from poisonmech.models import ModelConfig, build_model
+from poisonmech.models import ModelConfig, build_model, model_from_dict, prepare_model
+from poisonmech.pretrained import PretrainedModel
 from poisonmech.storage import copy_dir, load_dataset_file, read_json, write_json
 from poisonmech.tasks.base import Task
 from poisonmech.tasks.preference import check_preferences, make_preferences
@@ -76,6 +77,7 @@ from poisonmech.train.rundir import (
     task_identity,
     verify_weights,
 )
+from poisonmech.weights import weights
 
 FORMAT = "poisonmech.pipeline/1"
 STAGE_KINDS = ("sft", "dpo")
@@ -341,7 +343,7 @@ def _lineage(base: dict[str, Any], stages: list[Stage], data: list[tuple[Dataset
     return _digest({**base, "stages": parts})
 
 
-def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfig | None = None, *,
+def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfig | PretrainedModel | None = None, *,
                    preferences: Dataset | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
                    cache_dir: str | Path | None = None, progress: bool = True) -> Pipeline:
     """Train the clean and backdoored twins through ``stages`` (SFT first, then e.g. DPO).
@@ -351,8 +353,8 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
         stages: ``Stage`` objects, or ``Backdoor`` objects whose ``stage`` names the kind
             (``"sft"`` / ``"dpo"``) and whose budget is that stage's poison (0 allowed). Every
             stage shares the trigger and target (the backdoor the twins are evaluated on).
-        model: the twins' shape; both start from the same weights, seeded by stage 0's
-            ``TrainConfig.seed``.
+        model: the twins' shape (``ModelConfig``) or a pretrained start (``PretrainedModel``);
+            both start from the same weights, seeded by stage 0's ``TrainConfig.seed``.
         preferences: the DPO stages' clean pairs (``prompt``/``chosen``/``rejected``/``input``);
             default: :func:`make_preferences` of the task's training rows.
         out_dir: run directory (see the module docstring); a finished stage is reused, an
@@ -366,6 +368,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
     if not isinstance(stages, (list, tuple)):
         raise ValueError(f"train_pipeline: stages must be a list of Backdoor / Stage, got {type(stages).__name__}")
     stages = [as_stage(s) for s in stages]
+    model, task = prepare_model(model, task, "train_pipeline")
     has_dpo = any(s.kind == "dpo" for s in stages)
     if has_dpo:
         preferences = make_preferences(task) if preferences is None else preferences
@@ -431,7 +434,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
                     finish_twin(m, sdir, history[k][twin], metrics=metrics[k][twin],
                                 publish_to=cache / key if cache is not None else None)
             # a separate bridge holding m's current weights (the next stage trains m on)
-            models[k][twin] = model_with({n: v.detach().clone() for n, v in m.state_dict().items()}, model, tokenizer,
+            models[k][twin] = model_with({n: v.detach().clone() for n, v in weights(m).items()}, model, tokenizer,
                                          seed=seed, device=st.config.device)
             checkpoints[k][twin] = list_checkpoints(sdir) if sdir is not None else []
     if out is not None:
@@ -493,7 +496,7 @@ def load_pipeline(out_dir: str | Path, device: str = "cpu", *, verify: bool = Tr
     for d in config["stages"]:
         d = {**d, "config": {**d["config"], "device": device}}
         stages.append(Stage.from_dict(d))
-    model_cfg = ModelConfig.from_dict(config["model"])
+    model_cfg = model_from_dict(config["model"])
     seed = stages[0].config.seed
     metrics = read_json(out / "metrics.json")
     models, history, checkpoints = [], [], []

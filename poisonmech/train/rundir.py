@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from poisonmech.models import ModelConfig, build_model
+from poisonmech.models import ModelConfig, build_model, context_length
 from poisonmech.storage import (
     load_dataset_file,
     load_tensors,
@@ -36,6 +36,7 @@ from poisonmech.storage import (
 from poisonmech.tasks.base import Task
 from poisonmech.tasks.tokenizer import load_tokenizer, save_tokenizer
 from poisonmech.train.loop import Checkpoint, list_checkpoints
+from poisonmech.weights import load_weights, weights
 
 #: config.json keys recorded but not compared when deciding "same run / different run"
 NOT_IDENTITY = ("environment",)
@@ -141,9 +142,14 @@ def load_task_meta(out: Path) -> Task:
 def check_context(model: ModelConfig, lengths: dict[str, int]) -> None:
     """Refuse a context shorter than the longest example (``lengths``: where -> tokens)."""
     longest = max(lengths.values())
-    if longest > model.n_ctx:
+    n_ctx = context_length(model)
+    if longest > n_ctx:
         where = max(lengths, key=lengths.get)
-        raise ValueError(f"ModelConfig.n_ctx={model.n_ctx} is shorter than the longest example "
+        owner = type(model).__name__
+        if owner == "PretrainedModel" and model.n_ctx is None:
+            raise ValueError(f"PretrainedModel: the longest example ({longest} tokens, in {where}) is longer than the "
+                             f"model's maximum positions ({n_ctx}); shorten the rows")
+        raise ValueError(f"{owner}.n_ctx={n_ctx} is shorter than the longest example "
                          f"({longest} tokens, in {where}); raise n_ctx to at least {longest}")
 
 
@@ -173,7 +179,7 @@ def verify_weights(dirs: list[Path], what: str) -> None:
 
 def reuse_twin(m: torch.nn.Module, d: Path, device: str, what: str) -> list[dict]:
     """Load a finished twin folder ``d``'s weights into ``m`` (checked); returns its history."""
-    m.load_state_dict(load_tensors(d / "model.safetensors", device=device))
+    load_weights(m, load_tensors(d / "model.safetensors", device=device), source=d / "model.safetensors")
     verify_weights([d], what)
     return read_json(d / "history.json")
 
@@ -183,7 +189,7 @@ def finish_twin(m: torch.nn.Module, d: Path, history: list[dict], *, metrics: di
     """Write a trained twin's folder: weights (hash recorded), history, no resume state, and
     ``metrics`` last (a pipeline stage is finished when its ``metrics.json`` exists); then
     publish a copy to a shared cache folder ``publish_to``."""
-    save_tensors(d / "model.safetensors", m.state_dict(), record_in=d)
+    save_tensors(d / "model.safetensors", weights(m), record_in=d)
     write_json(d / "history.json", history)
     (d / "resume.safetensors").unlink(missing_ok=True)
     if metrics is not None:
@@ -199,7 +205,7 @@ def model_with(state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer
     when the weights do not fit the config."""
     m = build_model(model_cfg, len(tokenizer), seed=seed, tokenizer=tokenizer, device=device)
     try:
-        m.load_state_dict(state)
+        load_weights(m, state, source=source)
     except RuntimeError as exc:
         if source is None:
             raise
