@@ -237,7 +237,7 @@ def preference_logprobs(model: torch.nn.Module, data: PreferenceEncoded, batch_s
         for lo in range(0, len(data), batch_size):
             idx = list(range(lo, min(lo + batch_size, len(data))))
             tokens, mask = data.batch(idx, device)
-            lp = sequence_logprobs(module, tokens, mask).cpu()  # [chosen rows; rejected rows]
+            lp = sequence_logprobs(model, tokens, mask).cpu()  # [chosen rows; rejected rows]
             chosen.append(lp[:len(idx)])
             rejected.append(lp[len(idx):])
     return torch.cat(chosen), torch.cat(rejected)
