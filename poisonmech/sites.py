@@ -76,6 +76,58 @@ def get_site(name: str, allowed: Sequence[str] | None = None, *, field: str = "s
     return SITES[name]
 
 
+def architecture_name(model) -> str:
+    """A model's architecture for messages: the wrapped Hugging Face class (``"LlamaForCausalLM"``)
+    for a bridge over one, else the model's own class name."""
+    inner = getattr(model, "original_model", None)
+    return type(inner if inner is not None else model).__name__
+
+
+def site_heads(model, site: str) -> int | None:
+    """The size of ``site``'s head axis in ``model`` (``None`` for a site without one): the
+    key / value heads for ``k`` and ``v`` of a grouped-query model (TransformerLens'
+    ``hook_k`` / ``hook_v`` carry ``n_key_value_heads`` heads there), else ``n_heads``."""
+    if not get_site(site).per_head:
+        return None
+    cfg = model.cfg
+    if site in ("k", "v"):
+        return int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    return int(cfg.n_heads)
+
+
+def missing_site(model, site: str) -> str | None:
+    """Why ``model`` has no ``site`` (a sentence naming the site and the architecture), or
+    ``None`` when every layer has its hook. An attention-only model has no MLP sites; a
+    parallel-residual block (GPT-NeoX / Pythia, GPT-J: attention and MLP both read
+    ``resid_pre``) has no ``resid_mid``; any other missing hook is named as it is."""
+    entry = get_site(site)
+    cfg = getattr(model, "cfg", None)
+    if site in MLP_SITES and getattr(cfg, "attn_only", False):
+        return f"site {site!r} does not exist in an attention-only model"
+    hooks = getattr(model, "hook_dict", None)
+    if hooks is None or cfg is None:
+        return None  # not a hooked model: nothing to check against
+    absent = [layer for layer in range(cfg.n_layers) if entry.hook_name(layer) not in hooks]
+    if not absent:
+        return None
+    arch = architecture_name(model)
+    if site == "resid_mid" and getattr(cfg, "parallel_attn_mlp", False):
+        return (f"site 'resid_mid' does not exist in {arch}: its blocks are parallel (attention and MLP both read "
+                "resid_pre and add to it together), so there is no residual stream between them; use resid_pre, "
+                "resid_post, attn_out or mlp_out")
+    return (f"site {site!r} does not exist in {arch}: no hook {entry.hook_name(absent[0])!r} "
+            f"(missing in layers {absent})")
+
+
+def check_site(model, site: str, allowed: Sequence[str] | None = None, *, field: str = "site") -> Site:
+    """:func:`get_site`, and a ValueError naming the site and the architecture when ``model`` lacks it."""
+    entry = get_site(site, allowed, field=field)
+    why = missing_site(model, site)
+    if why is not None:
+        raise ValueError(why)
+    return entry
+
+
 def hook_name(site: str, layer: int) -> str:
     """The hook name of ``site`` at ``layer``, e.g. ``hook_name("attn_head", 1)`` ->
     ``"blocks.1.attn.hook_z"``."""
@@ -90,4 +142,5 @@ def sites_frame():
                           "residual": s.residual, "meaning": s.meaning} for s in SITES.values()])
 
 
-__all__ = ["HEAD_SITES", "MLP_SITES", "RESIDUAL_SITES", "SITES", "Site", "get_site", "hook_name", "sites_frame"]
+__all__ = ["HEAD_SITES", "MLP_SITES", "RESIDUAL_SITES", "SITES", "Site", "architecture_name", "check_site", "get_site",
+           "hook_name", "missing_site", "site_heads", "sites_frame"]

@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 from poisonmech.config import ConfigError, takes_config
 from poisonmech.patching.config import BACKENDS, SITES, CrossModelPatchConfig, PatchConfig
-from poisonmech.patching.engine import Engine, RunCache, collect, fast_path_error
+from poisonmech.patching.engine import Engine, RunCache, collect, fast_path_error, unsupported
 from poisonmech.patching.metrics import Metric, PositionalMetric
 from poisonmech.patching.result import PatchResult
 from poisonmech.runtime import check_tokens, eval_mode
-from poisonmech.sites import HEAD_SITES, MLP_SITES, get_site, hook_name
+from poisonmech.sites import HEAD_SITES, architecture_name, check_site, hook_name, site_heads
 from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
@@ -30,13 +30,13 @@ METHODS = BACKENDS
 
 def check_inputs(model, clean_tokens: Tensor, corrupted_tokens: Tensor, site: str | None = None,
                  sites: tuple[str, ...] = SITES) -> tuple[Tensor, Tensor]:
-    """``site`` checked against ``sites`` and ``model`` (no MLP sites in an attention-only
-    model), and the token batches by :func:`poisonmech.runtime.check_tokens` (integer
-    ``[batch pos]``, one shape and device, within ``n_ctx``, moved to the model's device)."""
+    """``site`` checked against ``sites`` and ``model`` (:func:`poisonmech.sites.check_site`:
+    no MLP sites in an attention-only model, no ``resid_mid`` in a parallel-residual one, an
+    error naming the site and the architecture), and the token batches by
+    :func:`poisonmech.runtime.check_tokens` (integer ``[batch pos]``, one shape and device,
+    within ``n_ctx``, moved to the model's device)."""
     if site is not None:
-        get_site(site, sites)
-        if site in MLP_SITES and model.cfg.attn_only:
-            raise ValueError(f"site {site!r} does not exist in an attention-only model")
+        check_site(model, site, sites)
     return check_tokens(model, clean_tokens, corrupted_tokens)
 
 
@@ -66,7 +66,9 @@ def measure(metric: Metric, logits: Tensor, n: int) -> tuple[Tensor, bool]:
     return metric_output(out, n, None), out.ndim != 0
 
 
-def _grid(site: str, by_position: bool, n_layers: int, n_pos: int, n_heads: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def _grid(site: str, by_position: bool, n_layers: int, n_pos: int, n_heads: int | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Axes and shape of ``site``'s cells; ``n_heads`` is the site's head count
+    (:func:`poisonmech.sites.site_heads`: key / value heads for ``k`` / ``v`` under GQA)."""
     if site in HEAD_SITES:
         return (("layer", "pos", "head"), (n_layers, n_pos, n_heads)) if by_position else \
             (("layer", "head"), (n_layers, n_heads))
@@ -78,9 +80,12 @@ def _entry(e: Engine, site: str, layer: int, pos: int | None, base: RunCache, sr
            start: int | None = None) -> tuple[int, str, int, Tensor]:
     """The patched residual stream where the cell's forward resumes: ``(layer, stage, start, x [C N suffix d])``.
 
-    ``pos=None`` patches every position. Head sites give one cell per head (C = n_heads).
+    ``pos=None`` patches every position. Head sites give one cell per head of the site (C =
+    n_heads, or n_key_value_heads for ``k`` / ``v`` under grouped-query attention).
     ``start`` (at most ``pos``) lets cells of nearby positions share one suffix: positions
-    between ``start`` and ``pos`` are unchanged and recomputed to the same values.
+    between ``start`` and ``pos`` are unchanged and recomputed to the same values. In a
+    parallel-residual block the attention's change lands in ``resid_post`` (the MLP read
+    ``resid_pre``, which the patch does not touch), so those cells resume at the next layer.
     """
     s = (0 if pos is None else pos) if start is None else start
 
@@ -93,6 +98,14 @@ def _entry(e: Engine, site: str, layer: int, pos: int | None, base: RunCache, sr
         return out
 
     L = e.n_layers
+
+    def after_attention(x: Tensor) -> tuple[int, str, int, Tensor]:
+        """Resume from the block's attention output changed: before its MLP (sequential) or,
+        in a parallel block, after it (``x`` is then the block's output)."""
+        if not e.parallel:
+            return layer, "mid", s, x
+        return (layer + 1, "pre", s, x) if layer + 1 < L else (layer, "final", s, x)
+
     if site == "resid_post":
         site, layer = ("resid_pre", layer + 1) if layer + 1 < L else ("final", layer)
         if site == "final":
@@ -102,40 +115,48 @@ def _entry(e: Engine, site: str, layer: int, pos: int | None, base: RunCache, sr
         stage = "pre" if site == "resid_pre" else "mid"
         return layer, stage, s, replaced(base[site][layer], src[site][layer])[:, s:][None]
     if site in ("attn_out", "mlp_out"):
-        x = base["resid_mid" if site == "attn_out" else "resid_post"][layer] + \
-            replaced(base[site][layer], src[site][layer]) - base[site][layer]
+        after = "resid_mid" if site == "attn_out" and not e.parallel else "resid_post"
+        x = base[after][layer] + replaced(base[site][layer], src[site][layer]) - base[site][layer]
         x = x[:, s:][None]
         if site == "attn_out":
-            return layer, "mid", s, x
+            return after_attention(x)
         return (layer + 1, "pre", s, x) if layer + 1 < L else (layer, "final", s, x)
     # head sites: recompute every head's z on the suffix with its own patched input; head h's
-    # cell keeps only head h's change (heads are independent within a layer).
+    # cell keeps only head h's change (heads are independent within a layer). Under
+    # grouped-query attention a key / value head's cell keeps the change of the query heads
+    # that read it.
     q, k, v, z = (base[n][layer] for n in ("q", "k", "v", "attn_head"))
     q_abs = torch.arange(s, q.shape[1], device=q.device).expand(q.shape[0], -1)
     if site == "attn_head":
         z_new = replaced(z, src["attn_head"][layer])[:, s:]
     elif site == "q":
-        z_new = e.attend(replaced(q, src["q"][layer])[:, s:], k, v, q_abs)
+        z_new = e.attend(replaced(q, src["q"][layer])[:, s:], k, v, q_abs, layer, base)
     elif site == "k":
-        z_new = e.attend(q[:, s:], replaced(k, src["k"][layer]), v, q_abs)
+        z_new = e.attend(q[:, s:], replaced(k, src["k"][layer]), v, q_abs, layer, base)
     elif site == "v":
-        z_new = e.attend(q[:, s:], k, replaced(v, src["v"][layer]), q_abs)
+        z_new = e.attend(q[:, s:], k, replaced(v, src["v"][layer]), q_abs, layer, base)
     else:  # pattern [N H dest src]: patched destination rows
         pat = base["pattern"][layer].clone()
         if pos is None:
             pat[:] = src["pattern"][layer]
         else:
             pat[:, :, pos] = src["pattern"][layer][:, :, pos]
-        z_new = torch.einsum("nhqk,nkhe->nqhe", pat[:, :, s:], v)
+        z_new = torch.einsum("nhqk,nkhe->nqhe", pat[:, :, s:], e.expand_kv(v))
     dz = z_new - z[:, s:]  # [N suffix H dh]
-    delta = torch.einsum("nphe,hed->hnpd", dz, e.W_O[layer])  # one cell per head
-    return layer, "mid", s, base["resid_mid"][layer][:, s:][None] + delta
+    delta = torch.einsum("nphe,hed->hnpd", dz, e.W_O[layer])  # one cell per query head
+    if site in ("k", "v") and e.group > 1:  # one cell per key / value head: its query heads' changes
+        delta = delta.unflatten(0, (e.n_kv, e.group)).sum(1)
+    after = "resid_post" if e.parallel else "resid_mid"
+    return after_attention(base[after][layer][:, s:][None] + delta)
 
 
-def _base_sites(site: str) -> tuple[str, ...]:
-    """What the engine reads of the run patched into: the resume state plus the site's own inputs."""
-    extra = {"resid_mid": ("resid_mid", "attn_out"), "attn_out": ("resid_mid", "attn_out"), "mlp_out": ("mlp_out",)}
-    heads = ("q", "attn_head", "pattern", "resid_mid")
+def _base_sites(site: str, parallel: bool = False) -> tuple[str, ...]:
+    """What the engine reads of the run patched into: the resume state plus the site's own
+    inputs (a parallel block resumes after the attention from ``resid_post``, which is read
+    anyway, and has no ``resid_mid``)."""
+    mid = () if parallel else ("resid_mid",)
+    extra = {"resid_mid": ("resid_mid", "attn_out"), "attn_out": mid + ("attn_out",), "mlp_out": ("mlp_out",)}
+    heads = ("q", "attn_head", "pattern") + mid
     return ("resid_pre", "k", "v", "resid_post") + (heads if site in HEAD_SITES else extra.get(site, ()))
 
 
@@ -146,8 +167,8 @@ _LOCAL = ("resid_mid", "resid_post", "attn_out", "mlp_out", "attn_head", "q", "p
 def _fast_values(e: Engine, site: str, by_position: bool, base: RunCache, src: RunCache, metric: Metric,
                  n: int, max_rows: int, bar, baseline: Tensor, per_example: bool = True,
                  groups_per_layer: int = 4) -> Tensor:
-    L, T, H = e.n_layers, base["resid_pre"][0].shape[1], e.n_heads
-    axes, shape = _grid(site, by_position, L, T, H)
+    L, T = e.n_layers, base["resid_pre"][0].shape[1]
+    axes, shape = _grid(site, by_position, L, T, site_heads(e.model, site))
     w = n if per_example else 1  # a batch-scalar metric: one value per cell
     out = torch.zeros(*shape, w)
     positional = isinstance(metric, PositionalMetric)
@@ -206,7 +227,7 @@ def _hooked_values(model, site: str, by_position: bool, base_tokens: Tensor, bas
     residual): TransformerLens 4 bridges alias ``hook_resid_mid`` to the MLP norm's *input*,
     so editing it would change what the MLP reads but not the residual stream carried past it.
     """
-    L, T, H = model.cfg.n_layers, base_tokens.shape[1], model.cfg.n_heads
+    L, T, H = model.cfg.n_layers, base_tokens.shape[1], site_heads(model, site)
     axes, shape = _grid(site, by_position, L, T, H)
     out = torch.zeros(*shape, n if per_example else 1)
     for layer in range(L):
@@ -243,32 +264,60 @@ def _hooked_values(model, site: str, by_position: bool, base_tokens: Tensor, bas
     return out
 
 
+def _refused(model, reason: str, backend: str) -> None:
+    """The fast path refused: an error naming the architecture and the reason for
+    ``backend="fast"``, a warning (then stacked hooked forwards) for ``"auto"``."""
+    arch = architecture_name(model)
+    if backend == "fast":
+        raise ValueError(f"backend='fast' cannot reproduce this model's forward ({arch}: {reason}); "
+                         "use backend='hooks' or 'auto'")
+    warnings.warn(f"fast patching path does not reproduce this bridge ({arch}: {reason}); using stacked hooked "
+                  "forwards", stacklevel=5)
+
+
+def _fast_engine(model, base: RunCache) -> tuple[Engine | None, str | None]:
+    """The suffix engine and ``None`` when it reproduces ``model``'s forward on ``base``
+    (:func:`~poisonmech.patching.engine.fast_path_error`), else ``None`` and why not."""
+    if model.cfg.positional_embedding_type == "rotary" and \
+            any(c is None for key in ("cos", "sin") for c in base.acts.get(key, [None])):
+        return None, "its rotary cos / sin hooks did not fire"
+    try:  # unsupported() refused what it knows the engine cannot build; a failure here is a refusal too
+        engine = Engine(model)
+        err = fast_path_error(model, engine, base)
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+        return None, f"building its forward failed ({type(exc).__name__}: {exc})"
+    scale = float(base.logits.abs().max()) + 1.0
+    if not err <= 1e-4 * scale:
+        return None, f"max logit error {err:.2e}"
+    return engine, None
+
+
 def _patch(model, base_tokens: Tensor, src_tokens: Tensor, metric: Metric, config: PatchConfig, progress: bool,
            src_model=None, str_tokens: list[str] | None = None, roles: tuple[str, str] | None = None) -> PatchResult:
     site, by_position, backend, max_rows = config.site, config.by_position, config.backend, config.max_rows
     n = base_tokens.shape[0]
     src_model = src_model if src_model is not None else model
     with eval_mode(model, src_model):
-        base, src = collect(model, base_tokens, _base_sites(site)), collect(src_model, src_tokens, (site,))
+        # what the engine cannot do is known before anything is built or run for it
+        reason = unsupported(model) if backend != "hooks" else None
+        if reason is not None:
+            _refused(model, reason, backend)
+        try_fast = backend != "hooks" and reason is None
+        parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+        # the engine's sites include what the hooked path reads of the base run (resid_mid's attn_out)
+        base = collect(model, base_tokens, _base_sites(site, parallel) if try_fast else _hooked_sites(site),
+                       rotary=try_fast and model.cfg.positional_embedding_type == "rotary")
+        src = collect(src_model, src_tokens, (site,))
         baseline, per_example = measure(metric, base.logits, n)
         reference = metric_values(metric, src.logits, n, per_example)
-        L, T, H = model.cfg.n_layers, base_tokens.shape[1], model.cfg.n_heads
+        L, T, H = model.cfg.n_layers, base_tokens.shape[1], site_heads(model, site)
         axes, shape = _grid(site, by_position, L, T, H)
-        use_fast = backend == "fast"
         engine = None
-        if backend in ("auto", "fast"):
-            engine = Engine(model)
-            err = fast_path_error(model, engine, base)
-            scale = float(base.logits.abs().max()) + 1.0
-            if err > 1e-4 * scale:
-                if backend == "fast":
-                    raise ValueError(f"backend='fast' cannot reproduce this model's forward (max logit error "
-                                     f"{err:.2e}); use backend='hooks'")
-                warnings.warn(f"fast patching path does not reproduce this bridge (max logit error {err:.2e}); "
-                              "using stacked hooked forwards", stacklevel=4)
-            else:
-                use_fast = True
-        if use_fast:
+        if try_fast:
+            engine, reason = _fast_engine(model, base)
+            if engine is None:
+                _refused(model, reason, backend)
+        if engine is not None:
             total = L * (T if by_position else 1)
             with tqdm(total=total, desc=f"patching {site}", disable=not progress, leave=False) as bar:
                 values = _fast_values(engine, site, by_position, base, src, metric, n, max_rows, bar, baseline,
@@ -279,9 +328,15 @@ def _patch(model, base_tokens: Tensor, src_tokens: Tensor, metric: Metric, confi
                 values = _hooked_values(model, site, by_position, base_tokens, base, src, metric, n, max_rows, bar,
                                         per_example)
     return PatchResult(values=values, axes=axes, site=site, mode=config.mode,
-                       method=f"exact-{'fast' if use_fast else 'hooks'}", baseline=baseline.cpu(),
+                       method=f"exact-{'fast' if engine is not None else 'hooks'}", baseline=baseline.cpu(),
                        reference=reference.cpu(), str_tokens=tuple(str_tokens) if str_tokens is not None else None,
                        per_example=per_example, roles=roles)
+
+
+def _hooked_sites(site: str) -> tuple[str, ...]:
+    """What the hooked path reads of the run patched into (``resid_mid`` is patched through
+    ``attn_out``; every other site reads only the source run)."""
+    return ("resid_mid", "attn_out") if site == "resid_mid" else ()
 
 
 def _str_tokens(model, tokens: Tensor, tokenizer=None) -> list[str] | None:
@@ -338,7 +393,7 @@ def activation_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted_
 
 def check_twins(a, b) -> None:
     """Cross-model patching needs two identically shaped models."""
-    keys = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx", "attn_only")
+    keys = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_vocab", "n_ctx", "attn_only")
     diff = [k for k in keys if getattr(a.cfg, k, None) != getattr(b.cfg, k, None)]
     if diff or type(getattr(a, "original_model", a)) is not type(getattr(b, "original_model", b)):
         raise ValueError(f"the twins differ in architecture ({', '.join(diff) or 'model class'}); "

@@ -9,6 +9,8 @@ and takes the first-order step from the pattern onwards instead.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from jaxtyping import Int
 
@@ -21,10 +23,11 @@ from poisonmech.patching.activation import (
     metric_values,
 )
 from poisonmech.patching.config import AttributionConfig
+from poisonmech.patching.engine import ROTARY_HOOKS, attention_scale, rotate
 from poisonmech.patching.metrics import Metric
 from poisonmech.patching.result import PatchResult
 from poisonmech.runtime import eval_mode
-from poisonmech.sites import HEAD_SITES, hook_name
+from poisonmech.sites import HEAD_SITES, architecture_name, hook_name, site_heads
 from poisonmech.subject import resolve
 
 Tensor = torch.Tensor
@@ -82,7 +85,7 @@ def attribution_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted
     clean_tokens, corrupted_tokens = check_inputs(model, clean_tokens, corrupted_tokens, site)
     base_tokens, src_tokens = (corrupted_tokens, clean_tokens) if mode == "denoise" else (clean_tokens, corrupted_tokens)
     n, T = base_tokens.shape
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    L, H = model.cfg.n_layers, site_heads(model, site)
     # resid_mid's real gradient is attn_out's (TL 4 aliases hook_resid_mid to the MLP norm's input)
     hook_site = "attn_out" if site == "resid_mid" else site
     names = [hook_name(hook_site, layer) for layer in range(L)]
@@ -92,13 +95,23 @@ def attribution_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted
     if site == "resid_mid":
         extra = [hook_name("resid_mid", layer) for layer in range(L)]
     all_names = list(dict.fromkeys(names + extra))
+    # the rotary cos / sin the attention used (no gradient there: read on the source run)
+    rotary = [t.format(layer=layer) for layer in range(L) for t in ROTARY_HOOKS.values()] \
+        if site in ("q", "k") and qk_fix and model.cfg.positional_embedding_type == "rotary" else []
+    hooks = model.hook_dict if rotary else {}
+    rotary = [name for name in rotary if name in hooks]
     with eval_mode(model):
         base_acts, grads, baseline, per_example = _capture(model, base_tokens, all_names, metric, n)
-        src_acts, _, src_logits, _ = _capture(model, src_tokens, all_names, None, n)
+        src_acts, _, src_logits, _ = _capture(model, src_tokens, all_names + rotary, None, n)
         reference = metric_values(metric, src_logits, n, per_example)
+    if site in ("q", "k") and qk_fix:
+        why = _qk_unsupported(model, base_acts, src_acts)
+        if why is not None:
+            warnings.warn(f"attribution_patch: qk_fix cannot recompute {architecture_name(model)}'s attention pattern "
+                          f"({why}); using the plain linear estimate for site {site!r}", stacklevel=3)
+            qk_fix = False
     axes, shape = _grid(site, by_position, L, T, H)
     est = torch.zeros(*shape, n if per_example else 1)
-    scale = model.cfg.d_head ** 0.5
     for layer in range(L):
         name = names[layer]
         if site == "resid_mid":
@@ -108,7 +121,7 @@ def attribution_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted
             delta = src_acts[name] - base_acts[name]
         g = grads[name]
         if site in ("q", "k") and qk_fix:
-            per = _qk_fixed(site, layer, base_acts, src_acts, grads, scale)  # [n T H]
+            per = _qk_fixed(model, site, layer, base_acts, src_acts, grads)  # [n T heads]
         elif site == "pattern":  # [n H dest src] -> [n dest H]
             per = (delta * g).sum(-1).transpose(1, 2)
         elif site in HEAD_SITES:  # [n T H dh] -> [n T H]
@@ -129,20 +142,59 @@ def attribution_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted
                        per_example=per_example)
 
 
-def _qk_fixed(site: str, layer: int, base: dict[str, Tensor], src: dict[str, Tensor], grads: dict[str, Tensor],
-              scale: float) -> Tensor:
-    """AtP* for queries/keys: exact patched softmax, then the pattern gradient. Returns ``[n pos head]``."""
+def _scoring_qk(layer: int, src: dict[str, Tensor], q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Queries and keys ``[n pos H dh]`` as the attention scores them: rotated (with the
+    cos / sin the bridge fired, kept in ``src``) on a rotary model, and key / value heads
+    repeated for their query heads under grouped-query attention."""
+    cos_name = ROTARY_HOOKS["cos"].format(layer=layer)
+    if cos_name in src:
+        cos, sin = src[cos_name], src[ROTARY_HOOKS["sin"].format(layer=layer)]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    group = q.shape[2] // k.shape[2]
+    return q, (k.repeat_interleave(group, dim=2) if group > 1 else k)
+
+
+def _scores(model, layer: int, q: Tensor, k: Tensor) -> Tensor:
+    """Causally masked attention scores ``[n H dest src]`` of scoring-ready ``q``, ``k``."""
+    T = q.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    S = torch.einsum("nqhe,nkhe->nhqk", q, k) * attention_scale(model, layer)
+    return S.masked_fill(~causal, float("-inf"))
+
+
+def _qk_unsupported(model, base: dict[str, Tensor], src: dict[str, Tensor]) -> str | None:
+    """Why the QK fix cannot be used (the pattern recomputed from ``hook_q`` / ``hook_k``
+    differs from ``hook_pattern``: a score transform it does not know), or ``None``."""
+    if model.cfg.positional_embedding_type == "rotary" and ROTARY_HOOKS["cos"].format(layer=0) not in src:
+        return "no rotary cos / sin hooks"
+    for layer in range(model.cfg.n_layers):
+        pn, qn, kn = (hook_name(s, layer) for s in ("pattern", "q", "k"))
+        q, k = _scoring_qk(layer, src, base[qn], base[kn])
+        err = float((_scores(model, layer, q, k).float().softmax(-1) - base[pn].float()).abs().max())
+        if not err <= 1e-4:
+            return f"layer {layer}: recomputed pattern differs by {err:.1e}"
+    return None
+
+
+def _qk_fixed(model, site: str, layer: int, base: dict[str, Tensor], src: dict[str, Tensor],
+              grads: dict[str, Tensor]) -> Tensor:
+    """AtP* for queries/keys: exact patched softmax, then the pattern gradient. Returns
+    ``[n pos heads]`` (the site's heads: key heads for ``k`` under grouped-query attention,
+    each summing the query heads that read it)."""
     pn, qn, kn = (hook_name(s, layer) for s in ("pattern", "q", "k"))
     P, g = base[pn], grads[pn]  # [n H dest src]
     T = P.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=P.device).tril()
+    bq, bk = _scoring_qk(layer, src, base[qn], base[kn])
     if site == "q":  # each destination row recomputed with the source query
-        S_new = torch.einsum("nqhe,nkhe->nhqk", src[qn], base[kn]) / scale
-        P_new = S_new.masked_fill(~causal, float("-inf")).softmax(-1)
+        sq, _ = _scoring_qk(layer, src, src[qn], base[kn])
+        P_new = _scores(model, layer, sq, bk).softmax(-1)
         return ((P_new - P) * g).sum(-1).transpose(1, 2)  # [n dest H]
     # keys: patching key p changes column p of every row q >= p; exact row update in closed form
-    S = torch.einsum("nqhe,nkhe->nhqk", base[qn], base[kn]) / scale
-    S_col = torch.einsum("nqhe,nkhe->nhqk", base[qn], src[kn]) / scale  # score of row q with patched key k
+    _, sk = _scoring_qk(layer, src, base[qn], src[kn])
+    scale = attention_scale(model, layer)
+    S = torch.einsum("nqhe,nkhe->nhqk", bq, bk) * scale
+    S_col = torch.einsum("nqhe,nkhe->nhqk", bq, sk) * scale  # score of row q with patched key k
     d = (S_col - S).masked_fill(~causal, 0.0)
     # patched probability of the changed entry, in log space (P e^d can overflow):
     # new_p = P e^d / (1 - P + P e^d); every other entry of the row scales by (1 - new_p) / (1 - P)
@@ -153,4 +205,6 @@ def _qk_fixed(site: str, layer: int, base: dict[str, Tensor], src: dict[str, Ten
     gp = (g * P).sum(-1, keepdim=True)  # sum_j g[q, j] P[q, j]
     contrib = (ratio - 1.0) * (gp - g * P) + g * (new_p - P)
     contrib = contrib.masked_fill(~causal, 0.0)
-    return contrib.sum(2).transpose(1, 2)  # sum over destinations q -> [n key_pos H]
+    per = contrib.sum(2).transpose(1, 2)  # sum over destinations q -> [n key_pos H]
+    n_kv = base[kn].shape[2]
+    return per.unflatten(-1, (n_kv, per.shape[-1] // n_kv)).sum(-1) if per.shape[-1] != n_kv else per
