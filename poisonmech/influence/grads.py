@@ -200,8 +200,13 @@ def func_per_example_grads(model: nn.Module, tokens: Int[Tensor, "batch pos"], m
     unknown = [n for n in names if n not in named]
     if unknown:
         raise ValueError(f"unknown parameters {unknown[:3]}")
-    frozen = {k: v.detach() for k, v in named.items() if k not in names}
-    train = {k: named[k].detach() for k in names}
+    # functional_call needs the parameters' module paths: a Hugging Face bridge's
+    # named_parameters() reports the HF module's names instead, and swapping by those would
+    # leave plain tensors in the model
+    path = {id(p): n for n, p in nn.Module.named_parameters(model)}
+    chosen = {path[id(named[k])]: k for k in names}
+    frozen = {n: p.detach() for n, p in nn.Module.named_parameters(model) if n not in chosen}
+    train = {n: named[k].detach() for n, k in chosen.items()}
 
     def row_loss(p: dict[str, Tensor], tok: Tensor, m: Tensor) -> Tensor:
         out = functional_call(model, {**frozen, **p}, (tok[None],))
@@ -209,7 +214,7 @@ def func_per_example_grads(model: nn.Module, tokens: Int[Tensor, "batch pos"], m
         return token_nll(logits[None], tok[None, 1:], m[None]).sum()
 
     rows = [grad(row_loss)(train, tokens[i], mask[i]) for i in range(tokens.shape[0])]
-    return {k: torch.stack([r[k] for r in rows]) for k in names}
+    return {k: torch.stack([r[n] for r in rows]) for n, k in chosen.items()}
 
 
 __all__ = ["BatchGrads", "forward_backward", "func_per_example_grads", "iter_batches", "metric_backward", "model_logits",
