@@ -15,7 +15,15 @@ from poisonmech.models import ModelConfig, build_model, model_from_dict, wrap_hf
 from poisonmech.pretrained import PretrainedModel
 from poisonmech.subject import Subject, resolve
 from poisonmech.sweeps import Sweep, load_sweep, sweep
-from poisonmech.tasks import TASK_KINDS, Task, make_preferences, make_task
+from poisonmech.tasks import (
+    TASK_KINDS,
+    Task,
+    english_text,
+    fortune_text,
+    make_preferences,
+    make_task,
+    wordnet_text,
+)
 from poisonmech.tasks.bpe import train_tokenizer
 from poisonmech.train import (
     Between,
@@ -53,7 +61,9 @@ __all__ = [
     "build_model",
     "build_test_set",
     "circuits",
+    "english_text",
     "evaluate",
+    "fortune_text",
     "influence",
     "load_pair",
     "load_pipeline",
@@ -72,5 +82,6 @@ __all__ = [
     "train_pipeline",
     "train_tokenizer",
     "viz",
+    "wordnet_text",
     "wrap_hf_model",
 ]
