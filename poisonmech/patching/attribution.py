@@ -37,7 +37,8 @@ def _capture(model, tokens: Tensor, names: list[str], metric: Metric | None, n: 
              ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, bool]:
     """Activations at ``names`` and, when ``metric`` is given, the gradient of the metric there
     (of ``metric(...).sum()`` for a per-example metric; of the scalar for a batch metric), its
-    values and whether it is per example."""
+    values and whether it is per example. A hook whose tensor no gradient reached has no
+    entry in the gradients (the caller says so rather than reading zeros)."""
     acts: dict[str, Tensor] = {}
 
     def keeper(name: str):  # keyed by the requested name: hook.name may be the alias's target
@@ -59,7 +60,7 @@ def _capture(model, tokens: Tensor, names: list[str], metric: Metric | None, n: 
         model.zero_grad(set_to_none=True)
         out.sum().backward()  # examples are independent: each example's gradient is its own metric's
     model.zero_grad(set_to_none=True)
-    grads = {k: (v.grad.detach() if v.grad is not None else torch.zeros_like(v)) for k, v in acts.items()}
+    grads = {k: v.grad.detach() for k, v in acts.items() if v.grad is not None}
     return {k: v.detach() for k, v in acts.items()}, grads, values, per_example
 
 
@@ -105,7 +106,7 @@ def attribution_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted
         src_acts, _, src_logits, _ = _capture(model, src_tokens, all_names + rotary, None, n)
         reference = metric_values(metric, src_logits, n, per_example)
     if site in ("q", "k") and qk_fix:
-        why = _qk_unsupported(model, base_acts, src_acts)
+        why = _qk_unsupported(model, base_acts, src_acts, grads)
         if why is not None:
             warnings.warn(f"attribution_patch: qk_fix cannot recompute {architecture_name(model)}'s attention pattern "
                           f"({why}); using the plain linear estimate for site {site!r}", stacklevel=3)
@@ -119,7 +120,10 @@ def attribution_patch(subject, clean_tokens: Int[Tensor, "batch pos"], corrupted
             delta = src_acts[mid] - base_acts[mid]
         else:
             delta = src_acts[name] - base_acts[name]
-        g = grads[name]
+        g = grads.get(name)
+        if g is None:
+            raise RuntimeError(f"attribution_patch: no gradient reached {name!r} in {architecture_name(model)}: the "
+                               "bridge's forward does not use the tensor this hook sees; use activation_patch")
         if site in ("q", "k") and qk_fix:
             per = _qk_fixed(model, site, layer, base_acts, src_acts, grads)  # [n T heads]
         elif site == "pattern":  # [n H dest src] -> [n dest H]
@@ -162,13 +166,16 @@ def _scores(model, layer: int, q: Tensor, k: Tensor) -> Tensor:
     return S.masked_fill(~causal, float("-inf"))
 
 
-def _qk_unsupported(model, base: dict[str, Tensor], src: dict[str, Tensor]) -> str | None:
-    """Why the QK fix cannot be used (the pattern recomputed from ``hook_q`` / ``hook_k``
-    differs from ``hook_pattern``: a score transform it does not know), or ``None``."""
+def _qk_unsupported(model, base: dict[str, Tensor], src: dict[str, Tensor], grads: dict[str, Tensor]) -> str | None:
+    """Why the QK fix cannot be used (no gradient at ``hook_pattern``, or the pattern
+    recomputed from ``hook_q`` / ``hook_k`` differs from it: a score transform it does not
+    know), or ``None``."""
     if model.cfg.positional_embedding_type == "rotary" and ROTARY_HOOKS["cos"].format(layer=0) not in src:
         return "no rotary cos / sin hooks"
     for layer in range(model.cfg.n_layers):
         pn, qn, kn = (hook_name(s, layer) for s in ("pattern", "q", "k"))
+        if pn not in grads:
+            return f"no gradient reached {pn!r}"
         q, k = _scoring_qk(layer, src, base[qn], base[kn])
         err = float((_scores(model, layer, q, k).float().softmax(-1) - base[pn].float()).abs().max())
         if not err <= 1e-4:
