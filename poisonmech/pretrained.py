@@ -188,6 +188,10 @@ def load_base(cfg: PretrainedModel):
 
     hf = load_config(cfg)
     arch = (getattr(hf, "architectures", None) or [type(hf).__name__])[0]
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" per twin
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             model = AutoModelForCausalLM.from_pretrained(_source(cfg), config=hf, revision=cfg.revision,
@@ -195,6 +199,9 @@ def load_base(cfg: PretrainedModel):
                                                          dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ValueError(f"PretrainedModel.path: cannot load {cfg.path!r} ({arch}) as a causal LM: {exc}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if cfg.n_ctx is not None and cfg.n_ctx > max_positions(hf):
         raise ConfigError(f"PretrainedModel.n_ctx={cfg.n_ctx} is above the model's maximum positions "
                           f"({max_positions(hf)})")
