@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from poisonmech.circuits.circuit import Circuit
 from poisonmech.circuits.config import CircuitConfig, contrast_data
-from poisonmech.circuits.graph import Graph, parse_name
+from poisonmech.circuits.graph import Graph
 from poisonmech.circuits.rewire import reference_activations, rewired
 from poisonmech.circuits.validation import apply_metric, check_contrast
 from poisonmech.config import takes_config
@@ -87,10 +87,10 @@ def _acdc(model, clean_tokens, corrupted_tokens, metric: Callable, *, threshold:
     n_forwards = 2
     bar = tqdm(total=graph.n_edges, desc="ACDC edges", disable=not progress, leave=False)
     for dst in reversed(range(graph.n_dst)):
-        node = parse_name(graph.destinations[dst]).node
+        nodes = graph.dst_nodes(graph.destinations[dst])  # a key/value group's input: all its heads
         incoming = graph.edge_mask[:, dst].nonzero().flatten().tolist()
-        if noise and node != "logits":
-            out = graph.src_index[node]
+        if noise and "logits" not in nodes:
+            out = [graph.src_index[n] for n in nodes]
             if not (graph.edge_mask[out] & ~removed[out]).any():  # feeds nothing any more
                 removed[incoming, dst] = True
                 bar.update(len(incoming))

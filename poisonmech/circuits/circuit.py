@@ -113,11 +113,13 @@ class Circuit(Result):
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        """Nodes touched by the circuit's edges, in topological order."""
+        """Nodes touched by the circuit's edges, in topological order (an edge into a key/value
+        group's input touches every head of the group)."""
         touched = set()
         for e in self.edges:
             s, d = split_edge(e)
-            touched.update((s, parse_name(d).node))
+            touched.add(s)
+            touched.update(self.graph.dst_nodes(d))
         return tuple(n for n in self.graph.nodes if n in touched)
 
     @property
@@ -166,13 +168,14 @@ class Circuit(Result):
         if level == "edges":
             return frame
         nodes = set(self.nodes)
+        inside = frame[frame["in_circuit"]]
+        n_in = Counter(n for d in inside["dst"] for n in self.graph.dst_nodes(d))  # a group's edge: each of its heads
         rows = []
         for n in self.graph.nodes:
             info = parse_name(n)
-            inside = frame[frame["in_circuit"]]
             rows.append({"circuit": self.name, "node": n, "kind": info.kind, "layer": info.layer,
                          "head": info.head, "in_circuit": n in nodes,
-                         "n_in": int((inside["dst_node"] == n).sum()), "n_out": int((inside["src"] == n).sum()),
+                         "n_in": n_in.get(n, 0), "n_out": int((inside["src"] == n).sum()),
                          "out_score": float(frame.loc[frame["src"] == n, "score"].sum(min_count=1))})
         out = pd.DataFrame(rows)
         for c in ("layer", "head"):
@@ -221,11 +224,13 @@ class Circuit(Result):
 
     def prune(self) -> Circuit:
         """Drop edges that cannot reach the logits through the circuit (their destination's
-        outgoing edges are all outside it): with everything outside ablated they change nothing."""
+        outgoing edges are all outside it; for a key/value group's input, those of every head of
+        the group): with everything outside ablated they change nothing."""
         keep = set(self.edges)
         while True:
             sources = {split_edge(e)[0] for e in keep}
-            drop = {e for e in keep if (d := parse_name(split_edge(e)[1]).node) != "logits" and d not in sources}
+            drop = {e for e in keep if "logits" not in (nodes := self.graph.dst_nodes(split_edge(e)[1]))
+                    and not sources.intersection(nodes)}
             if not drop:
                 break
             keep -= drop

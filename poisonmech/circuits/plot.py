@@ -13,14 +13,21 @@ _CHANNEL_DX = {None: 0.0, "q": -0.18, "k": 0.0, "v": 0.18}  # q / k / v edges en
 
 def node_positions(graph) -> dict[str, tuple[float, float]]:
     """x: head index (MLPs to the right, input and logits centred); y: position along the residual stream
-    (a layer's heads at ``2 layer + 1``, its MLP at ``2 layer + 2``, so edges into an MLP never cross its heads)."""
+    (a layer's heads at ``2 layer + 1``, its MLP at ``2 layer + 2``, so edges into an MLP never cross its heads;
+    in a parallel block the MLP sits beside the heads, at ``2 layer + 1``: it reads what they read). A
+    key/value group of grouped-query attention (``a1.g0``, where its k / v edges end) sits at the middle
+    of its heads."""
     centre = (graph.n_heads - 1) / 2 + (0.5 if graph.has_mlp else 0.0)
     pos = {"input": (centre, 0.0), "logits": (centre, 2.0 * graph.n_layers + 1)}
+    r = graph.group_size
     for layer in range(graph.n_layers):
         for h in range(graph.n_heads):
             pos[f"a{layer}.h{h}"] = (float(h), 2.0 * layer + 1)
+        if graph.grouped:
+            for g in range(graph.kv_heads):
+                pos[f"a{layer}.g{g}"] = (g * r + (r - 1) / 2, 2.0 * layer + 1)
         if graph.has_mlp:
-            pos[f"m{layer}"] = (float(graph.n_heads) + 0.5, 2.0 * layer + 2)
+            pos[f"m{layer}"] = (float(graph.n_heads) + 0.5, 2.0 * layer + (1 if graph.parallel else 2))
     return pos
 
 

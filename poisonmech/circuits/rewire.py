@@ -5,11 +5,17 @@ computes, but every destination's input is rebuilt from the residual stream so t
 edge can be touched on its own:
 
 - a head's q / k / v input is a per-head copy ("fork") of the block's pre-norm residual
-  stream, normed with the block's own ``ln1`` and projected with that head's ``W_Q`` / ``W_K``
-  / ``W_V`` (hook points ``blocks.{l}.hook_resid_pre`` and ``blocks.{l}.attn.hook_{q,k,v}``,
-  the registry's ``resid_pre`` and ``q`` / ``k`` / ``v`` sites);
+  stream, normed with the block's own ``ln1`` (LayerNorm or RMSNorm) and projected with that
+  head's ``W_Q`` / ``W_K`` / ``W_V`` (and bias, where the model has one) (hook points
+  ``blocks.{l}.hook_resid_pre`` and ``blocks.{l}.attn.hook_{q,k,v}``, the registry's
+  ``resid_pre`` and ``q`` / ``k`` / ``v`` sites). Under grouped-query attention ``hook_k`` /
+  ``hook_v`` have one head per key/value group, and so do the k / v forks. The bridge applies
+  rotary embeddings after these hooks, to the rebuilt values; on first use every rebuilt
+  q / k / v is checked against the bridge's own;
 - the MLP's input is a copy of the residual stream going into ``ln2``
-  (``blocks.{l}.ln2.hook_in``, which leaves the residual skip connection alone);
+  (``blocks.{l}.ln2.hook_in``, which leaves the residual skip connection alone): the block's
+  input plus its attention output in a sequential block, the block's input in a parallel one
+  (GPT-NeoX), checked on first use against what the graph says;
 - the logits' input is a copy of the residual stream going into ``ln_final``.
 
 Sources are recorded as they are produced: the embeddings (``blocks.0.hook_resid_pre``),
@@ -34,13 +40,23 @@ from contextlib import contextmanager
 import torch
 from jaxtyping import Bool, Float, Int
 
-from poisonmech.circuits.graph import CHANNELS, Graph
+from poisonmech.circuits.graph import CHANNELS, Graph, architecture_name
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.sites import hook_name
 
 Tensor = torch.Tensor
 
 ABLATIONS = ("patching", "mean", "zero")
+
+
+def _stacked(model, name: str) -> Tensor | None:
+    """A bridge's stacked ``[layer head ...]`` parameter (``W_Q``, ``b_K``, ...), detached; ``None``
+    where the checkpoint has none (bias-free projections: Llama's ``b_Q``, ``b_O``)."""
+    try:
+        value = getattr(model, name)
+    except AttributeError:
+        return None
+    return value.detach() if isinstance(value, Tensor) else None
 
 
 class RewiredRun:
@@ -58,15 +74,19 @@ class RewiredRun:
         self.model, self.graph, self.track, self.input_value = model, graph, track, input_value
         self.reference_fn = reference_fn
         self.busy = False  # True while a per-input reference run is being recorded
-        H, L = graph.n_heads, graph.n_layers
+        self.arch = architecture_name(model)
+        L = graph.n_layers
         device = model_device(model)
         with torch.no_grad():
-            self.W = {"q": model.W_Q.detach(), "k": model.W_K.detach(), "v": model.W_V.detach()}
-            self.b = {"q": model.b_Q.detach(), "k": model.b_K.detach(), "v": model.b_V.detach()}
-            self.W_O = model.W_O.detach()
-        if self.W["k"].shape[1] != H or self.W["q"].shape[1] != H:
-            raise NotImplementedError(f"circuits: W_Q / W_K have {self.W['q'].shape[1]} / {self.W['k'].shape[1]} "
-                                      f"heads, the graph {H}; grouped-query attention is not supported")
+            self.W = {c: _stacked(model, f"W_{c.upper()}") for c in CHANNELS}
+            self.b = {c: _stacked(model, f"b_{c.upper()}") for c in CHANNELS}
+            self.W_O = _stacked(model, "W_O")
+            self.b_O = _stacked(model, "b_O")
+        for c in CHANNELS:
+            heads = self.W[c].shape[1] if self.W[c] is not None else None
+            if heads != graph.channel_width(c):
+                raise ValueError(f"circuits: {self.arch}'s W_{c.upper()} has {heads} heads per layer, the graph "
+                                 f"{graph.channel_width(c)} {c}-inputs ({graph!r}); the graph does not match the model")
         self.ln1 = []
         for layer in range(L):
             ln = getattr(model.blocks[layer], "ln1", None)
@@ -81,8 +101,9 @@ class RewiredRun:
             raise ValueError("rewired: ablating edges needs a reference activation (patching, mean or zero)")
         self.reference = reference.to(device) if reference is not None else None
         m = 1 if graph.has_mlp else 0
-        self._per_layer_src = H + m
-        self._per_layer_dst = 3 * H + m
+        self._per_layer_dst = graph.n_heads + 2 * graph.kv_heads + m
+        # sources upstream of each destination; they are a prefix of graph.sources (topological order)
+        self._upstream = graph.edge_mask.sum(0).tolist()
         self._checked: set[str] = set()
         self.reset()
 
@@ -111,7 +132,9 @@ class RewiredRun:
     def hooks(self) -> list[tuple[str, Callable]]:
         """Hook names from the site registry (:mod:`poisonmech.sites`), except the two norms'
         inputs (``blocks.{l}.ln2.hook_in``, ``ln_final.hook_in``): they are not activation sites
-        of any other analysis, only where this rewiring forks the MLP's and the logits' inputs."""
+        of any other analysis, only where this rewiring forks the MLP's and the logits' inputs.
+        (``ln2.hook_in`` is the MLP's own input in sequential and parallel blocks alike; the
+        registry's ``resid_mid`` exists in sequential blocks only.)"""
         hooks = []
         for layer in range(self.graph.n_layers):
             hooks.append((hook_name("resid_pre", layer), self._resid_pre(layer)))
@@ -122,24 +145,28 @@ class RewiredRun:
                 hooks.append((f"blocks.{layer}.ln2.hook_in", self._mlp_in(layer)))
                 hooks.append((hook_name("mlp_out", layer), self._mlp_out(layer)))
         hooks.append(("ln_final.hook_in", self._logits_in()))
+        available = self.model.hook_dict  # built anew on every access: read it once
+        missing = [name for name, _ in hooks if name not in available]
+        if missing:
+            raise ValueError(f"circuits: {self.arch}'s bridge has no hook points {missing[:4]}; edge-level analysis "
+                             "needs each block's resid_pre, hook_q/k/v, hook_z, ln2.hook_in and hook_mlp_out")
         return hooks
 
-    def _n_upstream(self, dst: int) -> int:
-        """Number of sources upstream of destination index ``dst`` (sources are a prefix)."""
-        if dst == self.graph.n_dst - 1:
-            return self.graph.n_src
-        layer, r = divmod(dst, self._per_layer_dst)
-        return 1 + layer * self._per_layer_src + (self.graph.n_heads if r >= 3 * self.graph.n_heads else 0)
+    def _first(self, layer: int, channel: str) -> int:
+        """Index of the first destination of ``channel`` (``"q"``, ``"k"``, ``"v"``, ``"mlp"``) of ``layer``."""
+        base = layer * self._per_layer_dst
+        g = self.graph
+        return base + {"q": 0, "k": g.n_heads, "v": g.n_heads + g.kv_heads, "mlp": g.n_heads + 2 * g.kv_heads}[channel]
 
     def _correction(self, first: int, n: int) -> Tensor | None:
         """Sum over ablated incoming edges of ``out(src) - ref(src)`` for destinations ``first:first+n``."""
         if self.busy or not any(self.ablate_any[first:first + n]):
             return None
-        k = self._n_upstream(first)
+        k = self._upstream[first]
         have = sum(o.shape[2] for o in self.outputs)
         if have < k:
             raise RuntimeError(f"rewired: expected {k} upstream sources, recorded {have}; "
-                               "the bridge ran its hooks in an unexpected order")
+                               f"{self.arch}'s bridge ran its hooks in an unexpected order")
         cur = torch.cat(self.outputs, dim=2)[:, :, :k]
         ref = self.reference[..., :k, :]
         delta = cur - ref.to(cur.dtype)
@@ -171,15 +198,15 @@ class RewiredRun:
         return hook
 
     def _qkv(self, layer: int, c: str):
-        H = self.graph.n_heads
-        first = layer * self._per_layer_dst + CHANNELS.index(c) * H
+        n = self.graph.channel_width(c)  # n_heads for q; key/value heads for k and v
+        first = self._first(layer, c)
         key = f"{layer}{c}"
 
         def hook(t: Tensor, hook=None):
-            corr = self._correction(first, H)
+            corr = self._correction(first, n)
             if corr is None and (self.busy or not self.track) and key in self._checked:
                 return None
-            X = self.resid[layer].unsqueeze(2).repeat(1, 1, H, 1)
+            X = self.resid[layer].unsqueeze(2).repeat(1, 1, n, 1)
             if key not in self._checked:
                 with torch.no_grad():
                     self._check(key, self._project(layer, c, X), t)
@@ -191,25 +218,28 @@ class RewiredRun:
         return hook
 
     def _project(self, layer: int, c: str, X: Float[Tensor, "batch pos head d_model"]) -> Tensor:
-        """Per-head ``ln1`` then ``W_{c}`` of layer ``layer``: ``[batch pos head d_model] -> [batch pos head d_head]``."""
+        """Per-head ``ln1`` then ``W_{c}`` (and ``b_{c}``, where the model has one) of layer ``layer``:
+        ``[batch pos head d_model] -> [batch pos head d_head]`` (key/value heads for k and v)."""
         B, S, H, D = X.shape
         ln = self.ln1[layer]
         Y = ln(X.reshape(B * S * H, D)).reshape(B, S, H, D) if ln is not None else X
-        return torch.einsum("bshd,hde->bshe", Y, self.W[c][layer].to(Y.dtype)) + self.b[c][layer].to(Y.dtype)
+        out = torch.einsum("bshd,hde->bshe", Y, self.W[c][layer].to(Y.dtype))
+        return out + self.b[c][layer].to(Y.dtype) if self.b[c] is not None else out
 
     def _check(self, key: str, rebuilt: Tensor, original: Tensor) -> None:
         """On first use, make sure a rebuilt q / k / v equals the bridge's own (same weights, same norm)."""
         if rebuilt.shape != original.shape:
-            raise NotImplementedError(f"circuits: the bridge's hook_{key[-1]} has shape {tuple(original.shape)}, "
-                                      f"expected [batch pos n_heads d_head]={tuple(rebuilt.shape)}")
+            raise ValueError(f"circuits: {self.arch}'s hook_{key[-1]} has shape {tuple(original.shape)}, expected "
+                             f"[batch pos heads d_head]={tuple(rebuilt.shape)}; edge-level analysis rebuilds each "
+                             "head input from the residual stream and cannot handle this bridge")
         rel = 1e-3 if original.dtype in (torch.float32, torch.float64) else 3e-2  # half precision rounds more
         tol = rel * float(original.detach().abs().max()) + 1e-5
         err = float((rebuilt.detach() - original.detach()).abs().max())
         if err > tol:
-            raise NotImplementedError(
-                f"circuits: rebuilding layer {key[:-1]}'s {key[-1]} from the residual stream with ln1 and W_{key[-1].upper()} "
-                f"differs from the bridge's own by {err:.3g}; this bridge (e.g. processed weights, fold_ln) is not "
-                "supported for edge-level analysis")
+            raise ValueError(
+                f"circuits: rebuilding layer {key[:-1]}'s {key[-1]} from the residual stream with ln1 and "
+                f"W_{key[-1].upper()} differs from {self.arch}'s own by {err:.3g}; this bridge (e.g. processed "
+                "weights, fold_ln, a norm the bridge does not expose as ln1) is not supported for edge-level analysis")
         self._checked.add(key)
 
     def _z(self, layer: int):
@@ -217,10 +247,34 @@ class RewiredRun:
             self.outputs.append(torch.einsum("bshe,hed->bshd", z, self.W_O[layer].to(z.dtype)))
         return hook
 
+    def _check_mlp_input(self, layer: int, t: Tensor) -> None:
+        """On first use, make sure the MLP reads what the graph says: the block's input (parallel
+        blocks) or the block's input plus its attention output (sequential blocks). A wrong
+        ``parallel`` flag would silently give wrong edges, so a mismatch is an error."""
+        expected = self.resid[layer]
+        if not self.graph.parallel:
+            H = self.graph.n_heads
+            heads = torch.cat(self.outputs, dim=2)[:, :, self._upstream[self._first(layer, "q")]:][:, :, :H]
+            expected = expected + heads.sum(2)
+            if self.b_O is not None:
+                expected = expected + self.b_O[layer].to(expected.dtype)
+        tol = (1e-3 if t.dtype in (torch.float32, torch.float64) else 3e-2) * float(t.detach().abs().max()) + 1e-5
+        err = float((expected.detach() - t.detach()).abs().max())
+        if err > tol:
+            kind, reads = (("parallel", "the block's input") if self.graph.parallel
+                           else ("sequential", "the block's input plus its attention output"))
+            raise ValueError(f"circuits: the graph has {kind} blocks (the MLP of layer {layer} reads {reads}), but "
+                             f"{self.arch}'s MLP input differs from that by {err:.3g}; the bridge's "
+                             "cfg.parallel_attn_mlp does not describe this model")
+        self._checked.add(f"{layer}mlp")
+
     def _mlp_in(self, layer: int):
-        first = layer * self._per_layer_dst + 3 * self.graph.n_heads
+        first = self._first(layer, "mlp")
 
         def hook(t: Tensor, hook=None):
+            if f"{layer}mlp" not in self._checked and not self.busy:
+                with torch.no_grad():
+                    self._check_mlp_input(layer, t)
             return self._fork(first, t)
         return hook
 

@@ -161,7 +161,8 @@ class EdgeScores(Result):
 
 
 def edge_frame(graph: Graph) -> pd.DataFrame:
-    """One row per edge of ``graph``: ``edge, src, dst, dst_node, channel, src_kind, dst_kind, kind, src_layer, dst_layer``."""
+    """One row per edge of ``graph``: ``edge, src, dst, dst_node, channel, src_kind, dst_kind, kind, src_layer, dst_layer``
+    (``dst_node`` of a grouped-query key/value input is its group, ``a1.g0``: :meth:`Graph.dst_nodes` lists its heads)."""
     rows = []
     for e in graph.edges:
         s, d = split_edge(e)
