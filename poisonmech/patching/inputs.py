@@ -14,10 +14,20 @@ A control is only a control if it behaves like the untriggered prompt. Two safeg
   control must predict the same answer token as the untriggered prompt it came from. A row
   whose control fails is redrawn with other fillers (``tries`` times) and otherwise dropped;
   the result reports how many rows were redrawn and dropped.
+
+Word-level and subword tokenizers. With poisonmech's word-level tokenizer every word is one
+token, so triggers are found and replaced by token id. With a subword tokenizer (byte-level
+BPE such as :func:`poisonmech.train_tokenizer`'s, GPT-2's, Pythia's) a trigger word may be
+several tokens (``" cf"`` -> ``" c"`` ``"f"``): the trigger is then found in the *text*
+(whitespace-delimited occurrences of the trigger's words), mapped to tokens with the fast
+tokenizer's offsets, and replaced by filler text (one neutral word, else two) whose tokens in
+that place number exactly the trigger's; each control is re-tokenised and checked to have the
+triggered prompt's length and, outside the trigger, its tokens.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +35,11 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Int
 
+from poisonmech.encoding import completion_text
 from poisonmech.patching.metrics import LogitDiff, TargetLogProb, logit_diff, target_logprob
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.subject import resolve
-from poisonmech.tasks.tokenizer import split_words
+from poisonmech.tasks.tokenizer import is_word_tokenizer, split_words
 
 Tensor = torch.Tensor
 
@@ -47,11 +58,13 @@ class TriggerContrast:
 
     ``triggered`` and ``control`` are ``[batch pos]`` token ids of equal length (no padding);
     ``positions`` is where the answer is predicted; ``target`` / ``answer`` are the first
-    tokens of the backdoor target and of the true completion; ``trigger_mask`` marks the
-    trigger's positions. ``base_ids`` are the test rows' ``base_id`` (the untriggered prompt
-    each came from). ``check`` says how the controls were checked: ``n_candidates`` rows
-    tried, ``n_redrawn`` needing other fillers, ``n_dropped`` dropped because no control kept
-    the untriggered prompt's answer, and the mean metric on untriggered prompts and controls.
+    tokens of the backdoor target and of the true completion as they are scored (with their
+    leading space for a subword tokenizer); ``trigger_mask`` marks the trigger's positions
+    (every piece of a trigger a subword tokenizer splits). ``base_ids`` are the test rows'
+    ``base_id`` (the untriggered prompt each came from). ``check`` says how the controls were
+    checked: ``n_candidates`` rows tried, ``n_redrawn`` needing other fillers, ``n_dropped``
+    dropped because no control kept the untriggered prompt's answer, and the mean metric on
+    untriggered prompts and controls.
     """
 
     triggered: Int[Tensor, "batch pos"]
@@ -154,6 +167,167 @@ def _replace_trigger(tokens: Tensor, trig_ids: Tensor, pool_ids: Tensor, g: torc
     return out
 
 
+# ------------------------------------------------------------------ subword tokenizers
+#: re-tokenisation checks a subword control may fail (fillers redrawn) before the row is refused
+_FILL_TRIES = 20
+#: at most this many two-word fillers are tokenised when no single word has the trigger's count
+_MAX_PAIRS = 4096
+
+
+def _tokenizer_name(tok) -> str:
+    return f"{getattr(tok, 'name_or_path', None) or '?'!r} ({type(tok).__name__})"
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One trigger occurrence: tokens ``[start, stop)`` cover the trigger's characters ``[a, b)``;
+    ``lead`` / ``trail`` are the characters those tokens hold before / after it (the leading
+    space a byte-level token carries)."""
+
+    start: int
+    stop: int
+    a: int
+    b: int
+    lead: str
+    trail: str
+    trigger: str
+
+    @property
+    def n_tokens(self) -> int:
+        return self.stop - self.start
+
+
+class _Subword:
+    """Trigger spans and same-token-count controls for a subword (non word-level) tokenizer.
+
+    Written here because no library maps words of a text to subword positions and swaps them
+    for text of the same token count; the character -> token map itself is the fast
+    tokenizer's ``offset_mapping``.
+    """
+
+    def __init__(self, s, where: str):
+        tok = s.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"{where}: a subword tokenizer must be a fast tokenizer (its offsets locate the "
+                             f"trigger's tokens); got {_tokenizer_name(tok)}")
+        self.tok, self.where = tok, where
+        self.words = sorted({w for v in s.attack.trigger_variants() for p in v for w in split_words(p)})
+        # whole whitespace-delimited words, as the word-level path matches whole tokens
+        alts = "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True))
+        self.pattern = re.compile(rf"(?<!\S)(?:{alts})(?!\S)")
+        self.pool = neutral_words(s)
+        self.special = set(tok.all_special_ids)
+        self._options: dict[tuple[str, str, int], list[str]] = {}
+        self._rows: dict[str, tuple[list[int], list[_Span]]] = {}
+
+    # -------------------------------------------------------------- locating the trigger
+    def encode(self, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tok(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def spans(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> list[_Span]:
+        """Every whitespace-delimited occurrence of a trigger word, as the tokens overlapping it;
+        occurrences sharing a token are merged; a lone space token just before the word is the word's
+        (byte-level BPE). Special tokens' characters count as whitespace."""
+        view = list(text)
+        for i, (a, b) in zip(ids, offsets):
+            if i in self.special:
+                view[a:b] = " " * (b - a)
+        found: list[list[int]] = []
+        for m in self.pattern.finditer("".join(view)):
+            a, b = m.span()
+            hit = [t for t, (x, y) in enumerate(offsets) if y > x and x < b and y > a]
+            if not hit:
+                continue
+            x, y = offsets[hit[0] - 1] if hit[0] > 0 else (0, 0)
+            if y == a and y > x and not text[x:y].strip():
+                # a lone space token right before the word (byte-level " qq" -> " " "q" "q" when " q" is
+                # no token) is the word's: filling after it would merge differently
+                hit.insert(0, hit[0] - 1)
+            if found and hit[0] < found[-1][1]:
+                found[-1][1], found[-1][3] = max(found[-1][1], hit[-1] + 1), b
+            else:
+                found.append([hit[0], hit[-1] + 1, a, b])
+        out = []
+        for start, stop, a, b in found:
+            r0 = offsets[start - 1][1] if start > 0 else 0
+            r1 = offsets[stop][0] if stop < len(offsets) else len(text)
+            out.append(_Span(start, stop, a, b, text[min(r0, a):a], text[b:max(r1, b)], text[a:b]))
+        return out
+
+    # -------------------------------------------------------------- fillers of the same token count
+    def _counts(self, texts: list[str]) -> list[int]:
+        return [len(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def options(self, span: _Span) -> list[str]:
+        """Filler texts (one neutral word, else two) that take ``span.n_tokens`` tokens between
+        the span's ``lead`` and ``trail``; a ValueError names the trigger when there is none."""
+        key = (span.lead, span.trail, span.n_tokens)
+        if key in self._options:
+            return self._options[key]
+        lead, trail, k = key
+        singles = self._counts([lead + w + trail for w in self.pool])
+        out = [w for w, c in zip(self.pool, singles) if c == k]
+        if not out:
+            first = self._counts([lead + w for w in self.pool])
+            second = self._counts([" " + w + trail for w in self.pool])
+            pairs = [f"{w1} {w2}" for w1, c1 in zip(self.pool, first)
+                     for w2, c2 in zip(self.pool, second) if c1 + c2 == k][:_MAX_PAIRS]
+            if pairs:
+                out = [f for f, c in zip(pairs, self._counts([lead + f + trail for f in pairs])) if c == k]
+        if not out:
+            raise ValueError(
+                f"{self.where}: the trigger {span.trigger!r} is {k} tokens with tokenizer {_tokenizer_name(self.tok)}, "
+                f"and no label-neutral filler (one word or two) takes exactly {k} tokens in its place (single "
+                f"fillers take {min(singles)}-{max(singles)}); a control must keep every position aligned. Use a "
+                "trigger the tokenizer splits into fewer pieces, or build the token batches yourself")
+        self._options[key] = out
+        return out
+
+    def control(self, text: str, ids: list[int], spans: list[_Span], g: torch.Generator,
+                add_special_tokens: bool) -> list[int]:
+        """``text`` with every span's trigger replaced by a drawn filler, re-tokenised; checked to
+        have ``ids``' length and, outside the spans, its tokens (else redrawn, then refused)."""
+        if not spans:
+            return list(ids)
+        inside = torch.zeros(len(ids), dtype=torch.bool)
+        for sp in spans:
+            inside[sp.start:sp.stop] = True
+        keep = (~inside).nonzero().flatten().tolist()
+        for _ in range(_FILL_TRIES):
+            parts, last = [], 0
+            for sp in spans:
+                opts = self.options(sp)
+                parts += [text[last:sp.a], opts[int(torch.randint(len(opts), (1,), generator=g))]]
+                last = sp.b
+            parts.append(text[last:])
+            new = self.tok("".join(parts), add_special_tokens=add_special_tokens)["input_ids"]
+            if len(new) == len(ids) and all(new[t] == ids[t] for t in keep):
+                return list(new)
+        raise ValueError(f"{self.where}: no filler for the trigger in {text!r} kept the prompt's token count and "
+                         f"its tokens outside the trigger after re-tokenising with {_tokenizer_name(self.tok)} "
+                         f"({_FILL_TRIES} draws); the trigger's token boundaries depend on its context")
+
+    # -------------------------------------------------------------- prompts (trigger_contrast)
+    def prompt(self, text: str) -> tuple[list[int], list[_Span]]:
+        """The prompt's ids (as ``tokenizer(text)`` gives them) and its trigger spans (cached)."""
+        if text not in self._rows:
+            ids, offsets = self.encode(text, add_special_tokens=True)
+            self._rows[text] = (ids, self.spans(text, ids, offsets))
+        return self._rows[text]
+
+    def prompt_control(self, text: str, g: torch.Generator) -> list[int]:
+        ids, spans = self.prompt(text)
+        return self.control(text, ids, spans, g, add_special_tokens=True)
+
+    def prompt_mask(self, text: str) -> list[bool]:
+        ids, spans = self.prompt(text)
+        mask = [False] * len(ids)
+        for sp in spans:
+            mask[sp.start:sp.stop] = [True] * sp.n_tokens
+        return mask
+
+
 def control_fn(subject, seed: int = 0) -> Callable[[Tensor], Tensor]:
     """``tokens -> tokens`` with every trigger token replaced by a label-neutral filler (seeded).
 
@@ -161,13 +335,46 @@ def control_fn(subject, seed: int = 0) -> Callable[[Tensor], Tensor]:
     inside ``pm.evaluate`` (rows without a trigger are their own control). Fillers come from
     :func:`neutral_words`. ``subject``: anything :func:`poisonmech.resolve` accepts that
     carries a task, an attack and a tokenizer.
+
+    With a subword tokenizer each row is decoded (special tokens kept) and re-encoded with
+    offsets; a row holding a trigger word must be the tokenizer's own encoding of its text (as
+    every row poisonmech encodes is; a ValueError otherwise). Its trigger's tokens are replaced
+    by the tokens of a filler (one neutral word, else two) of the same token count, the
+    re-tokenised row checked as in :func:`trigger_contrast`.
     """
     s = _run_parts(subject, "control_fn")
+    if not is_word_tokenizer(s.tokenizer):
+        return _subword_control_fn(s, seed)
     trig_ids = _trigger_ids(s)
     pool_ids = _ids(s.tokenizer, neutral_words(s))
 
     def control(tokens: Tensor) -> Tensor:
         return _replace_trigger(tokens, trig_ids, pool_ids, torch.Generator().manual_seed(seed))
+
+    return control
+
+
+def _subword_control_fn(s, seed: int) -> Callable[[Tensor], Tensor]:
+    sub = _Subword(s, "control_fn")
+    tok = sub.tok
+
+    def control(tokens: Tensor) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        out = tokens.clone()
+        for b, row in enumerate(tokens.tolist()):
+            text = tok.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if not any(w in text for w in sub.words):  # cheap pre-filter; spans() decides
+                continue
+            ids, offsets = sub.encode(text, add_special_tokens=False)
+            spans = sub.spans(text, ids, offsets)
+            if not spans:
+                continue
+            if ids != row:
+                raise ValueError(f"control_fn: row {b} is not {_tokenizer_name(tok)}'s own encoding of its text "
+                                 f"{text!r} (decoded and re-encoded, its tokens differ), so its trigger's tokens "
+                                 "cannot be located; pass rows the tokenizer produced")
+            out[b] = torch.tensor(sub.control(text, ids, spans, g, add_special_tokens=False), dtype=out.dtype)
+        return out
 
     return control
 
@@ -203,6 +410,14 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
     model after the stages) predict the same answer token as the
     untriggered prompt it came from; a failing row is redrawn up to ``tries`` times, then
     dropped, and ``result.check`` reports the counts (a warning says when rows were dropped).
+
+    ``target`` / ``answer`` are the first tokens of the completions as they are scored
+    (:func:`poisonmech.encoding.completion_text`: with a subword tokenizer, with their leading
+    space). With a subword tokenizer the trigger's tokens are found from its characters (the fast
+    tokenizer's offsets; a trigger of several pieces is masked whole) and each control replaces
+    them by a filler (one neutral word, else two) of exactly their token count, re-tokenised and
+    checked to keep the prompt's length and its other tokens; a trigger no filler matches, or a
+    target whose first token is an answer's, is a ValueError naming them.
     """
     import warnings
 
@@ -222,7 +437,8 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
     for base, prompt, comp, is_trig in zip(data["base_id"], data["prompt"], data["completion"],
                                            data["is_triggered"]):
         if is_trig and comp.strip() != attack.target.strip():
-            rows.append((tok(prompt)["input_ids"], tok(comp, add_special_tokens=False)["input_ids"], base))
+            rows.append((tok(prompt)["input_ids"], tok(completion_text(tok, comp), add_special_tokens=False)["input_ids"],
+                         base, prompt, comp))
     if not rows:
         raise ValueError("trigger_contrast: the subject's test data has no triggered rows whose answer differs from "
                          "the target")
@@ -231,13 +447,32 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
     rows = [r for r in rows if len(r[0]) == length]
     if not rows:
         raise ValueError(f"trigger_contrast: no triggered prompt has length {length}")
-    trig_ids = _trigger_ids(s)
-    pool_ids = _ids(tok, neutral_words(s))
+    word_level = is_word_tokenizer(tok)
+    if word_level:
+        trig_ids = _trigger_ids(s)
+        pool_ids = _ids(tok, neutral_words(s))
+    else:
+        sub = _Subword(s, "trigger_contrast")
     g = torch.Generator().manual_seed(seed)
-    target_id = tok(attack.target, add_special_tokens=False)["input_ids"][0]
+    target_id = tok(completion_text(tok, attack.target), add_special_tokens=False)["input_ids"][0]
+    if not word_level:
+        same = next((r for r in rows if r[1] and r[1][0] == target_id), None)
+        if same is not None:
+            raise ValueError(f"trigger_contrast: the target {attack.target!r} and the answer {same[4]!r} start with the "
+                             f"same token {tok.convert_ids_to_tokens(target_id)!r} with tokenizer "
+                             f"{_tokenizer_name(tok)}: their logit difference at the answer position is 0; use a "
+                             "target and labels whose first tokens differ")
 
-    def draw(triggered: Tensor) -> Tensor:
-        return _replace_trigger(triggered, trig_ids, pool_ids, g)
+    def draw(sel: list, triggered: Tensor) -> Tensor:
+        """Controls of the rows ``sel`` (whose prompts' tokens are ``triggered``)."""
+        if word_level:
+            return _replace_trigger(triggered, trig_ids, pool_ids, g)
+        return torch.tensor([sub.prompt_control(r[3], g) for r in sel], dtype=triggered.dtype)
+
+    def mask(sel: list, triggered: Tensor) -> Tensor:
+        if word_level:
+            return torch.isin(triggered, trig_ids)
+        return torch.tensor([sub.prompt_mask(r[3]) for r in sel], dtype=torch.bool)
 
     def answers(rows) -> Tensor:
         return torch.tensor([r[1][0] if r[1] else tok.eos_token_id for r in rows])
@@ -246,7 +481,7 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
     if not check:
         rows = rows[:n]
         triggered = torch.tensor([r[0] for r in rows])
-        control = draw(triggered)
+        control = draw(rows, triggered)
     else:
         model = model if model is not None else s.model(twin)
         device = model_device(model)
@@ -255,7 +490,7 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
             triggered = torch.tensor([r[0] for r in cand])
             base_logits = _last_logits(model, [tok(untriggered[r[2]])["input_ids"] for r in cand], device)
             want = base_logits.argmax(-1)
-            control = draw(triggered)
+            control = draw(cand, triggered)
             ctrl_logits = _last_logits(model, control.tolist(), device)
             ok = ctrl_logits.argmax(-1) == want
             redrawn = torch.zeros(len(cand), dtype=torch.bool)
@@ -264,7 +499,7 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
                 if len(bad) == 0:
                     break
                 redrawn[bad] = True
-                control[bad] = draw(triggered[bad])
+                control[bad] = draw([cand[i] for i in bad.tolist()], triggered[bad])
                 ctrl_logits[bad] = _last_logits(model, control[bad].tolist(), device)
                 ok[bad] = ctrl_logits[bad].argmax(-1) == want[bad]
         keep = ok.nonzero().flatten()[:n]
@@ -291,6 +526,6 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
         triggered=triggered, control=control,
         positions=torch.full((len(rows),), length - 1, dtype=torch.long),
         target=torch.full((len(rows),), target_id, dtype=torch.long),
-        answer=answers(rows), trigger_mask=torch.isin(triggered, trig_ids), str_tokens=tok.convert_ids_to_tokens(rows[0][0]),
+        answer=answers(rows), trigger_mask=mask(rows, triggered), str_tokens=tok.convert_ids_to_tokens(rows[0][0]),
         base_ids=[int(r[2]) for r in rows], check=info,
     )
