@@ -4,7 +4,10 @@ For an activation ``a`` the estimated effect of patching in ``a_src`` is
 ``(a_src - a_base) . d metric / d a`` at the base run (Nanda 2023; Syed et al. 2023), per
 example. For queries and keys the linear estimate through the softmax saturates, so
 ``qk_fix=True`` (AtP*, Kramár et al. 2024) recomputes the patched attention pattern exactly
-and takes the first-order step from the pattern onwards instead.
+and takes the first-order step from the pattern onwards instead: with the bridge's rotary
+cos / sin on rotary models and each key / value head scored through the query heads that
+read it under grouped-query attention (falling back, with a warning, to the plain estimate
+where the pattern it recomputes does not match ``hook_pattern``).
 """
 
 from __future__ import annotations
