@@ -619,7 +619,9 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
         if cache.hit(result_path):
             return InfluenceResult.load(result_path)
 
-    tracked: list[TrackedModule] = find_modules(model, cfg.modules if cfg.method != "repsim" else "linear")
+    # repsim reads the unembedding's input, trained or not (a LoRA model's is frozen)
+    tracked: list[TrackedModule] = find_modules(model, cfg.modules) if cfg.method != "repsim" else \
+        find_modules(model, "linear", trainable_only=False)
     with eval_mode(model):
         if cfg.method == "loss":
             sc = Scores(scores=loss_scores(model, data, batch_size=cfg.batch_size, progress=progress)[None])

@@ -249,7 +249,8 @@ def _describe(name: str, mod: nn.Module, kind: str, shape: tuple[int, int, int |
                          head_prefix=prefix, lora=lora_side)
 
 
-def find_modules(model: nn.Module, modules: str | Sequence[str] = "linear") -> list[TrackedModule]:
+def find_modules(model: nn.Module, modules: str | Sequence[str] = "linear", *,
+                 trainable_only: bool = True) -> list[TrackedModule]:
     """The maps of ``model`` that a forward pass uses, in call order.
 
     ``modules``: ``"linear"`` (every ``nn.Linear`` / ``Conv1D``, the unembedding included),
@@ -257,6 +258,8 @@ def find_modules(model: nn.Module, modules: str | Sequence[str] = "linear") -> l
     map's label or path (``["L*.attn.*", "unembed"]``). Maps never called in a forward (the
     GPT-2 bridge keeps an unused fused ``qkv``) are left out, and so are maps whose output is
     shared by the whole batch (GPT-2's position embedding), which have no per-row gradient.
+    ``trainable_only``: leave out maps whose weight has ``requires_grad=False`` (the gradient
+    methods); ``False`` keeps them (RepSim reads a frozen unembedding's input).
     """
     if isinstance(modules, str) and modules not in PRESETS:
         raise ValueError(f"modules must be one of {PRESETS} or a list of glob patterns, got {modules!r}")
@@ -264,7 +267,7 @@ def find_modules(model: nn.Module, modules: str | Sequence[str] = "linear") -> l
     found = []
     for name, mod in model.named_modules():
         kind = _kind(mod)
-        if kind is None or not mod.weight.requires_grad:
+        if kind is None or (trainable_only and not mod.weight.requires_grad):
             continue
         t = _describe(name, mod, kind, shape)
         if isinstance(modules, str):
@@ -296,7 +299,9 @@ def find_modules(model: nn.Module, modules: str | Sequence[str] = "linear") -> l
                          "exclude them with modules=[...]")
     tracked = [by_name[n] for n in seen]
     if not tracked:
-        raise ValueError(f"no linear maps of the model match modules={modules!r}")
+        frozen = " (maps whose weight has requires_grad=False are left out)" if trainable_only else ""
+        raise ValueError(f"no {'trained ' if trainable_only else ''}linear maps of the model match "
+                         f"modules={modules!r}{frozen}")
     return tracked
 
 
