@@ -76,7 +76,7 @@ METHODS = ("ekfac", "kfac", "tracin", "trak", "graddot", "gradcos", "repsim", "l
 #: methods with a self-influence (``∇L_z^T P ∇L_z``)
 SELF_INFLUENCE = ("ekfac", "kfac", "tracin", "trak", "graddot")
 #: bumped when a change alters cached factors, features or results (part of every cache key)
-CACHE_VERSION = 2  # 2: EK-FAC's two passes draw the same sampled labels
+CACHE_VERSION = 1
 #: methods that can average over checkpoints (``ensemble``)
 ENSEMBLE_METHODS = ("graddot", "gradcos", "trak", "kfac", "ekfac")
 

@@ -14,12 +14,12 @@ reach a scored token. With ``A = Q_A diag(λ_A) Q_A^T`` and ``G = Q_G diag(λ_G)
 The damping ``δ`` defaults to 0.1 × the mean eigenvalue of each block (kronfluence's
 heuristic). The pseudo-gradients of the curvature come from labels sampled from the model
 (``fisher="mc"``, the true Fisher, an unbiased estimate of the Gauss–Newton matrix for a
-softmax cross-entropy) or from the data (``fisher="empirical"``). Both EK-FAC passes draw the
-*same* sampled labels (one seed, the same batches): with fewer scored tokens than a map has
-outputs, ``G`` is singular, and labels drawn afresh for the correction pass would put
-curvature into its null space along eigenvectors that are arbitrary there (they differ
-between equivalent models, e.g. a ``Conv1D`` and its ``nn.Linear`` twin); with the same
-labels ``Λ`` is exactly zero in that null space, as for ``fisher="empirical"``.
+softmax cross-entropy) or from the data (``fisher="empirical"``). As in kronfluence, the
+correction pass draws fresh labels (the generator continues). With fewer scored tokens than a
+map has outputs ``G`` is singular, and EK-FAC then puts the fresh labels' curvature into its
+null space along eigenvectors that ``eigh`` chooses arbitrarily there: with ``fisher="mc"`` on
+so little data, two equivalent models (a bridge and its Hugging Face module) can differ by
+much more than rounding; ``fisher="empirical"`` and K-FAC are unaffected.
 
 The eigenvalue-correction pass projects each position's ``a`` and ``g`` into the
 eigenbases before forming the row's gradient, ``Q_G^T (Σ_t g_t a_t^T) Q_A = Σ_t (Q_G^T g_t)
@@ -249,7 +249,7 @@ def fit_factors(model: torch.nn.Module, modules: Sequence[TrackedModule], data: 
     """Fit K-FAC (one pass over ``data``) or EK-FAC (two passes) factors.
 
     ``damping``: ``None`` for 0.1 × each block's mean eigenvalue, or an absolute value.
-    ``seed`` seeds the sampled labels of ``fisher="mc"`` (the same draws in both passes).
+    ``seed`` seeds the sampled labels of ``fisher="mc"``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -263,10 +263,8 @@ def fit_factors(model: torch.nn.Module, modules: Sequence[TrackedModule], data: 
         seconds = {"covariances": time.perf_counter() - t0}
         if strategy == "ekfac":
             t0 = time.perf_counter()
-            # re-seeded: the correction pass samples the labels the covariance pass did (module docstring)
-            f = fit_eigenvalue_correction(model, f, data, fisher=fisher, batch_size=batch_size,
-                                          generator=torch.Generator().manual_seed(seed), progress=progress,
-                                          index=index)
+            f = fit_eigenvalue_correction(model, f, data, fisher=fisher, batch_size=batch_size, generator=gen,
+                                          progress=progress, index=index)
             seconds["eigenvalue correction"] = time.perf_counter() - t0
     f.damping = damping
     f.seconds = seconds
