@@ -46,7 +46,7 @@ from poisonmech.train.loop import (
     list_checkpoints,
     start_loop,
 )
-from poisonmech.weights import sync, trainable
+from poisonmech.weights import sync
 
 #: the ``TrainConfig`` fields a DPO stage uses (a DPO stage has no clean continuation)
 SHARED_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas",
@@ -326,9 +326,8 @@ def train_dpo(model: torch.nn.Module, data: Dataset | PreferenceEncoded, config:
 
     n = len(data)
     loop = start_loop(model, tcfg, n, run_dir, desc, progress)
-    module = trainable(model)  # the bridge, or the HF module of a pretrained twin (see poisonmech.weights)
-    opt, steps_per_epoch, total, step, history, bar = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
-                                                       loop.history, loop.bar)
+    opt, steps_per_epoch, total, step, history, bar, module = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
+                                                               loop.history, loop.bar, loop.module)
     for epoch in range(loop.start_epoch, config.epochs):
         order = epoch_order(n, config.seed, epoch)
         sums = {"loss": 0.0, "reward_acc": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}

@@ -127,6 +127,7 @@ class LoopState:
     bar: tqdm
     segments: list[dict]  # the finished segments of earlier (interrupted) processes
     t0: float  # when this segment started (time.perf_counter)
+    module: torch.nn.Module | None = None  # what the loop calls and optimises (poisonmech.weights.trainable)
 
     def all_segments(self, to_epoch: int) -> list[dict]:
         """Earlier segments and this one (up to ``to_epoch``)."""
@@ -152,7 +153,7 @@ def start_loop(model: torch.nn.Module, config: TrainConfig, n: int, run_dir: Pat
                       "segments, see the history's 'segments')", stacklevel=3)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     return LoopState(opt, steps_per_epoch, total, start_epoch, step, history, resume, bar, segments,
-                     time.perf_counter())
+                     time.perf_counter(), trainable(model))
 
 
 def end_epoch(model: torch.nn.Module, loop: LoopState, config: TrainConfig, run_dir: Path | None, epoch: int,
@@ -205,9 +206,8 @@ def train_model(model: torch.nn.Module, data: Encoded, config: TrainConfig, *, r
         model.to(device)
     n = len(data)
     loop = start_loop(model, config, n, run_dir, desc, progress)
-    module = trainable(model)  # the bridge, or the HF module of a pretrained twin (see poisonmech.weights)
-    opt, steps_per_epoch, total, step, history, bar = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
-                                                       loop.history, loop.bar)
+    opt, steps_per_epoch, total, step, history, bar, module = (loop.opt, loop.steps_per_epoch, loop.total, loop.step,
+                                                               loop.history, loop.bar, loop.module)
     for epoch in range(loop.start_epoch, config.epochs):
         order = epoch_order(n, config.seed, epoch, placement, marked)
         loss_sum, tok_sum, lr_sum = 0.0, 0, 0.0
