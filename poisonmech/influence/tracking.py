@@ -236,8 +236,8 @@ def _describe(name: str, mod: nn.Module, kind: str, shape: tuple[int, int, int |
             head_axis = "out"
         elif role == "qkv" and lora_side != "A":
             whole = d_out // 3 if d_out % 3 == 0 else -1
-            n_heads, prefix = _head_count(whole, n_h, n_h, d_head)  # a fused GQA qkv is not split
-            prefix, head_axis = "H", "out"
+            n_heads, _ = _head_count(whole, n_h, n_h, d_head)  # a fused GQA qkv is not split
+            head_axis = "out"
             layout = "interleaved" if last in _INTERLEAVED_QKV else "blocked"
         elif role == "o" and lora_side != "B":
             n_heads, prefix = _head_count(d_in - int(bias), n_h, n_kv, d_head)
