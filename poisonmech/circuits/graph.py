@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from jaxtyping import Bool
 
+from poisonmech.sites import architecture_name
+
 Tensor = torch.Tensor
 
 CHANNELS = ("q", "k", "v")
@@ -327,10 +329,3 @@ class Graph:
         return (f"Graph(n_layers={self.n_layers}, n_heads={self.n_heads}, has_mlp={self.has_mlp}{extra}: "
                 f"{len(self.nodes)} nodes, {self.n_edges} edges)")
 
-
-def architecture_name(model) -> str:
-    """The Hugging Face class a bridge wraps (``"GPTNeoXForCausalLM"``), for error messages."""
-    original = getattr(model, "original_model", None)
-    if original is not None:
-        return type(original).__name__
-    return getattr(getattr(model, "cfg", None), "architecture", None) or type(model).__name__

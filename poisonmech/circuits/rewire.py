@@ -40,9 +40,9 @@ from contextlib import contextmanager
 import torch
 from jaxtyping import Bool, Float, Int
 
-from poisonmech.circuits.graph import CHANNELS, Graph, architecture_name
+from poisonmech.circuits.graph import CHANNELS, Graph
 from poisonmech.runtime import eval_mode, model_device
-from poisonmech.sites import hook_name
+from poisonmech.sites import architecture_name, hook_name
 
 Tensor = torch.Tensor
 

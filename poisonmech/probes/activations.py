@@ -81,7 +81,8 @@ def check_site_layers(model: torch.nn.Module, site: str, layers: int | Sequence[
     available = tuple(s for s in SITES if hook_name(s, 0) in hooks)
     for layer in out:
         if hook_name(site, layer) not in hooks:
-            raise ValueError(f"site={site!r}: the model has no hook {hook_name(site, layer)!r} "
+            why = sites.missing_site(model, site) or f"site {site!r} is missing in layer {layer}"
+            raise ValueError(f"site={site!r}: no hook {hook_name(site, layer)!r} in the model; {why} "
                              f"(sites it has: {available})")
     return out
 

@@ -9,7 +9,7 @@ intervention, so a probe direction can be tested for whether the model *uses* it
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,38 @@ def _layers(model: torch.nn.Module, site: str, layer: int | Sequence[int]) -> tu
     return check_site_layers(model, site, layer)
 
 
+def _edit_hooks(model: torch.nn.Module, site: str, layers: tuple[int, ...], edits: Sequence[Callable[[Tensor], Tensor]]
+                ) -> list[tuple[str, Callable]]:
+    """Hooks that replace the activation ``x`` of ``site`` at each layer by ``edits[i](x)``.
+
+    On a TransformerBridge, ``hook_resid_mid`` is an alias of the MLP norm's input
+    (``ln2.hook_in``): a value written there reaches the MLP but not the residual stream's skip
+    connection, so the block's output would still carry the unedited ``resid_mid``. For that
+    site the edit is also added to the block's output (``resid_post += edit(x) - x``): the
+    residual stream itself is edited, as the site's name says, and the MLP reads the edited one.
+    """
+    pairs = []
+    hooks = model.hook_dict
+    for layer, edit in zip(layers, edits):
+        name = hook_name(site, layer)
+        alias = site == "resid_mid" and hooks.get(name) is hooks.get(f"blocks.{layer}.ln2.hook_in")
+        if not alias:
+            pairs.append((name, lambda x, hook, edit=edit: edit(x)))  # noqa: ARG005
+            continue
+        state: dict[str, Tensor] = {}
+
+        def at_mid(x: Tensor, hook, edit=edit, state=state) -> Tensor:  # noqa: ARG001
+            out = edit(x)
+            state["delta"] = out - x
+            return out
+
+        def at_post(x: Tensor, hook, state=state) -> Tensor:  # noqa: ARG001
+            return x + state.pop("delta")
+
+        pairs += [(name, at_mid), (hook_name("resid_post", layer), at_post)]
+    return pairs
+
+
 @contextmanager
 def ablate_direction(subject, layer: int | Sequence[int],
                      direction: Float[Tensor, " d_model"] | Float[Tensor, "layer d_model"], *,
@@ -69,6 +101,9 @@ def ablate_direction(subject, layer: int | Sequence[int],
     Each activation ``x`` becomes ``x - (x·d - value) d`` with ``d`` the unit direction: its
     component along ``d`` is set to ``value`` (0: projected out; a class mean: mean-ablation).
     ``layer`` may be a list (one direction for all, or one per layer: ``(layer, d_model)``).
+    At ``site="resid_mid"`` the residual stream between attention and MLP is edited: what the
+    MLP reads and what the block passes on (a bridge's ``hook_resid_mid`` alone reaches only
+    the MLP). Parallel-residual models (GPT-NeoX) have no ``resid_mid``: a ``ValueError``.
     Hooks are removed on exit, also when the body raises. Yields the model.
     """
     model = resolve(subject, where="ablate_direction").model(twin)
@@ -76,12 +111,12 @@ def ablate_direction(subject, layer: int | Sequence[int],
     dirs = _unit_directions(model, layers, direction)
 
     def make(d: Tensor):
-        def hook(x: Tensor, hook) -> Tensor:  # noqa: ARG001
+        def edit(x: Tensor) -> Tensor:
             u = d.to(device=x.device, dtype=x.dtype)
             return x - ((x @ u) - value)[..., None] * u
-        return hook
+        return edit
 
-    with model.hooks(fwd_hooks=[(hook_name(site, lay), make(d)) for lay, d in zip(layers, dirs)]):
+    with model.hooks(fwd_hooks=_edit_hooks(model, site, layers, [make(d) for d in dirs])):
         yield model
 
 
@@ -93,7 +128,8 @@ def steer(subject, layer: int | Sequence[int],
     position) of the subject's model (``twin``, default: its default role). Yields the model.
 
     ``alpha`` is in activation units (compare it with the projections of real activations,
-    e.g. a probe's class means). Hooks are removed on exit, also when the body raises.
+    e.g. a probe's class means). ``resid_mid`` as in :func:`ablate_direction`. Hooks are removed
+    on exit, also when the body raises.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
@@ -102,11 +138,11 @@ def steer(subject, layer: int | Sequence[int],
     dirs = _unit_directions(model, layers, direction)
 
     def make(d: Tensor):
-        def hook(x: Tensor, hook) -> Tensor:  # noqa: ARG001
+        def edit(x: Tensor) -> Tensor:
             return x + alpha * d.to(device=x.device, dtype=x.dtype)
-        return hook
+        return edit
 
-    with model.hooks(fwd_hooks=[(hook_name(site, lay), make(d)) for lay, d in zip(layers, dirs)]):
+    with model.hooks(fwd_hooks=_edit_hooks(model, site, layers, [make(d) for d in dirs])):
         yield model
 
 
