@@ -176,3 +176,21 @@ def test_an_architecture_transformer_lens_cannot_bridge_is_named(tmp_path, bpe):
     bpe.save_pretrained(folder)
     with pytest.raises(ValueError, match="cannot bridge the architecture 'BioGptForCausalLM'; it bridges: .*GPT2LMHeadModel"):
         pm.PretrainedModel(str(folder)).load_model()
+
+
+def test_a_lora_pair_is_attributed_over_its_adapters(tmp_path, bases, task):
+    pair = pm.train_pair(task, _attack(), model=pm.PretrainedModel(str(bases["llama"]), finetune="lora", lora_rank=2),
+                         train=pm.TrainConfig(epochs=1, batch_size=32, lr=3e-3), out_dir=tmp_path / "run",
+                         progress=False)
+    queries = pair.test_data.filter(lambda r: r["is_triggered"]).select(range(4))
+    via_pair = pm.influence.attribute(pair, query=queries, method="graddot")
+    adapted = lora_module(pair.backdoored)
+    direct = pm.influence.attribute(adapted, train=pair.train_data, query=queries, tokenizer=pair.tokenizer,
+                                    method="graddot")
+    assert torch.allclose(via_pair.scores, direct.scores, rtol=1e-5, atol=1e-7)
+    # the merged weights, every one trained (full-space attribution): other scores
+    merged = pm.influence.attribute(pair.backdoored.original_model, train=pair.train_data, query=queries,
+                                    tokenizer=pair.tokenizer, method="graddot")
+    assert not torch.allclose(via_pair.scores, merged.scores, rtol=1e-3)
+    tracin = pm.influence.attribute(pair, query=queries, method="tracin")  # over the adapter checkpoints
+    assert tracin.scores.shape == via_pair.scores.shape and torch.isfinite(tracin.scores).all()

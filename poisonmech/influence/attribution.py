@@ -69,6 +69,7 @@ from poisonmech.runtime import eval_mode, model_device
 from poisonmech.storage import load_tensors, save_tensors, write_json
 from poisonmech.subject import Subject, model_fingerprint, resolve
 from poisonmech.train.loop import Checkpoint
+from poisonmech.weights import lora_module
 
 Tensor = torch.Tensor
 
@@ -547,7 +548,9 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
     t_start = time.perf_counter()
     s = resolve(subject, where="attribute")
     role = s.role(twin)
-    model = s.model(role)
+    # a LoRA twin is attributed over its adapters (LoRA-space attribution, as in the literature):
+    # the adapted module, base frozen; its checkpoints hold the adapter tensors
+    model = lora_module(s.model(role)) or s.model(role)
     tokenizer = _check_tokenizer(model, tokenizer if tokenizer is not None else s.tokenizer)
     dpo = s.preference(role)  # a pipeline's DPO stage: the twin's own pairs and reference
     if train is None and dpo is not None and dpo["data"] is not None:

@@ -228,10 +228,20 @@ def with_weights(model: torch.nn.Module, state: dict[str, Tensor], fn: Callable[
     """Run ``fn`` with ``model`` holding ``state`` (a checkpoint), restoring its weights after."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        model.load_state_dict(state)
+        _load_checkpoint(model, state)
         return fn()
     finally:
         model.load_state_dict(saved)
+
+
+def _load_checkpoint(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a checkpoint: all of the model's tensors, or (a LoRA run's checkpoints) only its
+    trained ones, the frozen base staying as it is."""
+    keys = set(model.state_dict())
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    partial = set(state) < keys and not set(state) & frozen and (keys - set(state)) <= frozen
+    model.load_state_dict(state, strict=not partial)
 
 
 __all__ = ["RENORMALIZE", "ComponentMap", "Scores", "gradient_scores", "gram_norms", "precondition",
