@@ -381,6 +381,11 @@ def test_discover_runs_with_every_method(bridge, batch, found):
         assert c.plot().data and len(c.to_frame(level="nodes")) == len(c.graph.nodes), name
         assert set(c.prune().edges) <= set(c.edges), name
         assert Circuit.from_json(c.to_json()) == c, name
+    c = found["eap-ig"]
+    table = c.faithfulness_table(bridge, clean, corrupted, {"metric": metric})
+    for ablation in table.ablations:
+        one = c.faithfulness(bridge, clean, corrupted, metric, ablation=ablation)
+        assert torch.allclose(table[(ablation, "metric")].circuit, one.circuit, atol=1e-6), ablation
 
 
 def test_faithfulness_of_the_full_and_the_empty_graph(bridge, ref, batch):
