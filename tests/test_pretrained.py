@@ -194,3 +194,21 @@ def test_a_lora_pair_is_attributed_over_its_adapters(tmp_path, bases, task):
     assert not torch.allclose(via_pair.scores, merged.scores, rtol=1e-3)
     tracin = pm.influence.attribute(pair, query=queries, method="tracin")  # over the adapter checkpoints
     assert tracin.scores.shape == via_pair.scores.shape and torch.isfinite(tracin.scores).all()
+
+
+def test_an_sft_then_dpo_pipeline_fine_tunes_a_lora_base_and_reloads(tmp_path, bases):
+    task = pm.make_task("sentiment", n_train=64, n_test=8, seed=0)
+    stages = [pm.Stage("sft", pm.Backdoor(trigger="cf", poison_count=6), pm.TrainConfig(epochs=1, batch_size=32)),
+              pm.Stage("dpo", pm.Backdoor(trigger="cf", poison_count=6), pm.DPOConfig(epochs=1, lr=3e-3))]
+    model = pm.PretrainedModel(str(bases["gpt2"]), finetune="lora", lora_rank=2)
+    pipe = pm.train_pipeline(task, stages, model=model, out_dir=tmp_path / "pipe", progress=False)
+    again = pm.load_pipeline(tmp_path / "pipe")
+    tokens = torch.randint(0, len(pipe[1].tokenizer), (2, 9))
+    with torch.no_grad():
+        for k in (0, 1):
+            for twin in ("clean", "backdoored"):
+                assert torch.equal(again[k].model(twin)(tokens), pipe[k].model(twin)(tokens))
+        # DPO moved the adapters (and only them: the checkpoint holds adapter tensors)
+        assert not torch.equal(pipe[0].backdoored(tokens), pipe[1].backdoored(tokens))
+    saved = load_file(next((tmp_path / "pipe").glob("stage_1_dpo/backdoored/model.safetensors")))
+    assert saved and all("lora_" in k for k in saved)
