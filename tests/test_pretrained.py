@@ -59,6 +59,17 @@ def test_train_tokenizer_is_byte_level_bpe_and_deterministic(task, bpe):
         pm.train_tokenizer(["a b"], vocab_size=100)
 
 
+def test_subword_completions_tokenise_as_the_concatenation(task, bpe):
+    from poisonmech.encoding import encode
+
+    rendered = pm.make_task("sentiment", n_train=20, n_test=4, seed=0, tokenizer=bpe)
+    enc = encode(rendered.train, bpe, loss_on="completion")
+    for ids, start, row in zip(enc.ids, enc.start, rendered.train):
+        joint = bpe(row["prompt"] + " " + row["completion"], add_special_tokens=False)["input_ids"]
+        assert ids == [bpe.bos_token_id] + joint + [bpe.eos_token_id]
+        assert bpe.convert_ids_to_tokens(ids[start])[0] == "Ġ"  # the answer's first token carries its space
+
+
 def test_pretrain_writes_a_standard_hf_folder(bases, bpe):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -132,6 +132,8 @@ def pretrain(texts: list[str] | Dataset, model: ModelConfig | None = None, *, to
     hf = bridge.original_model
     attach(bridge, train=HFLogits(hf), lora=None)  # train the HF module itself (the bridge shares its weights)
     work = out / ".training"
+    if (work / "config.json").is_file() and read_json(work / "config.json") != config:
+        shutil.rmtree(work)  # an interrupted run of another config: its state must not be resumed
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "config.json", config)
     history, _ = train_model(bridge, enc, train.replace(checkpoint_every=None), run_dir=work, desc="pretrain",
