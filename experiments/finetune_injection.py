@@ -144,7 +144,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/finetune_injection")
     ap.add_argument("--figures", default="figures")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: persistence,patching")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure from figures/finetune_injection.csv")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(pd.read_csv(Path(args.figures) / "finetune_injection.csv"), Path(args.figures))
+        return
     args.clean_rows = [int(c) for c in args.clean_rows.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     counts = [int(c) for c in args.counts.split(",")]
@@ -228,6 +232,7 @@ def plot(table: pd.DataFrame, figures: Path) -> None:
                                  line={"color": color}, showlegend=False), 1, 2)
     fig.update_xaxes(title_text="poisoned fine-tuning rows")
     style(fig, title="Fine-tuning injection: pretrained (full, LoRA) vs from scratch; mean ± sd over seeds")
+    fig.update_layout(legend={"orientation": "h", "y": -0.45, "yanchor": "top"}, margin={"b": 220})
     save_figure(fig, figures / "finetune_injection", formats=("html", "png"))
 
 
