@@ -25,23 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from train_throughput import plain_loop  # the same bare loop as the from-scratch benchmark
 
 import poisonmech as pm
 from poisonmech.encoding import encode
+from poisonmech.pretrained import HFLogits
 from poisonmech.train.loop import epoch_order, train_model
 from poisonmech.weights import trainable
-
-
-def bare_loop(model: torch.nn.Module, batches, lr: float) -> None:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for tokens, mask in batches:
-        logits = model(input_ids=tokens).logits
-        loss = F.cross_entropy(logits[:, :-1][mask], tokens[:, 1:][mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
 
 def main() -> None:
@@ -92,7 +82,7 @@ def main() -> None:
                 if kind == "lora":  # the same adapters on the bare module
                     bare = trainable(pm.PretrainedModel(str(folder), finetune="lora").load_model()).module
                 t0 = time.perf_counter()
-                bare_loop(bare, batches, train.lr)
+                plain_loop(HFLogits(bare), batches, 1, train.lr)
                 best["plain_pytorch"] = min(best["plain_pytorch"], time.perf_counter() - t0)
             suffix = "" if kind == "full" else "_lora"
             rate = {k: enc.n_tokens / v for k, v in best.items()}

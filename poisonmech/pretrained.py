@@ -107,14 +107,6 @@ class PretrainedModel(Config):
 
     # ------------------------------------------------------------------ what the run code reads
     @property
-    def architecture(self) -> str:
-        return "pretrained"
-
-    @property
-    def attn_only(self) -> bool:
-        return False
-
-    @property
     def max_positions(self) -> int:
         return max_positions(load_config(self))
 
@@ -154,7 +146,7 @@ def _source(cfg: PretrainedModel) -> str:
                      if pickles else "")
             raise FileNotFoundError(f"PretrainedModel.path: {path} has no model.safetensors{extra}")
         return str(path)
-    if cfg.path.startswith((".", "/", "~")) or os.sep in cfg.path.strip("/") and cfg.path.count("/") > 1:
+    if cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") > 1:  # a path, not "org/name"
         raise FileNotFoundError(f"PretrainedModel.path: no folder {path}")
     return cfg.path  # a hub name: must be in the local cache (local_files_only below)
 
@@ -228,7 +220,11 @@ def load_tokenizer(cfg: PretrainedModel) -> PreTrainedTokenizerBase:
 
 
 def base_hash(model: torch.nn.Module) -> str:
-    """sha256 over the base's tensors (names, dtypes, shapes and bytes), independent of file layout."""
+    """sha256 over the base's tensors (names, dtypes, shapes and bytes), independent of file layout.
+
+    Not :func:`poisonmech.subject.model_fingerprint` (names and bytes only): this hash is recorded
+    in run configs, and it also tells a base whose tensors were re-typed or reshaped apart.
+    """
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous()

@@ -37,10 +37,6 @@ def lora_module(model: torch.nn.Module) -> torch.nn.Module | None:
     return model.__dict__.get(_LORA)
 
 
-def is_lora(model: torch.nn.Module) -> bool:
-    return lora_module(model) is not None
-
-
 def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if "lora_" in k}
 
@@ -108,4 +104,4 @@ def _merge(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-__all__ = ["attach", "is_lora", "load_weights", "lora_module", "lora_state", "sync", "trainable", "weights"]
+__all__ = ["attach", "load_weights", "lora_module", "lora_state", "sync", "trainable", "weights"]

@@ -91,3 +91,20 @@ def train_tiny_pipeline(out_dir, *, sft_poison: int = 6, dpo_poison: int = 6) ->
               pm.Stage("dpo", pm.Backdoor(trigger="cf", poison_count=dpo_poison), pm.DPOConfig(epochs=1, lr=3e-3))]
     return pm.train_pipeline(tiny_task(n_train=96, n_test=12), stages, model=tiny_model_config(),
                              out_dir=out_dir, progress=False)
+
+
+def check_rewired_forward(model, clean: torch.Tensor, corrupted: torch.Tensor) -> None:
+    """The circuits' rewiring is exact with nothing ablated, and ablating every edge (patching
+    reference) gives the corrupted run: one wrong or missing edge in the graph breaks this."""
+    from poisonmech.circuits import Graph, rewired
+    from poisonmech.circuits.rewire import reference_activations
+
+    graph = Graph.from_model(model)
+    ref = reference_activations(model, graph, corrupted, "patching")
+    with torch.no_grad():
+        with rewired(model, graph):
+            same = model(clean)
+        with rewired(model, graph, ablate=graph.edge_mask, reference=ref):
+            all_ablated = model(clean)
+        assert torch.allclose(same, model(clean), atol=1e-5)
+        assert torch.allclose(all_ablated, model(corrupted), atol=1e-4)

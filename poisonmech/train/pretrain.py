@@ -59,10 +59,7 @@ def chunk_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, n_ctx: int
         raise ConfigError(f"ModelConfig.n_ctx={n_ctx} is too short to train on text")
     for toks in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         toks = toks + eos
-        for i in range(0, len(toks), width):
-            piece = toks[i:i + width]
-            if len(piece) >= 1:
-                ids.append(bos + piece)
+        ids += [bos + toks[i:i + width] for i in range(0, len(toks), width)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Encoded(ids=ids, start=[len(bos)] * len(ids), pad_id=pad)
 

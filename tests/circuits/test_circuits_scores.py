@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from poisonmech.circuits import Graph, edge_attribution, rewired
 from poisonmech.circuits.rewire import reference_activations
 from poisonmech.patching import logit_diff
-from tests.helpers import small_model
+from tests.helpers import check_rewired_forward, small_model
 
 D_VOCAB = 40
 
@@ -92,15 +92,7 @@ def test_manual_forward_matches_the_bridge(model, batch):
 
 def test_rewired_forward_is_exact_and_full_ablation_is_the_corrupted_run(model, batch):
     clean, corrupted, _ = batch
-    graph = Graph.from_model(model)
-    ref = reference_activations(model, graph, corrupted, "patching")
-    with torch.no_grad():
-        with rewired(model, graph):
-            same = model(clean)
-        with rewired(model, graph, ablate=graph.edge_mask, reference=ref):
-            all_ablated = model(clean)
-        assert torch.allclose(same, model(clean), atol=1e-5)
-        assert torch.allclose(all_ablated, model(corrupted), atol=1e-4)
+    check_rewired_forward(model, clean, corrupted)
 
 
 @pytest.mark.parametrize("mode", ["noise", "denoise"])

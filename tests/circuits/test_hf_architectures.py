@@ -21,6 +21,7 @@ import poisonmech as pm
 from poisonmech.circuits import Circuit, Graph, ablated, edge_attribution, rewired
 from poisonmech.circuits.rewire import reference_activations
 from poisonmech.patching import logit_diff
+from tests.helpers import check_rewired_forward
 from tests.hf_models import HF_ARCHS, hf_module
 
 VOCAB = 60
@@ -259,16 +260,8 @@ def test_sources_sum_to_the_residual_stream_and_match_the_reference(bridge, ref,
 # ---- rewired forwards ------------------------------------------------------------------------------
 def test_rewired_forward_is_exact_and_full_ablation_is_the_corrupted_run(bridge, batch):
     clean, corrupted, _ = batch
-    graph = Graph.from_model(bridge)
-    ref = reference_activations(bridge, graph, corrupted, "patching")
-    with torch.no_grad():
-        with rewired(bridge, graph):
-            same = bridge(clean)
-        with rewired(bridge, graph, ablate=graph.edge_mask, reference=ref):
-            all_ablated = bridge(clean)
-        # one wrong edge (a0's heads into m0 in a parallel block, or a missing one) would break this
-        assert torch.allclose(same, bridge(clean), atol=1e-5)
-        assert torch.allclose(all_ablated, bridge(corrupted), atol=1e-4)
+    # one wrong edge (a0's heads into m0 in a parallel block, or a missing one) would break this
+    check_rewired_forward(bridge, clean, corrupted)
 
 
 def test_ablating_every_edge_into_a_destination_gives_its_corrupted_input(bridge, ref, batch):
