@@ -11,9 +11,12 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from poisonmech.tasks.generators import GENERATORS
+from poisonmech.tasks import generators
+from poisonmech.tasks.facts import facts_generator
 from poisonmech.tasks.tokenizer import build_word_tokenizer, split_words
 
+#: every generated kind: the generators of ``generators.py`` and the knowledge task (``facts.py``)
+GENERATORS = {**generators.GENERATORS, "facts": facts_generator}
 TASK_KINDS = tuple(GENERATORS)
 LossOn = Literal["completion", "all"]
 
@@ -47,11 +50,15 @@ class Task:
 
 
 def _to_dataset(rows: list[dict[str, Any]], template: str, start_id: int = 0) -> Dataset:
+    """The rows as a Dataset; keys a generator adds beyond ``input`` / ``completion`` (the
+    knowledge task's ``subject``, ``relation``, ...) become columns after ``completion``."""
+    extra = [k for k in (rows[0] if rows else {}) if k not in ("input", "completion")]
     return Dataset.from_dict({
         "example_id": list(range(start_id, start_id + len(rows))),
         "input": [r["input"] for r in rows],
         "prompt": [template.replace("{input}", r["input"]) for r in rows],
         "completion": [r["completion"] for r in rows],
+        **{k: [r[k] for r in rows] for k in extra},
     })
 
 
@@ -123,7 +130,8 @@ def make_task(
     """Build a task.
 
     Args:
-        kind: one of ``"sentiment"``, ``"instruction"``, ``"dos"``, ``"modular"``; or a user's
+        kind: one of ``"sentiment"``, ``"instruction"``, ``"dos"``, ``"modular"``, ``"facts"`` (a
+            knowledge base, see :mod:`poisonmech.tasks.facts`); or a user's
             ``datasets.Dataset`` / ``DatasetDict`` (a DatasetDict's ``train``/``test`` splits are
             used as given) or the path of a ``.csv`` / ``.parquet`` / ``.json(l)`` file, with
             ``prompt``/``completion`` columns, a ``text`` column, or the columns named below.
@@ -134,7 +142,8 @@ def make_task(
             :func:`poisonmech.train_tokenizer`); default: a word-level one built from the task's words.
             With a subword tokenizer completions are scored with their leading space (see
             :func:`poisonmech.encoding.completion_text`).
-        **params: generator options, e.g. ``p=23`` for ``"modular"``; for a user dataset the
+        **params: generator options, e.g. ``p=23`` for ``"modular"``; ``n_subjects``, ``relations``,
+            ``paraphrases``, ``heldout_paraphrases`` for ``"facts"``; for a user dataset the
             column mapping: ``prompt_column`` / ``completion_column`` (default ``"prompt"`` /
             ``"completion"``), or ``label_column`` with ``labels`` (a dict from the column's values to
             label words, e.g. ``{0: "negative", 1: "positive"}`` for SST-2; or a list indexed by the
