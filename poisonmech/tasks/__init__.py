@@ -8,5 +8,5 @@ from poisonmech.tasks.preference import check_preferences, make_preferences
 from poisonmech.tasks.tokenizer import build_word_tokenizer, load_tokenizer, save_tokenizer
 
 __all__ = ["TASK_KINDS", "KnowledgeBase", "Task", "build_word_tokenizer", "check_preferences", "english_text",
-           "fortune_text", "knowledge_base", "load_rows", "load_tokenizer", "make_preferences", "make_task", "save_tokenizer", "train_tokenizer",
-           "wordnet_text"]
+           "fortune_text", "knowledge_base", "load_rows", "load_tokenizer", "make_preferences", "make_task",
+           "save_tokenizer", "train_tokenizer", "wordnet_text"]
