@@ -19,6 +19,16 @@ from poisonmech.defenses.base import (
     names,
     register,
 )
+from poisonmech.defenses.benchmark import (
+    COLUMNS,
+    DEFAULT_DEFENSES,
+    DefenseBenchmark,
+    DefenseConfig,
+    benchmark,
+    check_clean_data,
+    clean_set,
+)
 
-__all__ = ["DEFENSES", "KINDS", "Context", "DataAudit", "Defense", "InputFilter", "ModelAudit", "Repair", "get",
+__all__ = ["COLUMNS", "DEFAULT_DEFENSES", "DEFENSES", "KINDS", "DefenseBenchmark", "DefenseConfig", "benchmark",
+           "check_clean_data", "clean_set", "Context", "DataAudit", "Defense", "InputFilter", "ModelAudit", "Repair", "get",
            "names", "register"]

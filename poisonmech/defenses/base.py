@@ -108,13 +108,16 @@ class Defense(Config):
 
     Class attributes each subclass sets: ``name`` (registry key), ``kind`` (one of
     :data:`KINDS`), ``uses_trigger`` (it reads the attack's trigger or triggered inputs),
-    ``summary`` (one line for tables and error messages).
+    ``summary`` (one line for tables and error messages), ``needs_reference`` (it reads
+    ``ctx.reference_lm``).
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     uses_trigger: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    #: it needs ``ctx.reference_lm`` (the benchmark then trains a default one when none is given)
+    needs_reference: ClassVar[bool] = False
 
     def describe(self) -> dict[str, Any]:
         """Name, kind, trigger use and options, for tables."""
