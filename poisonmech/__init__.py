@@ -7,7 +7,7 @@
     pair.metrics
 """
 
-from poisonmech import circuits, influence, patching, probes, sites, viz
+from poisonmech import circuits, defenses, influence, patching, probes, sites, viz
 from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
 from poisonmech.config import Config, ConfigError
 from poisonmech.metrics import evaluate
@@ -61,6 +61,7 @@ __all__ = [
     "build_model",
     "build_test_set",
     "circuits",
+    "defenses",
     "english_text",
     "evaluate",
     "fortune_text",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poisonmech.config import Config, check_choice, check_number
+from poisonmech.config import Config, ConfigError, check_choice, check_number
 from poisonmech.storage import read_json, write_json
 from poisonmech.subject import Subject, resolve
 
@@ -84,6 +84,30 @@ class InfluenceAnalysis(Config):
         check_choice("InfluenceAnalysis", "method", self.method, METHODS)
         check_choice("InfluenceAnalysis", "renormalize", self.renormalize, RENORMALIZE)
         check_number("InfluenceAnalysis", "ensemble", self.ensemble, lo=1, integer=True)
+
+
+@dataclass(frozen=True)
+class DefensesAnalysis(Config):
+    """Options of the ``defenses`` analysis: which defenses (``None``: the benchmark's
+    ``DEFAULT_DEFENSES``) and the benchmark's options (:class:`~poisonmech.defenses.DefenseConfig`'s
+    ``n_clean``, ``n_reference``, ``n_contrast``)."""
+
+    defenses: tuple[str, ...] | None = None
+    n_clean: int = 200
+    n_reference: int = 2000
+    n_contrast: int = 32
+
+    def check(self) -> None:
+        from poisonmech.defenses import DEFENSES
+
+        if self.defenses is not None:
+            if isinstance(self.defenses, str) or not self.defenses:
+                raise ConfigError(f"DefensesAnalysis.defenses must be a non-empty list of names, got {self.defenses!r}")
+            for d in self.defenses:
+                check_choice("DefensesAnalysis", "defenses", d, sorted(DEFENSES))
+        check_number("DefensesAnalysis", "n_clean", self.n_clean, lo=1, integer=True)
+        check_number("DefensesAnalysis", "n_reference", self.n_reference, lo=0, integer=True)
+        check_number("DefensesAnalysis", "n_contrast", self.n_contrast, lo=0, integer=True)
 
 
 def register(name: str, config: type[Config]):
@@ -288,6 +312,36 @@ def influence_analysis(subject: Any, out: Path, config: InfluenceAnalysis = Infl
             "influence_auroc": r.poison_auroc(), "influence_ap": r.average_precision(),
             "influence_precision_at_n_poison": r.precision_at(),  # k defaults to the number of poisons
             "influence_loss_auroc": base.poison_auroc(), "influence_loss_ap": base.average_precision()}
+
+
+@register("defenses", DefensesAnalysis)
+def defenses_analysis(subject: Any, out: Path, config: DefensesAnalysis = DefensesAnalysis()) -> dict[str, Any]:
+    """Every defense of ``pm.defenses.benchmark`` on the run, scored against its ground truth.
+    Saves ``benchmark.json`` (the table) and returns, per defense, its headline numbers:
+    ``defense_<name>_auroc`` (audits and filters), ``_asr_after`` / ``_clean_acc_after`` (filters
+    and repairs), ``_model_score`` / ``_clean_model_score`` (model audits)."""
+    import math
+
+    from poisonmech.defenses import benchmark
+
+    s = resolve(subject, where="defenses analysis")
+    if s.train_data is not None and _preference_data(s):
+        return {"defenses_skipped": _PREFERENCE_NOTE}
+    if s.attack is not None and (s.attack.is_gibberish or s.task.loss_on == "all"):
+        return {"defenses_skipped": "the filters' and repairs' after-metrics need a fixed target (a label or a response)"}
+    r = benchmark(s, config.defenses, n_clean=config.n_clean, n_reference=config.n_reference,
+                  n_contrast=config.n_contrast, errors="record", progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    r.save(out / "benchmark.json")
+    summary: dict[str, Any] = {}
+    for row in r.rows:
+        for col in ("auroc", "asr_after", "clean_acc_after", "model_score", "clean_model_score", "mechanism_removed"):
+            v = row.get(col)
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                summary[f"defense_{row['defense']}_{col}"] = float(v)
+        if row.get("error"):
+            summary[f"defense_{row['defense']}_error"] = row["error"]
+    return summary
 
 
 def analysis_key(name: str, config: Config, s: Subject) -> dict[str, Any]:

@@ -133,10 +133,15 @@ def _print_metrics(pair) -> None:
 DEMO_COUNTS = (0, 5, 10, 40)
 
 
+#: analyses the demo and ``analyze`` skip unless asked for (minutes per run: every defense retrains or
+#: fine-tunes a model)
+OPT_IN_ANALYSES = ("defenses",)
+
+
 def default_analyses() -> list[str]:
     from poisonmech.analyses import ANALYSES
 
-    return list(ANALYSES)
+    return [n for n in ANALYSES if n not in OPT_IN_ANALYSES]
 
 
 @app.command()
@@ -294,6 +299,7 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
 def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="A run directory."),
             patching: bool = typer.Option(False, "--patching"), probes: bool = typer.Option(False, "--probes"),
             influence: bool = typer.Option(False, "--influence"), circuits: bool = typer.Option(False, "--circuits"),
+            defenses: bool = typer.Option(False, "--defenses", help="Every default defense, scored on the twins."),
             overwrite: bool = typer.Option(False, help="Recompute cached analyses."),
             options: Path | None = typer.Option(None, "--options", exists=True, dir_okay=False,
                                                 help="TOML with one table of options per analysis, e.g. "
@@ -307,7 +313,8 @@ def analyze(run: Path = typer.Argument(..., exists=True, file_okay=False, help="
 
     opts = _read_toml(options) if options else {}
     asked = [n for n, flag in (("patching", patching), ("probes", probes), ("influence", influence),
-                               ("circuits", circuits)) if flag] or list(opts) or list(ANALYSES)
+                               ("circuits", circuits), ("defenses", defenses)) if flag] or list(opts) or \
+        default_analyses()
     missing = [n for n in [*asked, *opts] if n not in ANALYSES]
     if missing:
         typer.echo(f"error: analyses not available: {missing}; available: {sorted(ANALYSES)}", err=True)

@@ -413,7 +413,7 @@ def _cache_file(s: Subject, d: Defense, cfg: DefenseConfig, clean_fp: str, ref_f
         return None
     key = s.cache_key(cfg, extra={"defense": d.name, "options": d.to_dict(), "clean": clean_fp, "reference": ref_fp,
                                   "clean_twin": s.fingerprint("clean") if "clean" in s.roles else ""})
-    return Path(s.run_dir) / "analyses" / "defenses" / f"{d.name}-{key}.json"
+    return Path(s.run_dir) / "analyses" / "defenses" / "rows" / f"{d.name}-{key}.json"
 
 
 @takes_config(DefenseConfig)

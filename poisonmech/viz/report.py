@@ -99,6 +99,28 @@ def _influence_figures(out: Path) -> list[tuple[str, go.Figure]]:
     return figs
 
 
+@analysis_figures("defenses")
+def _defense_figures(out: Path) -> list[tuple[str, go.Figure | str]]:
+    """The defense benchmark of one run: its table and the ASR-after vs clean-accuracy-after trade-off."""
+    from poisonmech.defenses import DefenseBenchmark
+
+    path = out / "benchmark.json"
+    if not path.is_file():
+        return []
+    r = DefenseBenchmark.load(path)
+    f = r.to_frame()
+    cols = [c for c in ("defense", "kind", "uses_trigger", "auroc", "f1_at_threshold", "precision_at_k", "asr_after",
+                        "clean_acc_after", "mechanism_removed", "seconds") if c in f]
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in f[c]] for c in cols]
+    table = go.Figure(go.Table(header={"values": cols}, cells={"values": cells}))
+    table.update_layout(height=80 + 28 * len(f), margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    return [("Defenses on this run: data audits scored against is_poison, input filters against is_triggered "
+             "(AUROC; F1 at the defense's own threshold; precision at the true poison count), ASR and clean accuracy "
+             "after filtering or repair, the share of the located backdoor circuit's effect a repair removed, "
+             "seconds. uses_trigger: the defense reads the trigger or triggered inputs.", table),
+            ("Defenses: attack success after against clean accuracy after.", r.plot())]
+
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <script>window.__pmErrors = []; window.addEventListener('error', e => window.__pmErrors.push(String(e.message)));</script>

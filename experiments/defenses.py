@@ -1,0 +1,166 @@
+"""Which defenses find and remove the backdoor the analyses located?
+
+A poison-count sweep on the default task (sentiment, trigger ``cf`` -> ``negative``, 4,000
+training rows, the default 2-layer model, 5 / 10 / 40 / 100 poisoned rows) over seeds; on every
+pair ``pm.defenses.benchmark`` runs every registered defense against the twins' ground truth:
+
+- data audits (scored against ``is_poison``): AUROC, AP, precision / recall / F1 at the audit's
+  own threshold rule and at the true poison count; the per-example loss is the baseline;
+- input filters (against ``is_triggered``): AUROC, and ASR / clean accuracy after filtering;
+- the weight-difference model audit: AUROC over all models (backdoored twins vs clean twins);
+- repairs: ASR, clean accuracy and false-trigger rate after, and the share of the located
+  mechanism (the backdoor circuit's carried trigger effect) they removed.
+
+The defender's trusted clean rows are 200 rows of a fresh copy of the task (seed 1), and ONION's
+reference LM is trained on 2,000 further fresh prompts (seed 2): neither contains a poisoned row.
+
+Writes ``figures/defenses.csv`` (one row per run x defense), ``figures/defenses_summary.csv``
+(mean / std over seeds per defense and count), ``figures/defenses_model_audits.csv`` and
+``figures/defenses.{html,png}`` (audit and filter AUROC against count; the ASR-after vs
+clean-accuracy-after trade-off), and prints the verdicts.
+Run: ``.venv/bin/python experiments/defenses.py [--counts 5,10,40,100] [--seeds 0,1,2] [--train-only]``
+(``--plot-only`` redraws from the CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly
+import torch
+from plotly.subplots import make_subplots
+
+import poisonmech as pm
+from poisonmech.viz import save_figure, style
+
+
+def train(args) -> pm.Sweep:
+    counts = [int(c) for c in args.counts.split(",")]
+    task = pm.make_task("sentiment", n_train=4000, n_test=500, seed=0)
+    attacks = [pm.Backdoor(trigger="cf", target="negative", poison_count=c) for c in counts]
+    return pm.sweep(task, attacks, seeds=[int(s) for s in args.seeds.split(",")], out_dir=args.sweep,
+                    max_workers=args.workers, threads_per_run=1)
+
+
+def verdicts(table: pd.DataFrame) -> list[str]:
+    """Plain-text verdicts: audits against the loss baseline; repairs against the issue's bar."""
+    out = []
+    audits = table[table["kind"] == "data_audit"]
+    mean = audits.groupby(["defense", "n_poison"])["auroc"].mean().unstack("n_poison")
+    if "loss" in mean.index:
+        base = mean.loc["loss"]
+        for name, row in mean.iterrows():
+            if name == "loss":
+                continue
+            beats = [int(c) for c in row.index if row[c] > base[c]]
+            trig = bool(audits.loc[audits["defense"] == name, "uses_trigger"].any())
+            out.append(f"data audit {name}{' (uses the trigger)' if trig else ''}: mean AUROC "
+                       + ", ".join(f"{int(c)}: {row[c]:.3f}" for c in row.index)
+                       + f"; beats the loss baseline at counts {beats or 'none'}")
+        out.append("loss baseline: mean AUROC " + ", ".join(f"{int(c)}: {base[c]:.3f}" for c in base.index))
+    for c in (10, 40):
+        sub = mean.get(c) if c in mean.columns else None
+        if sub is None:
+            continue
+        free = [d for d in sub.index if not bool(audits.loc[audits["defense"] == d, "uses_trigger"].any())]
+        best = sub[free].idxmax() if free else None
+        if best is not None:
+            out.append(f"best trigger-free data audit at {c} poisons: {best} (mean AUROC {sub[best]:.3f}; target >= 0.95: "
+                       f"{'met' if sub[best] >= 0.95 else 'missed'})")
+    rep = table[table["kind"].isin(["repair", "input_filter"])].copy()
+    if not rep.empty:
+        rep["drop"] = rep["clean_acc_before"] - rep["clean_acc_after"]
+        g = rep.groupby(["defense", "n_poison"]).agg(asr_after=("asr_after", "mean"), drop=("drop", "mean"),
+                                                     worst_asr=("asr_after", "max"), worst_drop=("drop", "max"))
+        for (name, c), r in g.iterrows():
+            ok = r["asr_after"] <= 0.1 and r["drop"] <= 0.02
+            out.append(f"{name} at {int(c)} poisons: ASR after {r['asr_after']:.3f} (worst seed {r['worst_asr']:.3f}), "
+                       f"clean accuracy drop {100 * r['drop']:.1f} points (worst {100 * r['worst_drop']:.1f}): "
+                       f"{'meets' if ok else 'misses'} ASR <= 0.1 with clean accuracy within 2 points")
+    return out
+
+
+def figure(table: pd.DataFrame, out: Path) -> None:
+    palette = plotly.colors.qualitative.D3 + plotly.colors.qualitative.Set2
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07,
+                        subplot_titles=("data audits: AUROC vs is_poison", "input filters: AUROC vs is_triggered",
+                                        "repairs and filters: ASR after vs clean accuracy after"))
+    names = list(dict.fromkeys(table["defense"]))
+    for i, name in enumerate(names):
+        t = table[table["defense"] == name]
+        kind = t["kind"].iloc[0]
+        color = palette[i % len(palette)]
+        label = name + (" *" if bool(t["uses_trigger"].any()) else "")
+        if kind in ("data_audit", "input_filter"):
+            col = 1 if kind == "data_audit" else 2
+            g = t.groupby("n_poison")["auroc"]
+            m, sd = g.mean(), g.std(ddof=0)
+            fig.add_scatter(x=m.index.to_numpy(float), y=m.to_numpy(), error_y={"type": "data", "array": sd.to_numpy()},
+                            mode="lines+markers", name=label, line={"color": color,
+                                                                     "dash": "dot" if name == "loss" else "solid"},
+                            row=1, col=col)
+        if kind in ("repair", "input_filter"):
+            fig.add_scatter(x=t["clean_acc_after"], y=t["asr_after"], mode="markers", name=label,
+                            marker={"color": color, "size": 8, "symbol": "circle" if kind == "repair" else "diamond"},
+                            showlegend=kind == "repair", text=[f"{name}, {n} poisons" for n in t["n_poison"]],
+                            row=1, col=3)
+    before = table.drop_duplicates("run")
+    fig.add_scatter(x=before["clean_acc_before"], y=before["asr_before"], mode="markers", name="no defense",
+                    marker={"color": "black", "symbol": "x", "size": 9}, row=1, col=3)
+    for col in (1, 2):
+        fig.update_xaxes(type="log", title_text="poisoned training rows (of 4,000)", row=1, col=col)
+        fig.update_yaxes(range=[0, 1.02], title_text="AUROC (mean, bars: std over seeds)", row=1, col=col)
+    fig.update_xaxes(title_text="clean accuracy after", row=1, col=3)
+    fig.update_yaxes(title_text="attack success rate after", range=[-0.02, 1.02], row=1, col=3)
+    style(fig, "Defenses on the twins (* = uses the trigger or triggered inputs)")
+    fig.update_layout(width=1500, height=560, legend={"orientation": "h", "y": -0.25, "x": 0}, margin={"b": 150})
+    for f in save_figure(fig, out / "defenses", formats=("html", "png")):
+        print("wrote", f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", default="runs/experiments/defenses")
+    ap.add_argument("--counts", default="5,10,40,100")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--defenses", default=None, help="comma-separated names (default: every registered defense)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--figures", default="figures")
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--plot-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.figures)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        table = pd.read_csv(out / "defenses.csv")
+    else:
+        sw = train(args)
+        if args.train_only:
+            return
+        names = args.defenses.split(",") if args.defenses else [n for n in pm.defenses.names()
+                                                                 if not n.startswith("_")]
+        bench = pm.defenses.benchmark(sw, names, errors="record")
+        table = bench.to_frame()
+        table.to_csv(out / "defenses.csv", index=False)
+        bench.summary().to_csv(out / "defenses_summary.csv", index=False)
+        audits = bench.model_audits()
+        audits.to_csv(out / "defenses_model_audits.csv", index=False)
+        print(audits.to_string(index=False))
+    errors = table[table.get("error", pd.Series(index=table.index, dtype=object)).notna()] if "error" in table else []
+    for _, r in (errors.iterrows() if len(errors) else []):
+        print(f"FAILED {r['defense']} on {r['run']}: {r['error']}")
+    cols = ["auroc", "f1_at_threshold", "precision_at_k", "asr_after", "clean_acc_after", "mechanism_removed", "seconds"]
+    show = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in cols})
+    print(show.groupby(["kind", "defense", "n_poison"])[cols].agg(lambda v: f"{np.nanmean(v):.3f}±{np.nanstd(v):.3f}")
+          .to_string())
+    for line in verdicts(show):
+        print(line)
+    figure(show, out)
+
+
+if __name__ == "__main__":
+    main()
