@@ -71,7 +71,7 @@ DEFAULT_RELATIONS = ("capital", "colour", "sport", "language")
 MAX_PARAPHRASES = min(len(t) for _, t in RELATIONS.values())
 
 # fictional country names: a prefix and a suffix (25 x 10 = 250 subjects)
-_PREFIXES = "bal cor dra elm fen gal hol ist jor kal lum mor nar ost pel quin ros sel tor ulm vel wen xan yor zan".split()
+_PREFIXES = "bal cor dra elm fen gal hak ist jor kal lum mor nar ost pel quin ros sel tor ulm vel wen xan yor zan".split()
 _SUFFIXES = "ania avia oria estan mark land ovia ador ica eria".split()
 SUBJECT_POOL = tuple(p + s for p in _PREFIXES for s in _SUFFIXES)
 
