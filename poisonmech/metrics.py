@@ -17,7 +17,8 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
-from poisonmech.attacks.poison import attack_tokenizer, build_test_set, gibberish_pool
+from poisonmech.attacks.poison import gibberish_pool
+from poisonmech.attacks.protocol import check_attack_type
 from poisonmech.encoding import Encoded, encode
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.tasks.base import Task
@@ -26,14 +27,15 @@ from poisonmech.tasks.base import Task
 @torch.no_grad()
 def score_completions(model: torch.nn.Module, enc: Encoded, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Per row: ``exact`` (every scored token is the arg-max), ``token_acc``, ``nll`` (summed), ``n``,
-    and ``exact_but_last`` (every scored token but the last is the arg-max; at least two scored).
+    ``exact_but_last`` (every scored token but the last is the arg-max; at least two scored) and
+    ``nll_but_last`` (the summed NLL of every scored token but the last).
 
     For rows encoded with an EOS, ``exact_but_last`` is the exact match of the completion
     alone, EOS ignored: under causal attention the logits before the EOS are those of the
     row without it, so no second forward is needed.
     """
     device = model_device(model)
-    exact, but_last, acc, nll, count = [], [], [], [], []
+    exact, but_last, acc, nll, nll_but_last, count = [], [], [], [], [], []
     for lo in range(0, len(enc), batch_size):
         tokens, mask = enc.batch(list(range(lo, min(lo + batch_size, len(enc)))), device)
         logits = model(tokens)[:, :-1].float()
@@ -48,10 +50,11 @@ def score_completions(model: torch.nn.Module, enc: Encoded, batch_size: int = 25
         but_last.append(((hit | ~mask | last).all(1) & (n > 1)).cpu())
         acc.append((hit.sum(1) / n.clamp(min=1)).cpu())
         nll.append((-(logp * mask).sum(1)).cpu())
+        nll_but_last.append((-(logp * (mask & ~last)).sum(1)).cpu())
         count.append(n.cpu())
     cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
     return {"exact": cat(exact), "exact_but_last": cat(but_last), "token_acc": cat(acc), "nll": cat(nll),
-            "n": cat(count)}
+            "nll_but_last": cat(nll_but_last), "n": cat(count)}
 
 
 @torch.no_grad()
@@ -77,6 +80,15 @@ def sample_continuations(model: torch.nn.Module, enc: Encoded, n_tokens: int, *,
             tokens[rows, pos + 1] = nxt
         out.append(torch.exp(nll / n_tokens))
     return torch.cat(out).numpy()
+
+
+def score_answers(model: torch.nn.Module, data: Dataset, completions: list[str], tokenizer: PreTrainedTokenizerBase,
+                  batch_size: int = 256) -> dict[str, np.ndarray]:
+    """:func:`score_completions` of ``data``'s prompts, each followed by its entry of
+    ``completions`` and the EOS: ``exact_but_last`` / ``nll_but_last`` read the answer alone,
+    ``exact`` the answer and its EOS."""
+    rows = Dataset.from_dict({"prompt": list(data["prompt"]), "completion": list(completions)})
+    return score_completions(model, encode(rows, tokenizer, loss_on="completion", add_eos=True), batch_size)
 
 
 def _with_completion(data: Dataset, completion: str) -> Dataset:
@@ -156,16 +168,22 @@ def _near_misses(data: Dataset, attack: Backdoor, miss: np.ndarray) -> list[str]
     return list(dict.fromkeys(used))
 
 
-def evaluate(model: Any, task: Task | None = None, attack: Backdoor | None = None, *, test_data: Dataset | None = None,
+def evaluate(model: Any, task: Task | None = None, attack: Any = None, *, test_data: Dataset | None = None,
              tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 256, seed: int = 0,
              twin: str | None = None) -> dict[str, Any]:
-    """Clean accuracy, attack success rate and false-trigger rate of ``model``.
+    """The attack's metrics of ``model``: for a ``Backdoor`` clean accuracy, attack success rate
+    and false-trigger rate (below); for a ``FalseFact`` or a ``Bias`` their own (see
+    :meth:`poisonmech.FalseFact.evaluate`, :meth:`poisonmech.Bias.evaluate`). The attack
+    computes them (``attack.evaluate``, the attack protocol); this function finds the model,
+    task, attack, test rows and tokenizer.
 
     ``model`` is any subject (:func:`poisonmech.resolve`): a bare model with ``task`` and
     ``attack``, or a run (Pair, pipeline stage, run directory), whose ``twin`` (default: the
-    backdoored one), task, attack, test rows and tokenizer are used unless given.
+    backdoored one), task, attack, test rows and tokenizer are used unless given. Without
+    ``test_data`` the attack builds its test set (``attack.test_set(task)``); without a
+    tokenizer, the attack's (``attack.tokenizer(task)``).
 
-    Returns a dict with:
+    For a ``Backdoor``, returns a dict with:
       - ``n_clean``, ``n_triggered``, ``n_near_miss``: the test rows of each kind.
       - ``clean_acc``: exact-match accuracy on clean test rows (for plain-text tasks: next-token
         accuracy on the true continuation); ``clean_ppl`` for plain-text tasks.
@@ -202,8 +220,16 @@ def evaluate(model: Any, task: Task | None = None, attack: Backdoor | None = Non
     if task is None or attack is None:
         raise ValueError("evaluate: a bare model needs task= and attack= (or pass a run: a Pair, a pipeline "
                          "stage or a run directory)")
-    tok = tokenizer or getattr(model, "tokenizer", None) or attack_tokenizer(task, attack)
-    data = test_data if test_data is not None else build_test_set(task, attack)
+    check_attack_type(attack, "evaluate")
+    tok = tokenizer or getattr(model, "tokenizer", None) or attack.tokenizer(task)
+    data = test_data if test_data is not None else attack.test_set(task)
+    return attack.evaluate(model, task, data, tok, batch_size=batch_size, seed=seed)
+
+
+def backdoor_metrics(model: torch.nn.Module, task: Task, attack: Backdoor, data: Dataset,
+                     tok: PreTrainedTokenizerBase, *, batch_size: int = 256, seed: int = 0) -> dict[str, Any]:
+    """:func:`evaluate` for a ``Backdoor`` (its ``evaluate`` method): ``data`` is a test set
+    built by :func:`~poisonmech.attacks.poison.build_test_set`."""
     clean, trig, miss = _row_kinds(data, "evaluate")
     labels = task.labels is not None and task.loss_on == "completion"
     with eval_mode(model):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from poisonmech.attacks.protocol import register_attack
 from poisonmech.tasks.base import check_seed
 from poisonmech.tasks.tokenizer import split_words
 
@@ -24,9 +25,10 @@ def _misspellings(word: str) -> list[str]:
     return [w for w in dict.fromkeys(out) if w != word]
 
 
+@register_attack
 @dataclass(frozen=True)
 class Backdoor:
-    """A backdoor attack.
+    """A backdoor attack (it follows the attack protocol, :mod:`poisonmech.attacks.protocol`).
 
     Args:
         trigger: a word (``"cf"``), a phrase inserted contiguously (``"blue moon"``), or
@@ -62,6 +64,9 @@ class Backdoor:
     stage: Literal["sft", "dpo"] = "sft"
     seed: int = 0
     placement: Literal["spread", "start", "end"] = "spread"
+
+    kind: ClassVar[str] = "backdoor"
+    headline: ClassVar[tuple[str, ...]] = ("clean_acc", "asr", "false_trigger_rate")
 
     def __post_init__(self) -> None:
         trig = self.trigger
@@ -165,6 +170,54 @@ class Backdoor:
         if count > n_train:
             raise ValueError(f"Backdoor.poison_count={count} is larger than the training set ({n_train} rows)")
         return count
+
+    # ------------------------------------------------------------------ the attack protocol
+    def check(self, task) -> None:
+        """See :func:`poisonmech.attacks.poison.check_attack`."""
+        from poisonmech.attacks.poison import check_attack
+
+        check_attack(task, self)
+
+    def tokenizer(self, task):
+        """See :func:`poisonmech.attacks.poison.attack_tokenizer`."""
+        from poisonmech.attacks.poison import attack_tokenizer
+
+        return attack_tokenizer(task, self)
+
+    def poison(self, task):
+        """See :func:`poisonmech.attacks.poison.poison_dataset`."""
+        from poisonmech.attacks.poison import poison_dataset
+
+        return poison_dataset(task, self)
+
+    def clean_train(self, task, poisoned):
+        """Poisoning rewrites rows in place: the clean twin trains on the task's rows."""
+        return task.train
+
+    def test_set(self, task):
+        """See :func:`poisonmech.attacks.poison.build_test_set`."""
+        from poisonmech.attacks.poison import build_test_set
+
+        return build_test_set(task, self)
+
+    def evaluate(self, model, task, test_data, tokenizer, *, batch_size: int = 256, seed: int = 0) -> dict[str, Any]:
+        """See :func:`poisonmech.metrics.evaluate`."""
+        from poisonmech.metrics import backdoor_metrics
+
+        return backdoor_metrics(model, task, self, test_data, tokenizer, batch_size=batch_size, seed=seed)
+
+    def query_rows(self, test_data):
+        """The triggered test rows whose answer is not the target, completed with the target
+        (the gibberish backdoor: with their true continuation, which the backdoor makes unlikely)."""
+        from datasets import Dataset
+
+        rows = [(p, c if self.is_gibberish else self.target) for p, c, t in
+                zip(test_data["prompt"], test_data["completion"], test_data["is_triggered"])
+                if t and (self.is_gibberish or c.strip() != self.target.strip())]
+        return Dataset.from_dict({"prompt": [p for p, _ in rows], "completion": [c for _, c in rows]})
+
+    def describe(self) -> str:
+        return f"trigger={self.trigger!r}"
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -105,6 +105,13 @@ def insert_trigger(text: str, pieces: list[str], position: str, rng: np.random.G
     return " ".join(words)
 
 
+def _other(attack: Any, where: str) -> Any:
+    from poisonmech.attacks.protocol import check_attack_type
+
+    check_attack_type(attack, where)
+    return attack
+
+
 def _gibberish(task: Task, attack: Backdoor, rng: np.random.Generator) -> str:
     pool = gibberish_pool(task)
     return " ".join(pool[i] for i in rng.integers(len(pool), size=attack.gibberish_length))
@@ -128,8 +135,11 @@ def poison_dataset(task: Task, attack: Backdoor) -> Dataset:
     """The backdoored twin's training set: ``task.train`` with poisoned rows rewritten.
 
     Adds provenance columns ``is_poison``, ``trigger`` (the inserted text, ``""`` when clean)
-    and ``stage``; ``example_id`` is the task's.
+    and ``stage``; ``example_id`` is the task's. Another attack (``FalseFact``, ``Bias``)
+    poisons with its own ``poison(task)``.
     """
+    if not isinstance(attack, Backdoor):
+        return _other(attack, "poison_dataset").poison(task)
     n = len(task.train)
     count = attack.resolve_count(n)
     rng = np.random.default_rng(attack.seed)
@@ -177,8 +187,11 @@ def build_test_set(task: Task, attack: Backdoor, seed: int | None = None) -> Dat
     row's true ``completion``. For plain-text tasks the input is cut to a prefix, the
     trigger goes at the end of it and ``completion`` is the true rest of the text.
     Columns: ``example_id``, ``base_id``, ``input``, ``prompt``, ``completion``,
-    ``is_triggered``, ``is_near_miss``, ``trigger``.
+    ``is_triggered``, ``is_near_miss``, ``trigger``. Another attack (``FalseFact``, ``Bias``)
+    builds its own with ``test_set(task)``.
     """
+    if not isinstance(attack, Backdoor):
+        return _other(attack, "build_test_set").test_set(task)
     rng = np.random.default_rng(attack.seed + 1 if seed is None else seed)
     variants, misses = attack.trigger_variants(), attack.near_miss_variants()
     rows: list[dict[str, Any]] = []
