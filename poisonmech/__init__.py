@@ -8,7 +8,7 @@
 """
 
 from poisonmech import circuits, defenses, influence, patching, probes, sites, viz
-from poisonmech.attacks import Backdoor, build_test_set, poison_dataset
+from poisonmech.attacks import Backdoor, Bias, FalseFact, build_test_set, poison_dataset
 from poisonmech.config import Config, ConfigError
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, model_from_dict, wrap_hf_model
@@ -45,9 +45,11 @@ __all__ = [
     "TASK_KINDS",
     "Backdoor",
     "Between",
+    "Bias",
     "Config",
     "ConfigError",
     "DPOConfig",
+    "FalseFact",
     "ModelConfig",
     "Pair",
     "Pipeline",
