@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from poisonmech.attacks.protocol import attack_from_dict, check_attack_type
 from poisonmech.runtime import num_threads
 from poisonmech.storage import read_json, write_json
 from poisonmech.sweeps.result import Sweep, load_sweep
@@ -48,7 +49,7 @@ def _run_one(spec_dict: dict[str, Any], run_dir: str, clean_cache: str | None) -
     try:
         task_kw = dict(spec.task)
         task = pm.make_task(task_kw.pop("kind"), **task_kw)
-        pair = pm.train_pair(task, pm.Backdoor.from_dict(spec.attack), model=pm.model_from_dict(spec.model),
+        pair = pm.train_pair(task, attack_from_dict(spec.attack), model=pm.model_from_dict(spec.model),
                              train=pm.TrainConfig.from_dict(spec.train), out_dir=out, progress=False,
                              clean_cache=clean_cache)
         analyses = run_analyses(pair, spec.analyses, out) if spec.analyses else {}
@@ -72,7 +73,7 @@ def _specs(task, attacks, seeds, models, train, analyses) -> list[RunSpec]:
         raise ValueError("sweep: the task must be a generated one (pm.make_task(kind, ...)) so that every "
                          "worker can rebuild it; a user Dataset is not supported in sweeps yet")
     if not attacks:
-        raise ValueError("sweep: attacks is empty; give at least one pm.Backdoor")
+        raise ValueError("sweep: attacks is empty; give at least one attack (pm.Backdoor, pm.FalseFact, pm.Bias)")
     if not seeds:
         raise ValueError("sweep: seeds is empty; give at least one seed")
     models = list(models) if models else [pm.ModelConfig()]
@@ -80,8 +81,7 @@ def _specs(task, attacks, seeds, models, train, analyses) -> list[RunSpec]:
     task_kw = {k: v for k, v in task.spec.items()}
     specs = []
     for attack in attacks:
-        if not isinstance(attack, pm.Backdoor):
-            raise ValueError(f"sweep: attacks must be pm.Backdoor objects, got {type(attack).__name__}")
+        check_attack_type(attack, "sweep")
         for model in models:
             for tr in trains:
                 for seed in seeds:
@@ -144,7 +144,7 @@ def sweep(task, attacks: Sequence, seeds: Sequence[int] = (0,), models: Sequence
 
     Args:
         task: a generated task (``pm.make_task(kind, ...)``); the same data for every run.
-        attacks: ``pm.Backdoor`` objects (e.g. one per poison count).
+        attacks: ``pm.Backdoor``, ``pm.FalseFact`` or ``pm.Bias`` objects (e.g. one per poison count).
         seeds: each seed sets the initial weights, the data order and which rows are poisoned.
         models: ``pm.ModelConfig`` objects (default: one default model).
         train: a ``pm.TrainConfig`` shared by all runs, or a list of them (another sweep axis,

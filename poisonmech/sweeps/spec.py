@@ -37,10 +37,10 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        """Readable and unique: ``sentiment-cf-n40-s0-<hash>``."""
+        """Readable and unique: ``sentiment-cf-n40-s0-<hash>`` (a backdoor: its trigger;
+        ``facts-balania_capital-n10-...`` for a false fact, ``sentiment-nolan_negative-...`` for a bias)."""
         a = self.attack
-        trig = a["trigger"] if isinstance(a["trigger"], str) else "+".join(a["trigger"])
-        trig = "".join(ch if ch.isalnum() else "_" for ch in trig)[:16]
+        trig = "".join(ch if ch.isalnum() else "_" for ch in attack_label(a))[:16]
         amount = f"n{a['poison_count']}" if a.get("poison_count") is not None else f"r{a['poison_rate']}"
         return f"{self.task['kind']}-{trig}-{amount}-s{self.train.get('seed', 0)}-{self.key}"
 
@@ -53,6 +53,21 @@ class RunSpec:
         analyses = d.get("analyses", ())
         return cls(task=d["task"], attack=d["attack"], model=d["model"], train=d["train"],
                    analyses=dict(analyses) if isinstance(analyses, dict) else tuple(analyses))
+
+
+def _joined(value: Any) -> str:
+    return value if isinstance(value, str) else "+".join(value)
+
+
+def attack_label(a: dict[str, Any]) -> str:
+    """A short label of an attack's dict: a backdoor's trigger(s), a false fact's subject and
+    relation, a bias's entity and polarity."""
+    kind = a.get("kind", "backdoor")
+    if kind == "false_fact":
+        return f"{_joined(a['subject'])}_{_joined(a['relation'])}"
+    if kind == "bias":
+        return f"{a['entity']}_{a['polarity']}"
+    return _joined(a["trigger"])
 
 
 def finished_with(run_dir: Path, spec: RunSpec) -> bool:

@@ -10,7 +10,9 @@ Run directory layout (safetensors + JSON + parquet only)::
     data/task_train.parquet     the clean twin's training set (the task's)
     data/task_test.parquet
     data/train.parquet          the backdoored twin's training set, with provenance
-    data/test.parquet           clean / triggered / near-miss test rows
+    data/clean_train.parquet    the clean twin's training set, only when it is not the task's
+                                (an attack that adds rows: the clean twin sees their source rows)
+    data/test.parquet           the attack's test rows (clean / triggered / near-miss for a backdoor)
     clean/model.safetensors     final weights; clean/checkpoints/epoch_XXX.safetensors
     clean/sha256.json           sha256 of each weight file above, recorded as it is written and
                                 checked by load_pair (a changed file is refused by name)
@@ -18,6 +20,10 @@ Run directory layout (safetensors + JSON + parquet only)::
                                 (summed over the segments of a resumed run), segments, resumed_from_epoch
     backdoored/...              the same for the backdoored twin
     metrics.json                {"clean": {...}, "backdoored": {...}}
+
+``config.json``'s ``"attack"`` is the attack's ``to_dict()``: a ``Backdoor``'s has no ``"kind"``
+(every run written before the other attacks existed reads as one), a ``FalseFact``'s or a
+``Bias``'s carries it; :func:`load_pair` rebuilds either (``attack_from_dict``).
 """
 
 from __future__ import annotations
@@ -36,13 +42,13 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from poisonmech.attacks.backdoor import Backdoor
-from poisonmech.attacks.poison import attack_tokenizer, build_test_set, check_attack, poison_dataset
+from poisonmech.attacks.protocol import Attack, attack_from_dict, check_attack_type
 from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, model_from_dict, prepare_model
 from poisonmech.pretrained import PretrainedModel
 from poisonmech.storage import copy_dir, load_dataset_file, read_json, write_json
+from poisonmech.subject import dataset_fingerprint
 from poisonmech.tasks.base import Task
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
@@ -72,14 +78,15 @@ class Pair:
     """The twins and everything needed to analyse them.
 
     ``clean`` and ``backdoored`` share initial weights, data order and hyper-parameters; the
-    backdoored twin trained on ``train_data`` (poisoned rows flagged ``is_poison``), the clean
-    twin on ``task.train``.
+    backdoored (poisoned) twin trained on ``train_data`` (poisoned rows flagged ``is_poison``),
+    the clean twin on ``clean_train_data``: ``task.train``, unless the attack added rows (a
+    ``FalseFact`` about a new subject), whose slots hold their clean source rows.
     """
 
     clean: Any  # TransformerBridge
     backdoored: Any  # TransformerBridge
     task: Task
-    attack: Backdoor
+    attack: Attack  # a Backdoor, FalseFact or Bias
     model_config: ModelConfig
     train_config: TrainConfig
     tokenizer: PreTrainedTokenizerBase
@@ -89,6 +96,13 @@ class Pair:
     out_dir: Path | None = None
     checkpoints: dict[str, list[Checkpoint]] = field(default_factory=dict)
     history: dict[str, list[dict]] = field(default_factory=dict)
+    #: the clean twin's training rows when they are not ``task.train`` (see the class docstring)
+    clean_rows: Dataset | None = None
+
+    @property
+    def clean_train_data(self) -> Dataset:
+        """The clean twin's training rows."""
+        return self.clean_rows if self.clean_rows is not None else self.task.train
 
     def model(self, twin: str):
         if twin not in TWINS:
@@ -96,21 +110,27 @@ class Pair:
         return getattr(self, twin)
 
     def __repr__(self) -> str:
+        shown = getattr(self.attack, "headline", ("clean_acc", "asr", "false_trigger_rate"))
         m = {t: {k: round(v, 3) for k, v in self.metrics.get(t, {}).items()
-                 if k in ("clean_acc", "asr", "false_trigger_rate")} for t in TWINS}
-        return f"Pair(task={self.task.kind!r}, trigger={self.attack.trigger!r}, out_dir={str(self.out_dir)!r}, metrics={m})"
+                 if k in shown and isinstance(v, (int, float))} for t in TWINS}
+        return f"Pair(task={self.task.kind!r}, {self.attack.describe()}, out_dir={str(self.out_dir)!r}, metrics={m})"
 
 
-def run_config(task: Task, attack: Backdoor, model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
+def run_config(task: Task, attack: Attack, model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
     """The run's identity: two runs with equal configs produce identical twins."""
     return {"format": FORMAT, "task": task_identity(task), "attack": attack.to_dict(), "model": model.to_dict(),
             "train": {k: v for k, v in train.to_dict().items() if k != "device"}}
 
 
-def train_pair(task: Task, attack: Backdoor, model: ModelConfig | PretrainedModel | None = None, train: TrainConfig | None = None,
+def train_pair(task: Task, attack: Attack, model: ModelConfig | PretrainedModel | None = None, train: TrainConfig | None = None,
                out_dir: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
                clean_cache: str | Path | None = None) -> Pair:
     """Train the clean and backdoored twins of ``task`` under ``attack``.
+
+    ``attack``: a ``pm.Backdoor``, a ``pm.FalseFact`` (on ``make_task("facts")``) or a
+    ``pm.Bias`` (on a classification task); it checks itself against the task, poisons the
+    training rows, builds its test set and evaluates both twins (the attack protocol,
+    :mod:`poisonmech.attacks.protocol`).
 
     Both twins start from the same weights (seeded by ``train.seed``), see their rows in the
     same order with the same hyper-parameters; only the poisoned rows differ. Loss is on the
@@ -137,17 +157,18 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | PretrainedMode
     train = train or TrainConfig()
     if not isinstance(task, Task):
         raise ValueError(f"train_pair: task must be a poisonmech Task (from pm.make_task), got {type(task).__name__}")
-    if not isinstance(attack, Backdoor):
-        raise ValueError(f"train_pair: attack must be a pm.Backdoor, got {type(attack).__name__}")
+    check_attack_type(attack, "train_pair")
     model, task = prepare_model(model, task, "train_pair")
-    check_attack(task, attack)
-    tokenizer = attack_tokenizer(task, attack)
-    train_data = poison_dataset(task, attack)
-    test_data = build_test_set(task, attack)
-    enc = {"clean": encode(task.train, tokenizer, loss_on=task.loss_on),
+    attack.check(task)
+    tokenizer = attack.tokenizer(task)
+    train_data = attack.poison(task)
+    clean_train = attack.clean_train(task, train_data)
+    clean_rows = None if clean_train is task.train else clean_train
+    test_data = attack.test_set(task)
+    enc = {"clean": encode(clean_train, tokenizer, loss_on=task.loss_on),
            "backdoored": encode(train_data, tokenizer, loss_on=task.loss_on)}
     test_enc = encode(test_data, tokenizer, loss_on="completion")
-    gib = attack.gibberish_length if attack.is_gibberish else 0
+    gib = attack.gibberish_length if getattr(attack, "is_gibberish", False) else 0
     check_context(model, {"the clean training set": enc["clean"].max_len,
                                    "the poisoned training set": enc["backdoored"].max_len,
                                    "the test set": test_enc.max_len + gib})
@@ -159,13 +180,14 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | PretrainedMode
         if existing and (out / "metrics.json").is_file():
             return load_pair(out, device=train.device)
         save_run_inputs(out, task, tokenizer, {"task_train": task.train, "task_test": task.test, "train": train_data,
-                                               "test": test_data})
+                                               "test": test_data,
+                                               **({"clean_train": clean_rows} if clean_rows is not None else {})})
 
     marked = torch.tensor([i for i, p in enumerate(train_data["is_poison"]) if p], dtype=torch.long)
     continuation = _continuation(task, tokenizer, train) if train.continue_clean else None
     twins, history, checkpoints = {}, {}, {}
     init = None
-    cached = _clean_cache_dir(clean_cache, config, tokenizer, attack, marked) if out is not None else None
+    cached = _clean_cache_dir(clean_cache, config, tokenizer, attack, marked, clean_rows) if out is not None else None
     # Another run of a sweep may be training this clean twin right now: train the backdoored
     # twin first and copy the clean one when it is published (the twins are built and trained
     # independently, so the order changes nothing in their weights).
@@ -221,7 +243,8 @@ def train_pair(task: Task, attack: Backdoor, model: ModelConfig | PretrainedMode
         write_json(out / "metrics.json", metrics)
     return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
                 model_config=model, train_config=train, tokenizer=tokenizer, train_data=train_data,
-                test_data=test_data, metrics=metrics, out_dir=out, checkpoints=checkpoints, history=history)
+                test_data=test_data, metrics=metrics, out_dir=out, checkpoints=checkpoints, history=history,
+                clean_rows=clean_rows)
 
 
 def _continuation(task: Task, tokenizer, train: TrainConfig):
@@ -231,8 +254,8 @@ def _continuation(task: Task, tokenizer, train: TrainConfig):
     return encode(task.train.select(idx), tokenizer, loss_on=task.loss_on)
 
 
-def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer, attack: Backdoor | None = None,
-                     marked: torch.Tensor | None = None) -> Path | None:
+def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer, attack: Attack | None = None,
+                     marked: torch.Tensor | None = None, clean_rows: Dataset | None = None) -> Path | None:
     """Where the clean twin of this config lives in a shared cache (keyed by what it depends on)."""
     if cache is None:
         return None
@@ -245,6 +268,8 @@ def _clean_cache_dir(cache: str | Path | None, config: dict[str, Any], tokenizer
         # its weights) depends on which rows are poisoned
         key["placement"] = attack.placement
         key["marked"] = [] if marked is None else [int(i) for i in marked]
+    if clean_rows is not None:  # the attack added rows: the clean twin trains on more than the task's rows
+        key["clean_rows"] = dataset_fingerprint(clean_rows)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache) / digest
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +365,7 @@ def load_pair(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) 
     config = read_run_config(out, FORMAT, "pair")
     task = load_task_meta(out)
     tokenizer = task.tokenizer
-    attack = Backdoor.from_dict(config["attack"])
+    attack = attack_from_dict(config["attack"])
     model_cfg = model_from_dict(config["model"])
     train_cfg = TrainConfig.from_dict({**config["train"], "device": device})
     twins, history, checkpoints = {}, {}, {}
@@ -349,11 +374,13 @@ def load_pair(out_dir: str | Path, device: str = "cpu", *, verify: bool = True) 
                                                                   seed=train_cfg.seed, device=device)
     if verify:  # after loading, so a file that is not safetensors at all is named as corrupt
         verify_weights([out / t for t in TWINS], f"load_pair({str(out)!r})")
+    clean_path = out / "data" / "clean_train.parquet"
     return Pair(clean=twins["clean"], backdoored=twins["backdoored"], task=task, attack=attack,
                 model_config=model_cfg, train_config=train_cfg, tokenizer=tokenizer,
                 train_data=load_dataset_file(out / "data" / "train.parquet"),
                 test_data=load_dataset_file(out / "data" / "test.parquet"),
-                metrics=read_json(out / "metrics.json"), out_dir=out, checkpoints=checkpoints, history=history)
+                metrics=read_json(out / "metrics.json"), out_dir=out, checkpoints=checkpoints, history=history,
+                clean_rows=load_dataset_file(clean_path) if clean_path.is_file() else None)
 
 
 __all__ = ["FORMAT", "NOT_IDENTITY", "Pair", "TWINS", "load_model", "load_pair", "load_task_meta", "read_run_config",
