@@ -1,17 +1,21 @@
-"""Activation patching, cross-model patching and attribution patching.
+"""Activation patching, cross-model patching, attribution patching and causal tracing.
 
 Every analysis takes the subject first (a ``Pair``, a pipeline stage, ``pipe.between(a, b)``,
-a run directory or a bare model), then ``clean_tokens, corrupted_tokens, metric``, then the
+a run directory or a bare model), then ``clean_tokens, corrupted_tokens, metric`` (causal
+tracing, which makes its own corrupted runs: ``prompts, subject_spans, target``), then the
 fields of its config as keywords or ``config=``.
 """
 
 from poisonmech.patching.activation import activation_patch, cross_model_patch
 from poisonmech.patching.attribution import attribution_patch
+from poisonmech.patching.causal_trace import causal_trace
 from poisonmech.patching.config import (
     BACKENDS,
+    CAUSAL_TRACE_SITES,
     MODES,
     SITES,
     AttributionConfig,
+    CausalTraceConfig,
     CrossModelPatchConfig,
     PatchConfig,
 )
@@ -30,13 +34,16 @@ from poisonmech.patching.result import PatchResult
 
 __all__ = [
     "BACKENDS",
+    "CAUSAL_TRACE_SITES",
     "MODES",
     "SITES",
     "AttributionConfig",
+    "CausalTraceConfig",
     "CrossModelPatchConfig",
     "PatchConfig",
     "activation_patch",
     "attribution_patch",
+    "causal_trace",
     "control_fn",
     "cross_model_patch",
     "LogitDiff",

@@ -3,15 +3,18 @@
 ``GridConfig`` names the cells (``site``, ``by_position``) and the direction (``mode``);
 :class:`PatchConfig` adds the execution ``backend`` and memory budget of exact patching,
 :class:`CrossModelPatchConfig` is the same for patching between two models (its default site
-is ``"attn_head"``), and :class:`AttributionConfig` adds AtP*'s ``qk_fix``. Every
-analysis takes the fields as keywords or ``config=``.
+is ``"attn_head"``), and :class:`AttributionConfig` adds AtP*'s ``qk_fix``.
+:class:`CausalTraceConfig` holds causal tracing's options (noise, samples, windows, severing);
+it is not a grid config: its cells are always layer x position. Every analysis takes the
+fields as keywords or ``config=``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from poisonmech.config import Config, check_bool, check_choice, check_number
+from poisonmech.config import Config, ConfigError, check_bool, check_choice, check_number
 from poisonmech.sites import SITES as _REGISTRY
 
 #: the sites patching reads (every entry of the one site registry, :mod:`poisonmech.sites`)
@@ -93,4 +96,62 @@ class AttributionConfig(GridConfig):
         check_bool(type(self).__name__, "qk_fix", self.qk_fix)
 
 
-__all__ = ["AttributionConfig", "BACKENDS", "CrossModelPatchConfig", "GridConfig", "MODES", "PatchConfig", "SITES"]
+#: what causal tracing restores: one hidden state, or a window of MLP / attention outputs
+CAUSAL_TRACE_SITES = ("resid_post", "mlp_out", "attn_out")
+#: what the severed variant freezes at its corrupted values (``None``: nothing)
+SEVER = (None, "mlp", "attn")
+
+
+@dataclass(frozen=True)
+class CausalTraceConfig(Config):
+    """Options of :func:`~poisonmech.patching.causal_trace` (Meng et al. 2022, ROME).
+
+    Attributes:
+        site: what is restored at one (layer, position): ``"resid_post"`` (the hidden state
+            leaving the block), ``"mlp_out"`` or ``"attn_out"`` (the MLP / attention outputs of
+            a window of layers around the layer, ROME's windowed restoration).
+        noise: the noise scale in standard deviations of the embedding matrix: the subject's
+            token embeddings get Gaussian noise of std ``noise * W_E.std()`` (ROME's 3 sigma).
+        samples: noise draws per prompt; effects are averaged over them and their spread kept.
+        window: layers restored per cell for ``mlp_out`` / ``attn_out``: layers
+            ``max(0, L - window // 2) .. min(n_layers, L + ceil(window / 2)) - 1`` for cell layer
+            ``L``, as ROME's ``trace_important_window``; ``resid_post`` restores one layer.
+        sever: ``None``, ``"mlp"`` or ``"attn"``: ROME's severed variant (Figure 3): while a
+            state is restored, the MLP (attention) outputs of every layer at the restored
+            position are frozen at their values in the run being patched into (the corrupted
+            run for ``mode="denoise"``), so the restored state cannot act through them.
+        mode: ``"denoise"`` (ROME: run with the subject corrupted, restore clean states) or
+            ``"noise"`` (run clean, put in the corrupted run's states).
+        batch_size: forward rows per pass (one row = one cell of one prompt under one noise
+            draw): the memory budget.
+        seed: seeds the noise generator (the same seed draws the same noise).
+    """
+
+    site: str = "resid_post"
+    noise: float = 3.0
+    samples: int = 10
+    window: int = 10
+    sever: str | None = None
+    mode: str = "denoise"
+    batch_size: int = 256
+    seed: int = 0
+
+    def check(self) -> None:
+        name = type(self).__name__
+        check_choice(name, "site", self.site, CAUSAL_TRACE_SITES)
+        check_number(name, "noise", self.noise, lo=0, lo_open=True)
+        if isinstance(self.noise, float) and math.isinf(self.noise):
+            raise ConfigError(f"{name}.noise must be a finite number > 0, got {self.noise!r}")
+        check_number(name, "samples", self.samples, lo=1, integer=True)
+        check_number(name, "window", self.window, lo=1, integer=True)
+        check_choice(name, "sever", self.sever, SEVER)
+        check_choice(name, "mode", self.mode, MODES)
+        check_number(name, "batch_size", self.batch_size, lo=1, integer=True)
+        check_number(name, "seed", self.seed, lo=0, integer=True)
+        if self.sever is not None and self.site == f"{self.sever}_out":
+            raise ConfigError(f"{name}.sever={self.sever!r} freezes the {self.site} outputs that site={self.site!r} "
+                              f"restores; sever the other kind or restore site='resid_post'")
+
+
+__all__ = ["AttributionConfig", "BACKENDS", "CAUSAL_TRACE_SITES", "CausalTraceConfig", "CrossModelPatchConfig",
+           "GridConfig", "MODES", "PatchConfig", "SEVER", "SITES"]

@@ -32,6 +32,12 @@ class PatchResult(Result):
     False (``baseline`` and ``reference`` are ``[1]`` too), so the tensors keep one rank
     whatever the metric. ``roles`` names the models of a cross-model patch: ``(run,
     patched from)``, e.g. ``("backdoored", "clean")``; ``None`` for one model.
+
+    Causal tracing (:func:`~poisonmech.patching.causal_trace`) averages over noise draws:
+    ``values`` and ``baseline`` are then the means over draws, and ``sample_values``
+    (``[... batch sample]``) and ``sample_baseline`` (``[batch sample]``) keep each draw's
+    metric, from which :attr:`sample_normalized` and :attr:`spread` follow. Other analyses
+    leave both ``None``.
     """
 
     kind: ClassVar[str] = "patch"
@@ -47,6 +53,8 @@ class PatchResult(Result):
     str_tokens: tuple[str, ...] | None = None
     per_example: bool = True
     roles: tuple[str, str] | None = None
+    sample_values: Float[Tensor, "... batch sample"] | None = None
+    sample_baseline: Float[Tensor, "batch sample"] | None = None
 
     @property
     def _roles_text(self) -> str:
@@ -57,6 +65,8 @@ class PatchResult(Result):
         shape = " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape))
         gap = float((self.reference - self.baseline).mean())
         batch = f"batch={self.values.shape[-1]}" if self.per_example else "one value per cell (batch metric)"
+        if self.sample_values is not None:
+            batch += f", samples={self.sample_values.shape[-1]}"
         return (f"PatchResult(site={self.site!r}, mode={self.mode!r}{self._roles_text}, method={self.method!r}, {shape}, "
                 f"{batch}, mean gap reference - baseline={gap:.3f})")
 
@@ -87,6 +97,35 @@ class PatchResult(Result):
             torch.where(tiny, torch.ones_like(den), den)
 
     @property
+    def sample_effect(self) -> Tensor | None:
+        """Per noise draw, ``sample_values - sample_baseline`` (``[... batch sample]``: each draw's
+        raw indirect effect); ``None`` without per-draw values."""
+        if self.sample_values is None or self.sample_baseline is None:
+            return None
+        return self.sample_values - self.sample_baseline
+
+    @property
+    def sample_normalized(self) -> Tensor | None:
+        """Per noise draw, ``(sample_values - sample_baseline) / (reference - baseline)``
+        (``[... batch sample]``): each draw's indirect effect over the mean gap, so its mean over
+        draws is :attr:`normalized` exactly. ``None`` without per-draw values."""
+        effect = self.sample_effect
+        if effect is None:
+            return None
+        den = self.reference - self.baseline
+        den = torch.where(den.abs() < 1e-6, torch.full_like(den, float("nan")), den)
+        return effect / den[:, None]
+
+    @property
+    def spread(self) -> Tensor | None:
+        """Standard deviation over noise draws of :attr:`sample_normalized` (``[... batch]``;
+        zeros for one draw); ``None`` without per-draw values."""
+        norm = self.sample_normalized
+        if norm is None:
+            return None
+        return norm.std(-1, unbiased=True) if norm.shape[-1] > 1 else torch.zeros_like(norm[..., 0])
+
+    @property
     def recovery(self) -> Tensor:
         """Per cell, mean effect over the mean gap ``mean(patched - baseline) / mean(reference - baseline)``:
         the robust summary of ``normalized`` (NaN when the runs agree on average)."""
@@ -111,12 +150,17 @@ class PatchResult(Result):
             frame["value"] = flat.numpy().reshape(-1)
             frame["effect"] = eff.reshape(-1)
             frame["normalized"] = norm.reshape(-1)
+            if self.spread is not None:
+                frame["spread"] = self.spread.reshape(-1).detach().cpu().numpy()
             return frame
         frame["mean"] = flat.mean(1).numpy()
         frame["sem"] = self.sem.reshape(-1).cpu().numpy()
         frame["effect"] = eff.mean(1)
         frame["normalized"] = np.nanmean(norm, 1) if np.isfinite(norm).any() else np.nan
         frame["recovery"] = self.recovery.reshape(-1).detach().cpu().numpy()
+        if self.spread is not None:  # the mean over examples of the spread over noise draws
+            spread = self.spread.reshape(-1, self.values.shape[-1]).detach().cpu().numpy()
+            frame["spread"] = np.nanmean(spread, 1) if np.isfinite(spread).any() else np.nan
         return frame
 
     def plot(self, value: str = "recovery", title: str | None = None):
@@ -154,8 +198,10 @@ class PatchResult(Result):
         meta = {"axes": list(self.axes), "site": self.site, "mode": self.mode, "method": self.method,
                 "str_tokens": list(self.str_tokens) if self.str_tokens is not None else None,
                 "per_example": self.per_example, "roles": list(self.roles) if self.roles else None}
-        return self._write(path, meta, {"values": self.values, "baseline": self.baseline,
-                                        "reference": self.reference})
+        tensors = {"values": self.values, "baseline": self.baseline, "reference": self.reference}
+        if self.sample_values is not None and self.sample_baseline is not None:
+            tensors.update(sample_values=self.sample_values, sample_baseline=self.sample_baseline)
+        return self._write(path, meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> PatchResult:
@@ -170,7 +216,8 @@ class PatchResult(Result):
         return cls(values=t["values"], axes=tuple(meta["axes"]), site=meta["site"], mode=meta["mode"],
                    method=meta["method"], baseline=t["baseline"], reference=t["reference"],
                    str_tokens=tuple(toks) if toks is not None else None,
-                   per_example=bool(meta.get("per_example", True)), roles=tuple(roles) if roles else None)
+                   per_example=bool(meta.get("per_example", True)), roles=tuple(roles) if roles else None,
+                   sample_values=t.get("sample_values"), sample_baseline=t.get("sample_baseline"))
 
 
 _LEGACY_KEYS = ("axes", "site", "mode", "method", "str_tokens")
