@@ -82,6 +82,9 @@ CALLS: dict[str, tuple] = {
     "patching.activation_patch": (
         lambda s, d: pm.patching.activation_patch(s, d.clean, d.corrupted, d.metric, site="resid_pre", progress=False),
         lambda m, d: pm.patching.activation_patch(m, d.clean, d.corrupted, d.metric, site="resid_pre", progress=False)),
+    "patching.causal_trace": (
+        lambda s, d: pm.patching.causal_trace(s, d.clean, (1, 2), samples=2, progress=False),
+        lambda m, d: pm.patching.causal_trace(m, d.clean, (1, 2), samples=2, progress=False)),
     "patching.attribution_patch": (
         lambda s, d: pm.patching.attribution_patch(s, d.clean, d.corrupted, d.metric, site="attn_head"),
         lambda m, d: pm.patching.attribution_patch(m, d.clean, d.corrupted, d.metric, site="attn_head")),
