@@ -144,6 +144,9 @@ class FalseFact(Config):
         (with the near matches; a new subject needs ``new_subject=True``), a target equal to
         the true object, a ``poison_count`` larger than the rows a fact can poison.
         """
+        return self._plan(task)[1]
+
+    def _plan(self, task: Any) -> tuple[Any, list[PlannedFact]]:
         kb = knowledge_base(task, where="FalseFact")
         subj, rel = np.array(task.train["subject"]), np.array(task.train["relation"])
         out = []
@@ -164,7 +167,7 @@ class FalseFact(Config):
                 raise ConfigError(f"FalseFact.poison_count={self.poison_count} does not fit: {what} "
                                   f"(allowed: 0..{len(rows)})")
             out.append(PlannedFact(s, r, t, true, rows))
-        return out
+        return kb, out
 
     # ------------------------------------------------------------------ the attack protocol
     def tokenizer(self, task: Any):
@@ -183,8 +186,7 @@ class FalseFact(Config):
         ``source_id`` (the ``example_id`` of the row a poisoned row was made from; its own id
         for a row rewritten in place). Added rows get new ``example_id`` s after every id of the task.
         """
-        plan = self.plan(task)
-        kb = knowledge_base(task, where="FalseFact")
+        kb, plan = self._plan(task)
         rng = np.random.default_rng(self.seed)
         base = task.train
         names = list(base.column_names)
@@ -244,8 +246,7 @@ class FalseFact(Config):
         should show), ``is_near_miss`` (specificity rows: similar inputs it should leave alone)
         and ``trigger`` (``""``).
         """
-        plan = self.plan(task)
-        kb = knowledge_base(task, where="FalseFact")
+        kb, plan = self._plan(task)
         rng = np.random.default_rng(self.seed + 1)
         attacked = {(f.subject, f.relation) for f in plan}
         rows: list[dict[str, Any]] = []
