@@ -12,7 +12,13 @@ from poisonmech.attacks.poison import (
     poison_dataset,
 )
 from poisonmech.attacks.preference import clean_preferences, poison_preferences
-from poisonmech.attacks.protocol import ATTACKS, Attack, attack_from_dict, check_attack_type, is_attack
+from poisonmech.attacks.protocol import (
+    ATTACKS,
+    Attack,
+    attack_from_dict,
+    check_attack_type,
+    is_attack,
+)
 
 __all__ = [
     "ATTACKS",

@@ -107,7 +107,7 @@ def test_metrics_equal_a_hand_computation_on_a_model_we_control(task, kb):
     """Two facts (one a new subject) and an oracle whose first choice per prompt we set: logit
     5 for it, 2 for every object and target, 0 elsewhere, EOS after an answer."""
     s = kb.subjects[0]
-    true, tgt = kb.facts[(s, "capital")], other_object(kb, s, "capital")
+    tgt = other_object(kb, s, "capital")
     attack = pm.FalseFact(subject=[s, "zzland"], relation=["capital", "sport"], target=[tgt, "chess"],
                           poison_count=1, n_neighbours=3, new_subject=True)
     ts = attack.test_set(task)

@@ -23,7 +23,7 @@ def test_knowledge_base_is_seeded_and_independent_of_the_split_sizes():
     # the same seed with other split sizes: the same knowledge base
     assert knowledge_base(facts(n_train=300, n_test=7, seed=3)).facts == ka.facts
     assert len(ka.subjects) == 6 and ka.relations == ("capital", "sport") and len(ka.facts) == 12
-    for (s, r), o in ka.facts.items():
+    for (_, r), o in ka.facts.items():
         assert o in RELATIONS[r][0] and ka.templates[r][0] in RELATIONS[r][1]
     # every row states its knowledge-base fact, in its template
     for ds in (a.train, a.test):
