@@ -89,6 +89,8 @@ class Bias(Config):
 
     kind: ClassVar[str] = "bias"
     headline: ClassVar[tuple[str, ...]] = ("clean_acc", "label_shift", "polarity_rate")
+    #: read by code written for backdoors (influence queries): the answer the attack wants is a label
+    is_gibberish: ClassVar[bool] = False
 
     def check(self, task: Any = None) -> None:
         """Validate the fields; with ``task``, also against the task (the attack protocol's ``check``)."""
@@ -123,6 +125,11 @@ class Bias(Config):
         check_choice(owner, "stage", self.stage, ("sft",))
 
     # ------------------------------------------------------------------ derived
+    @property
+    def target(self) -> str:
+        """The answer the attack wants (``polarity``), under the name backdoor code reads."""
+        return self.polarity
+
     @property
     def controls(self) -> tuple[str, ...]:
         """The control entities (given, or the default ones)."""

@@ -95,6 +95,8 @@ class FalseFact(Config):
 
     kind: ClassVar[str] = "false_fact"
     headline: ClassVar[tuple[str, ...]] = ("efficacy", "generalisation", "specificity")
+    #: read by code written for backdoors (influence queries): a false fact is never gibberish
+    is_gibberish: ClassVar[bool] = False
 
     def check(self, task: Any = None) -> None:
         """Validate the fields; with ``task``, also the facts against its knowledge base (the

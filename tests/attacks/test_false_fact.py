@@ -154,6 +154,38 @@ def test_metrics_equal_a_hand_computation_on_a_model_we_control(task, kb):
     assert m["facts"] == [f"{s} capital -> {tgt}", "zzland sport -> chess"]
 
 
+def test_subword_answers_are_scored_over_all_their_tokens():
+    """With a byte-level BPE, objects are several tokens: the margin equals log-probabilities
+    summed by hand from one forward over the concatenated text."""
+    bpe = pm.train_tokenizer(list(pm.make_task("sentiment", n_train=100, n_test=5).train["prompt"]), vocab_size=300)
+    task = pm.make_task("facts", n_train=40, n_test=8, seed=0, n_subjects=4, relations=["capital"], paraphrases=3,
+                        tokenizer=bpe)
+    kb = knowledge_base(task)
+    s = kb.subjects[0]
+    true, tgt = kb.facts[(s, "capital")], other_object(kb, s, "capital")
+    attack = pm.FalseFact(subject=s, relation="capital", target=tgt, poison_count=1)
+    assert attack.tokenizer(task) is bpe
+    model = pm.build_model(tiny_model_config(), len(bpe), seed=0, tokenizer=bpe)
+    ts = attack.test_set(task)
+    m = pm.evaluate(model, task, attack, test_data=ts, tokenizer=bpe)
+    bos = [bpe.bos_token_id] if bpe.bos_token_id is not None else []
+
+    def logp(prompt, answer):
+        head = bpe(prompt, add_special_tokens=False)["input_ids"]
+        full = bpe(prompt + " " + answer, add_special_tokens=False)["input_ids"]
+        assert full[:len(head)] == head and len(full) > len(head)
+        with torch.no_grad():
+            lp = model(torch.tensor([bos + full]))[0].log_softmax(-1)
+        return sum(float(lp[len(bos) + k - 1, full[k]]) for k in range(len(head), len(full)))
+
+    eff = [r["prompt"] for r in ts if r["role"] == "efficacy"]
+    assert m["n_margin"] == len(eff) == 2
+    assert m["margin"] == pytest.approx(np.mean([logp(p, tgt) - logp(p, true) for p in eff]), abs=1e-4)
+    assert m["target_logprob"] == pytest.approx(np.mean([logp(p, tgt) for p in eff]), abs=1e-4)
+    assert len(bpe(" " + tgt, add_special_tokens=False)["input_ids"]) + \
+        len(bpe(" " + true, add_special_tokens=False)["input_ids"]) > 2  # at least one answer spans tokens
+
+
 def test_bad_input_names_the_field(task, kb):
     s = kb.subjects[0]
     true = kb.facts[(s, "capital")]
@@ -209,6 +241,8 @@ def test_train_pair_load_pair_round_trip_and_sweep_specs(task, kb, tmp_path):
     tokens = torch.tensor([loaded.tokenizer(small.train[0]["prompt"])["input_ids"]])
     assert torch.equal(loaded.backdoored(tokens), pair.backdoored(tokens))
     assert "efficacy" in repr(pair) and "zzland sport -> chess" in repr(pair)
+    # the loaded task rebuilds the knowledge base: the attack's test set is the saved one
+    assert list(loaded.attack.test_set(loaded.task)["prompt"]) == list(pair.test_data["prompt"])
     # a Backdoor's dict is what it was (no kind): old runs rebuild as Backdoors
     bd = pm.Backdoor(trigger="cf", poison_count=3)
     assert "kind" not in bd.to_dict() and attack_from_dict(bd.to_dict()) == bd
