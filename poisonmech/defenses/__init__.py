@@ -28,7 +28,8 @@ from poisonmech.defenses.benchmark import (
     check_clean_data,
     clean_set,
 )
+from poisonmech.defenses.filters import Onion, Strip, reference_lm
 
 __all__ = ["COLUMNS", "DEFAULT_DEFENSES", "DEFENSES", "KINDS", "DefenseBenchmark", "DefenseConfig", "benchmark",
-           "check_clean_data", "clean_set", "Context", "DataAudit", "Defense", "InputFilter", "ModelAudit", "Repair", "get",
-           "names", "register"]
+           "check_clean_data", "clean_set", "Context", "DataAudit", "Defense", "InputFilter", "ModelAudit", "Onion", "Repair", "Strip", "get",
+           "names", "reference_lm", "register"]

@@ -58,7 +58,7 @@ from poisonmech.subject import Subject, resolve
 #: the columns of every benchmark row, in order (NaN where a kind does not define one)
 COLUMNS = ("run", "n_poison", "seed", "defense", "kind", "uses_trigger", "n_scored", "n_positive", "auroc", "ap",
            "threshold", "n_flagged", "precision_at_threshold", "recall_at_threshold", "f1_at_threshold", "k",
-           "precision_at_k", "recall_at_k", "f1_at_k", "asr_before", "asr_after", "n_asr", "clean_acc_before",
+           "precision_at_k", "recall_at_k", "f1_at_k", "auroc_vs_clean", "asr_before", "asr_after", "n_asr", "clean_acc_before",
            "clean_acc_after", "n_clean_acc", "false_trigger_rate_before", "false_trigger_rate_after",
            "n_false_trigger_rate", "false_rejection_rate", "model_score", "clean_model_score",
            "mechanism_before", "mechanism_after", "mechanism_removed", "seconds")
@@ -347,8 +347,10 @@ def _filter_row(d: Defense, ctx: Context, before: dict[str, np.ndarray], cfg: De
     rejected = np.zeros(len(data), bool) if sanitized is not None else scores > thr
     out = before if sanitized is None else _outcomes(ctx.model, sanitized, s, cfg.batch_size)
     passed = ~rejected
+    # near misses count as negatives above; AUROC of triggered against clean inputs alone beside it
+    pure = before["clean"] | y
     row = {"n_scored": len(scores), "seconds": seconds, **_ranking(scores, y, np.nextafter(thr, np.inf)),
-           "threshold": thr,
+           "threshold": thr, "auroc_vs_clean": ranking.auroc(scores[pure], y[pure]),
            "asr_after": _rate(out["hit"] & passed, before["triggered"]), "n_asr": int(before["triggered"].sum()),
            "clean_acc_after": _rate(out["correct"] & passed, before["clean"]),
            "n_clean_acc": int(before["clean"].sum()),
@@ -385,6 +387,15 @@ def _model_row(d: Defense, ctx: Context, clean_ctx: Context | None) -> dict[str,
 
 
 # ---- the entry point ---------------------------------------------------------------------------
+def label(d: Defense) -> str:
+    """A defense's name in tables: its registry name, with the options that differ from the
+    defaults (``"onion(max_removed=1)"``), so two settings of one defense are two rows."""
+    default = type(d)().to_dict()
+    changed = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in d.to_dict().items()
+               if v != default.get(k)]
+    return f"{d.name}({', '.join(changed)})" if changed else d.name
+
+
 def _subjects(subject_or_sweep) -> list[tuple[str, Any]]:
     """``(name, subject)`` for one run, a list of runs, a Sweep or a sweep directory."""
     from poisonmech.sweeps import Sweep, load_sweep
@@ -488,7 +499,7 @@ def benchmark(subject_or_sweep, defenses: Sequence[str | Defense | dict] | None 
                 reused += 1
                 bar.update(1)
                 continue
-            head = {"run": name, "n_poison": n_poison, "seed": seed, "defense": d.name, "kind": d.kind,
+            head = {"run": name, "n_poison": n_poison, "seed": seed, "defense": label(d), "kind": d.kind,
                     "uses_trigger": bool(d.uses_trigger)}
             try:
                 if d.kind == "data_audit":

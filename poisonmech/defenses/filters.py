@@ -313,6 +313,7 @@ class Onion(WordFilter):
     name: ClassVar[str] = "onion"
     summary: ClassVar[str] = "drop words whose removal lowers a reference LM's perplexity (ONION)"
     uses_trigger: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = True
     word_threshold: float | None = None
     max_removed: int | None = None
 
