@@ -29,7 +29,13 @@ from poisonmech.defenses.benchmark import (
     clean_set,
 )
 from poisonmech.defenses.filters import Onion, Strip, reference_lm
+from poisonmech.defenses.weightdiff import (
+    WeightDiffAudit,
+    WeightDiffMonitor,
+    starting_point,
+    weight_update,
+)
 
 __all__ = ["COLUMNS", "DEFAULT_DEFENSES", "DEFENSES", "KINDS", "DefenseBenchmark", "DefenseConfig", "benchmark",
-           "check_clean_data", "clean_set", "Context", "DataAudit", "Defense", "InputFilter", "ModelAudit", "Onion", "Repair", "Strip", "get",
-           "names", "reference_lm", "register"]
+           "check_clean_data", "clean_set", "Context", "DataAudit", "Defense", "InputFilter", "ModelAudit", "Onion", "Repair", "Strip", "WeightDiffAudit", "WeightDiffMonitor", "get",
+           "names", "reference_lm", "register", "starting_point", "weight_update"]

@@ -70,7 +70,7 @@ DENOMINATORS = {"auroc": "n_scored", "ap": "n_positive", "precision_at_threshold
 ERRORS = ("raise", "record")
 #: defenses run when none are named: one of each kind that needs nothing beyond a run
 DEFAULT_DEFENSES = ("loss", "spectral", "activation_clustering", "robust_covariance", "keyword", "strip",
-                    "onion", "weight_diff", "clean_finetune", "fine_pruning")
+                    "onion", "weight_diff_monitor", "weight_diff", "clean_finetune", "fine_pruning")
 
 
 @dataclass(frozen=True)
