@@ -36,6 +36,24 @@ from plotly.subplots import make_subplots
 import poisonmech as pm
 from poisonmech.viz import save_figure, style
 
+#: every defense, and ONION also with its one most suspicious word dropped (its default rule drops every word
+#: above the threshold, and a triggered input's inflated perplexity lifts every word's suspicion)
+DEFENSES = ["loss", "spectral", "activation_clustering", "robust_covariance", "keyword", "influence", "strip",
+            "onion", {"name": "onion", "max_removed": 1}, "weight_diff_monitor", "weight_diff", "clean_finetune",
+            "fine_pruning", "circuit_ablation", "direction_ablation", "retrain_without"]
+
+
+def _parse(spec: str):
+    """``name`` or ``name,key=value,...`` -> a defense spec."""
+    name, *opts = spec.split(",")
+    if not opts:
+        return name
+    out: dict = {"name": name}
+    for o in opts:
+        k, v = o.split("=")
+        out[k] = int(v) if v.lstrip("-").isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
+    return out
+
 
 def train(args) -> pm.Sweep:
     counts = [int(c) for c in args.counts.split(",")]
@@ -126,11 +144,15 @@ def main() -> None:
     ap.add_argument("--sweep", default="runs/experiments/defenses")
     ap.add_argument("--counts", default="5,10,40,100")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--defenses", default=None, help="comma-separated names (default: every registered defense)")
+    ap.add_argument("--defenses", default=None, help="';'-separated defenses, each 'name' or 'name,key=value' "
+                                                     "(default: DEFENSES)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--figures", default="figures")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--shard", default=None, help="k/n: benchmark only the finished runs i with i %% n == k (write "
+                                                  "their cached rows; a final run without --shard gathers them)")
+    ap.add_argument("--no-train", action="store_true", help="benchmark the runs the sweep has finished, train none")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.figures)
@@ -138,11 +160,16 @@ def main() -> None:
     if args.plot_only:
         table = pd.read_csv(out / "defenses.csv")
     else:
-        sw = train(args)
+        sw = pm.load_sweep(args.sweep) if args.no_train else train(args)
         if args.train_only:
             return
-        names = args.defenses.split(",") if args.defenses else [n for n in pm.defenses.names()
-                                                                 if not n.startswith("_")]
+        names = [pm.defenses.get(_parse(n)) for n in args.defenses.split(";")] if args.defenses else DEFENSES
+        if args.shard:
+            k, n = (int(x) for x in args.shard.split("/"))
+            done = [r for r in sw.runs if r.status == "done"]
+            pm.defenses.benchmark([sw.out_dir / "runs" / r.name for i, r in enumerate(done) if i % n == k], names,
+                                  errors="record")
+            return
         bench = pm.defenses.benchmark(sw, names, errors="record")
         table = bench.to_frame()
         table.to_csv(out / "defenses.csv", index=False)
