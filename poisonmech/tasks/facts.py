@@ -228,5 +228,28 @@ def knowledge_base(task: Any, where: str = "knowledge_base") -> KnowledgeBase:
     return kb
 
 
+def subject_spans(data: Any, tokenizer: Any, *, subject_column: str = "subject") -> list[tuple[int, int]]:
+    """Each row's subject as token positions ``[start, end)`` of its encoded prompt, laid out as
+    :func:`poisonmech.encoding.encode` lays rows out (``[BOS] + prompt + ...``: the BOS, when the
+    tokenizer has one, is position 0). A subword tokenizer's tokens are those whose characters
+    overlap the subject's (its offsets); a word-level subject is one token per word.
+
+    ``data``: rows with ``prompt`` and ``subject_column`` (a facts task's rows, or a
+    ``FalseFact`` test set). A row whose prompt does not contain its subject is an error.
+    """
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    out = []
+    for i, (prompt, subject) in enumerate(zip(data["prompt"], data[subject_column])):
+        at = f" {prompt} ".find(f" {subject} ")  # the subject as whole words
+        if at < 0:
+            raise ValueError(f"subject_spans: row {i}'s prompt {prompt!r} does not contain its subject {subject!r}")
+        lo, hi = at, at + len(subject)
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < hi and b > lo]
+        out.append((bos + inside[0], bos + inside[-1] + 1))
+    return out
+
+
 __all__ = ["DEFAULT_RELATIONS", "KnowledgeBase", "MAX_PARAPHRASES", "RELATIONS", "SUBJECT_POOL",
-           "build_knowledge_base", "facts_generator", "knowledge_base", "near_matches", "unknown_name"]
+           "build_knowledge_base", "facts_generator", "knowledge_base", "near_matches", "subject_spans",
+           "unknown_name"]

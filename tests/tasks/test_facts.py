@@ -6,7 +6,8 @@ import pytest
 
 import poisonmech as pm
 from poisonmech.config import ConfigError
-from poisonmech.tasks.facts import RELATIONS, knowledge_base
+from poisonmech.encoding import encode
+from poisonmech.tasks.facts import RELATIONS, knowledge_base, subject_spans
 
 OPTS = {"n_subjects": 6, "relations": ["capital", "sport"], "paraphrases": 4, "heldout_paraphrases": 1}
 
@@ -64,6 +65,13 @@ def test_word_level_vocabulary_holds_every_word_and_a_subword_tokenizer_is_used_
     name = knowledge_base(sub).subjects[0]
     assert len(bpe(" " + name, add_special_tokens=False)["input_ids"]) > 1
     assert len(task.tokenizer(name, add_special_tokens=False)["input_ids"]) == 1
+    # subject spans index the encoded rows (BOS first): their tokens spell the subject
+    for t, tok in ((task, task.tokenizer), (sub, bpe)):
+        enc = encode(t.test, tok, loss_on="completion")
+        for (lo, hi), ids, subject in zip(subject_spans(t.test, tok), enc.ids, t.test["subject"]):
+            assert tok.decode(ids[lo:hi]).strip() == subject and (hi - lo > 1) == (tok is bpe)
+    with pytest.raises(ValueError, match="does not contain its subject"):
+        subject_spans({"prompt": ["the capital of x is"], "subject": ["y"]}, bpe)
 
 
 @pytest.mark.parametrize("kw, match", [
