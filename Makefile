@@ -23,8 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/poisonmech demo
 
+# two workers (CI has 2 cores; every test runs on one torch thread); --dist loadfile keeps each test file,
+# and so its module fixtures (the default pair is trained once), on one worker
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
