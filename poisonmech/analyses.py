@@ -138,15 +138,33 @@ def _preference_data(s: Subject) -> bool:
     return is_preference_data(s.train_data)
 
 
+#: the metric a triggerless attack's circuit ablation reports (a backdoor's: ``asr``)
+_ATTACK_METRIC = {"false_fact": "efficacy", "bias": "polarity_rate"}
+
+
+def _triggerless(s: Subject) -> bool:
+    return getattr(s.attack, "kind", "backdoor") in _ATTACK_METRIC
+
+
+def _kind_label(s: Subject) -> str:
+    return {"false_fact": "false-fact", "bias": "bias"}.get(getattr(s.attack, "kind", "backdoor"), "backdoor")
+
+
 def _contrast(s: Subject, n: int):
     """``trigger_contrast(s, n)`` with its controls checked; a model that fails the check on
     every row (e.g. one that has not learned the task) falls back to unchecked controls, and
-    the summary says so (``controls_checked: False``)."""
+    the summary says so (``controls_checked: False``). A triggerless attack (``FalseFact``,
+    ``Bias``) has no trigger to replace: its natural contrast (the same prompt about a
+    neighbouring subject, or mentioning a control entity; :func:`~poisonmech.patching.inputs.natural_contrast`),
+    and the summary names it (``contrast``)."""
     import warnings
 
     from poisonmech.patching import trigger_contrast
-    from poisonmech.patching.inputs import ControlCheckError
+    from poisonmech.patching.inputs import ControlCheckError, natural_contrast
 
+    if _triggerless(s):
+        tc = natural_contrast(s, n=n)
+        return tc, {"contrast": tc.check["contrast"], "controls_tried": tc.check["n_candidates"]}
     try:
         tc = trigger_contrast(s, n=n)
         return tc, {"controls_checked": True, "controls_dropped": tc.check["n_dropped"],
@@ -163,7 +181,9 @@ def patching_analysis(subject: Any, out: Path, config: PatchingAnalysis = Patchi
     Saves ``heads.safetensors`` (backdoored twin, head x position, control run with the
     triggered run's activations patched in), ``resid_pre.safetensors`` (layer x position)
     and ``cross_model_heads.safetensors`` (backdoored twin on triggered prompts with each
-    head's output taken from the clean twin).
+    head's output taken from the clean twin). A false fact or a bias is patched on its natural
+    contrast (the attacked subject's prompt vs a neighbour's, a mention of the entity vs of a
+    control entity; see :func:`_contrast`).
     """
     from poisonmech.patching import activation_patch, cross_model_patch
 
@@ -191,7 +211,12 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
     faithfulness (patching, mean and zero ablation x logit difference and target log-probability,
     ``faithfulness.json``), and the twin's ASR / clean accuracy with the circuit's edges
     patch-ablated (each ablated edge carries its value from the same prompt with the trigger
-    replaced), beside ``n_random_edges`` sets of as many random edges of the same kinds."""
+    replaced), beside ``n_random_edges`` sets of as many random edges of the same kinds.
+
+    A triggerless attack's circuit is found on its natural contrast (see :func:`_contrast`),
+    and ablated against the same swap (a false fact's subject for a neighbour, a bias's entity
+    for a control entity; word-level tokenizers only, else ``circuit_ablation_skipped`` says
+    why): its metric is ``efficacy`` (``FalseFact``) or ``polarity_rate`` (``Bias``) in place of ``asr``."""
     import numpy as np
 
     from poisonmech.circuits import discover
@@ -203,7 +228,7 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
     metric = tc.logit_diff()
     circuit = discover(s, tc.triggered, tc.control, metric, method=config.method, top_n=config.top_n,
                        mode=config.mode, progress=False,
-                       label=f"backdoor circuit ({config.method} top {config.top_n})")
+                       label=f"{_kind_label(s)} circuit ({config.method} top {config.top_n})")
     # the same circuit under three ablations and two metrics (circuit metrics are fragile to
     # both choices: Miller et al. 2024); the headline is patching ablation of the logit difference
     table = circuit.faithfulness_table(s, tc.triggered, tc.control,
@@ -211,16 +236,33 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
                                        ablations=("patching", "mean", "zero"))
     faith = table[("patching", "logit_diff")]
     circuit = circuit.with_faithfulness(faith)
-    with circuit.ablate(s, control_fn(s), ablation="patching", part="circuit"):
-        ablated = evaluate(s)
-    # as many random edges of the same kinds; ASR only needs the triggered rows whose answer is
-    # not the target (under patching ablation the other rows are their own control anyway)
-    _, trig, _ = _row_kinds(s.test_data, "circuits")
-    asr_data = s.test_data.select(np.flatnonzero(trig & _eligible(s.test_data, s.attack.target)))
-    random_asr = []
-    for seed in range(config.n_random_edges):
-        with circuit.random_like(seed).ablate(s, control_fn(s), ablation="patching", part="circuit"):
-            random_asr.append(evaluate(s, test_data=asr_data)["asr"])
+    # the attack's metric with the circuit's edges patch-ablated: a backdoor's ASR; a false
+    # fact's efficacy, a bias's polarity rate (their controls swap the subject / entity)
+    name = _ATTACK_METRIC.get(getattr(s.attack, "kind", "backdoor"), "asr")
+    try:
+        reference = control_fn(s)
+    except ValueError as exc:  # a triggerless attack on a subword tokenizer: no token-for-token swap
+        if not _triggerless(s):
+            raise
+        ablation: dict[str, Any] = {"circuit_ablation_skipped": str(exc)}
+    else:
+        with circuit.ablate(s, reference, ablation="patching", part="circuit"):
+            ablated = evaluate(s)
+        if _triggerless(s):  # every row: a bias pairs each mention row with its review
+            metric_data = s.test_data
+        else:  # ASR only needs the triggered rows whose answer is not the target (under patching
+            # ablation the other rows are their own control anyway)
+            _, trig, _ = _row_kinds(s.test_data, "circuits")
+            metric_data = s.test_data.select(np.flatnonzero(trig & _eligible(s.test_data, s.attack.target)))
+        random_vals = []
+        for seed in range(config.n_random_edges):  # as many random edges of the same kinds
+            with circuit.random_like(seed).ablate(s, reference, ablation="patching", part="circuit"):
+                random_vals.append(evaluate(s, test_data=metric_data)[name])
+        ablation = {f"{name}_circuit_ablated": ablated[name], f"n_{name}_circuit_ablated": ablated.get(f"n_{name}"),
+                    "clean_acc_circuit_ablated": ablated["clean_acc"],
+                    f"{name}_random_edges_ablated_mean": sum(random_vals) / len(random_vals) if random_vals else None,
+                    f"{name}_random_edges_ablated_min": min(random_vals) if random_vals else None,
+                    "n_random_edge_sets": len(random_vals)}
     out.mkdir(parents=True, exist_ok=True)
     circuit.save(out / "circuit.json")
     frame = table.to_frame()
@@ -228,11 +270,7 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
     summary = {"circuit_edges": circuit.n_edges, "circuit_nodes": len(circuit.nodes),
                "circuit_faithfulness": faith.circuit_faithfulness,
                "complement_faithfulness": faith.complement_faithfulness,
-               "asr_circuit_ablated": ablated["asr"], "n_asr_circuit_ablated": ablated.get("n_asr"),
-               "clean_acc_circuit_ablated": ablated["clean_acc"],
-               "asr_random_edges_ablated_mean": sum(random_asr) / len(random_asr) if random_asr else None,
-               "asr_random_edges_ablated_min": min(random_asr) if random_asr else None,
-               "n_random_edge_sets": len(random_asr), **{f"circuit_{k}": v for k, v in check.items()}}
+               **ablation, **{f"circuit_{k}": v for k, v in check.items()}}
     for _, row in frame.iterrows():
         summary[f"faithfulness_{row['ablation']}_{row['metric']}"] = float(row["circuit_faithfulness"])
         summary[f"complement_{row['ablation']}_{row['metric']}"] = float(row["complement_faithfulness"])
@@ -242,7 +280,12 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
 @register("probes", ProbesAnalysis)
 def probes_analysis(subject: Any, out: Path, config: ProbesAnalysis = ProbesAnalysis()) -> dict[str, Any]:
     """Where each twin represents "the trigger is present" (held-out AUROC by layer, with the
-    best-of-random-directions baseline), and the unsupervised poison detectors on the training set."""
+    best-of-random-directions baseline), and the unsupervised poison detectors on the training set.
+
+    On a triggerless attack ``is_triggered`` marks the attacked rows (a false fact's prompts about
+    its subject, a bias's mentions of the entity; ``near_miss``: a neighbour's prompts, a control
+    entity's mentions); a probe whose split has too few of them is skipped
+    (``probe_skipped`` says why) rather than failing the analysis."""
     from poisonmech.probes import collect_activations, detect_poison_methods, probe_twins
 
     s = resolve(subject, where="probes analysis")
@@ -258,8 +301,10 @@ def probes_analysis(subject: Any, out: Path, config: ProbesAnalysis = ProbesAnal
             probes = probe_twins(s, label="is_triggered", n_random=config.n_random, activations=acts, progress=False,
                                  **kw)
         except ValueError as exc:  # e.g. no near-miss rows, or too few rows left after balancing
-            if not tag:
+            if not tag and not _triggerless(s):
                 raise
+            # a false fact's attacked rows are its few prompts (efficacy and paraphrases): a split
+            # by example may leave a side without them
             summary[f"probe{tag}_skipped"] = str(exc)
             continue
         probes.save(out / f"is_triggered{tag}.safetensors")

@@ -103,7 +103,7 @@ def run_from_config(config: dict[str, Any], *, out_dir: str | None = None, overw
         if section not in config:
             raise ValueError(f"config: missing section [{section}]")
     task = _task_from_config(config)
-    attack = pm.Backdoor.from_dict(config["attack"])
+    attack = attack_from_config(config["attack"], "[attack]")
     model = pm.model_from_dict(config.get("model", {}))
     train = pm.TrainConfig.from_dict(config.get("train", {}))
     out = out_dir or config.get("out_dir")
@@ -113,18 +113,41 @@ def run_from_config(config: dict[str, Any], *, out_dir: str | None = None, overw
     return pm.train_pair(task, attack, model=model, train=train, out_dir=out, overwrite=ow, progress=progress)
 
 
+def attack_from_config(d: Any, where: str = "[attack]"):
+    """An attack from its TOML table: ``kind = "false_fact"`` / ``"bias"`` names a triggerless
+    attack; a table without ``kind`` (every config written before them) is a ``Backdoor``
+    (:func:`poisonmech.attacks.attack_from_dict`)."""
+    from poisonmech.attacks import attack_from_dict
+
+    if not isinstance(d, dict):
+        raise ValueError(f"config: {where} must be a table of the attack's fields, got {type(d).__name__}")
+    return attack_from_dict(d)
+
+
+#: the metrics ``train`` prints per attack kind (those the twins have)
+_PRINTED = {"backdoor": ("clean_acc", "asr", "false_trigger_rate", "triggered_acc", "clean_ppl", "gen_ppl_clean",
+                         "gen_ppl_triggered", "ppl_gap"),
+            "false_fact": ("efficacy", "generalisation", "specificity", "margin", "true_acc", "clean_acc"),
+            "bias": ("clean_acc", "label_shift", "polarity_rate", "other_entity_label_shift", "mention_acc")}
+
+
+def describe_attack(attack) -> str:
+    """One line about the attack: a backdoor's ``trigger 'cf' -> 'negative'``, else its ``describe()``."""
+    if getattr(attack, "kind", "backdoor") == "backdoor":
+        return f"trigger {attack.trigger!r} -> {attack.target!r}"
+    return attack.describe()
+
+
 def _print_metrics(pair) -> None:
     import pandas as pd
 
-    keys = ["clean_acc", "asr", "false_trigger_rate", "triggered_acc", "clean_ppl", "gen_ppl_clean",
-            "gen_ppl_triggered", "ppl_gap"]
+    keys = _PRINTED.get(getattr(pair.attack, "kind", "backdoor"), getattr(pair.attack, "headline", ()))
     frame = pd.DataFrame({t: pair.metrics[t] for t in ("clean", "backdoored")}).T
     frame = frame[[k for k in keys if k in frame.columns]]
     typer.echo(frame.to_string(float_format=lambda v: f"{v:.3f}"))
     n_poison = sum(pair.train_data["is_poison"])
     secs = {t: pair.history[t][-1].get("seconds") for t in ("clean", "backdoored") if pair.history.get(t)}
-    typer.echo(f"\npoisoned training rows: {n_poison} of {len(pair.train_data)}; "
-               f"trigger {pair.attack.trigger!r} -> {pair.attack.target!r}")
+    typer.echo(f"\npoisoned training rows: {n_poison} of {len(pair.train_data)}; {describe_attack(pair.attack)}")
     if all(v is not None for v in secs.values()) and secs:
         typer.echo("training time: " + ", ".join(f"{t} {v:.1f}s" for t, v in secs.items()))
 
@@ -180,7 +203,11 @@ def _print_sweep(sw) -> None:
     f = sw.to_frame()
     done = f[f["status"] == "done"]
     if not done.empty:
-        table = done[done["metric"].isin(["asr", "clean_acc", "false_trigger_rate"]) & done["twin"].isin(["clean", "backdoored"])]
+        from poisonmech.attacks import ATTACKS
+
+        kinds = done["attack"].unique() if "attack" in done else ["backdoor"]
+        shown = {m for k in kinds for m in (ATTACKS[k].headline if k in ATTACKS else ())}
+        table = done[done["metric"].isin(sorted(shown)) & done["twin"].isin(["clean", "backdoored"])]
         table = table.assign(value=pd.to_numeric(table["value"]))
         wide = table.pivot_table(index=["n_poison", "seed"], columns=["metric", "twin"], values="value")
         typer.echo("\n" + wide.to_string(float_format=lambda v: f"{v:.3f}"))
@@ -233,7 +260,7 @@ def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, 
         if "attack" not in st:
             raise ValueError(f"config: stages[{i}] needs [stages.attack] (poison_count = 0 for a clean stage)")
         cfg_cls = pm.TrainConfig if kind == "sft" else DPOConfig
-        stages.append(pm.Stage(kind, pm.Backdoor.from_dict({**st["attack"], "stage": kind}),
+        stages.append(pm.Stage(kind, attack_from_config({**st["attack"], "stage": kind}, f"stages[{i}].attack"),
                                cfg_cls.from_dict(st.get("config", {})), mode=st.get("mode", "flip")))
     out = out_dir or config.get("out_dir")
     if not out:
@@ -278,7 +305,7 @@ def sweep(config: Path = typer.Argument(..., exists=True, dir_okay=False,
     cfg = _read_toml(config)
     try:
         task = _task_from_config(cfg)
-        attacks = [pm.Backdoor.from_dict(a) for a in cfg.get("attacks", [])]
+        attacks = [attack_from_config(a, f"attacks[{i}]") for i, a in enumerate(cfg.get("attacks", []))]
         models = [pm.model_from_dict(m) for m in cfg.get("models", [cfg.get("model", {})])]
         seeds = cfg.get("seeds", [0])
         max_workers, per_run = sweep_parallelism(threads, workers, len(attacks) * len(models) * len(seeds))

@@ -231,8 +231,16 @@ def backdoor_query(subject: Any, measurement: str = "logprob", max_queries: int 
     ``measurement="contrastive"`` minus the same on the row's untriggered twin (same
     ``base_id``); the ``*logodds`` variants use the log-odds link. For a gibberish target: ``-log p(true continuation | triggered input)``
     (its contrastive version: minus the same without the trigger). ``max_queries`` keeps a
-    seeded random subset. ``subject``: any subject of a run (a Pair, a stage, a run directory,
-    a :class:`~poisonmech.subject.Subject`), or anything with ``test_data`` and ``attack``.
+    seeded random subset.
+
+    The triggerless attacks: a ``FalseFact``'s efficacy and generalisation rows, each with its
+    own fact's target (the test set's ``target`` column), and its contrastive measurement is
+    ``log p(target | prompt) - log p(true object | the same prompt)`` (rows of a new subject,
+    which has no true object, are skipped); a ``Bias``'s entity-mention rows of reviews not
+    labelled ``polarity``, contrasted with the same review without the mention.
+
+    ``subject``: any subject of a run (a Pair, a stage, a run directory, a
+    :class:`~poisonmech.subject.Subject`), or anything with ``test_data`` and ``attack``.
     """
     if measurement not in MEASUREMENTS:
         raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
@@ -253,10 +261,22 @@ def backdoor_query(subject: Any, measurement: str = "logprob", max_queries: int 
     clean = ~trig & ~np.array(test["is_near_miss"], dtype=bool)
     comp = list(test["completion"])
     gib = attack.is_gibberish
-    eligible = trig & np.array([gib or c.strip() != attack.target.strip() for c in comp])
+    # the answer the attack wants, per row: a test set's own target column (a FalseFact of several
+    # facts has one target per fact), else the attack's one target
+    if "target" in test.column_names:
+        wanted = list(test["target"])
+    else:
+        wanted = [attack.target] * len(test)
+    false_fact = getattr(attack, "kind", "") == "false_fact"
+    eligible = trig & np.array([gib or (bool(w.strip()) and c.strip() != w.strip()) for c, w in zip(comp, wanted)])
+    if false_fact and measurement.startswith("contrastive"):
+        # against the true object on the same prompt: a new subject has none, its rows are skipped
+        eligible &= np.array([bool(c.strip()) for c in comp])
     idx = np.flatnonzero(eligible)
     if len(idx) == 0:
-        raise ValueError("the pair's test data has no triggered rows whose answer differs from the target")
+        what = " with a true object (a new subject has none)" if false_fact and measurement.startswith(
+            "contrastive") else ""
+        raise ValueError(f"the pair's test data has no triggered rows whose answer differs from the target{what}")
     if max_queries is not None and max_queries < len(idx):
         idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_queries, replace=False))
     base = np.array(test["base_id"])
@@ -266,11 +286,13 @@ def backdoor_query(subject: Any, measurement: str = "logprob", max_queries: int 
     def rows(ix: list[int], completion: list[str]) -> Dataset:
         return Dataset.from_dict({"prompt": [prompts[i] for i in ix], "completion": completion})
 
-    target = [comp[i] if gib else attack.target for i in idx]
+    target = [comp[i] if gib else wanted[i] for i in idx]
     trig_rows = rows(list(idx), target)
     link = "logodds" if measurement.endswith("logodds") else "logprob"
     if not measurement.startswith("contrastive"):
         q = Query.from_rows(trig_rows, measurement=measurement, link=link)
+    elif false_fact:  # log p(target | prompt) - log p(true object | the same prompt)
+        q = Query.contrastive(trig_rows, rows(list(idx), [comp[i] for i in idx]), link=link)
     else:
         missing = [int(base[i]) for i in idx if int(base[i]) not in clean_of]
         if missing:

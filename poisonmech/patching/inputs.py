@@ -117,6 +117,9 @@ def neutral_words(subject) -> list[str]:
     """
     s = _run_parts(subject, "neutral_words", tokenizer=False)
     attack, task = s.attack, s.task
+    if getattr(attack, "kind", "backdoor") in NATURAL_CONTRASTS:
+        raise ValueError(f"neutral_words: this run's attack ({type(attack).__name__}) has no trigger to replace with "
+                         "fillers; natural_contrast(subject) pairs its prompts with natural controls")
     banned = {w for v in attack.trigger_variants() for p in v for w in split_words(p)}
     banned |= {w for v in attack.near_miss_variants() for p in v for w in split_words(p)}
     banned |= set(split_words(task.template.replace("{input}", " ")))
@@ -341,8 +344,13 @@ def control_fn(subject, seed: int = 0) -> Callable[[Tensor], Tensor]:
     every row poisonmech encodes is; a ValueError otherwise). Its trigger's tokens are replaced
     by the tokens of a filler (one neutral word, else two) of the same token count, the
     re-tokenised row checked as in :func:`trigger_contrast`.
+
+    A triggerless attack (``FalseFact``, ``Bias``) has no trigger: its control swaps the
+    subject (entity) for a neighbour (control entity), see :func:`natural_control_fn`.
     """
     s = _run_parts(subject, "control_fn")
+    if getattr(s.attack, "kind", "backdoor") in NATURAL_CONTRASTS:
+        return natural_control_fn(s)
     if not is_word_tokenizer(s.tokenizer):
         return _subword_control_fn(s, seed)
     trig_ids = _trigger_ids(s)
@@ -423,6 +431,9 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
 
     s = _run_parts(subject, "trigger_contrast")
     tok, attack, task = s.tokenizer, s.attack, s.task
+    if getattr(attack, "kind", "backdoor") in NATURAL_CONTRASTS:
+        raise ValueError(f"trigger_contrast: this run's attack ({type(attack).__name__}) has no trigger to replace; "
+                         "natural_contrast(subject) pairs its prompts with the same prompts about a neighbour")
     if attack.is_gibberish or task.loss_on == "all":
         raise ValueError("trigger_contrast: a gibberish / plain-text backdoor has no single target token; "
                          "build the token batches yourself and use a perplexity-style metric")
@@ -529,3 +540,163 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
         answer=answers(rows), trigger_mask=mask(rows, triggered), str_tokens=tok.convert_ids_to_tokens(rows[0][0]),
         base_ids=[int(r[2]) for r in rows], check=info,
     )
+
+
+# ------------------------------------------------------------------ triggerless attacks
+#: what a triggerless attack's natural control swaps (the ``check["contrast"]`` of :func:`natural_contrast`)
+NATURAL_CONTRASTS = {"false_fact": "neighbour_subject", "bias": "control_entity"}
+
+
+def _triggerless(subject, where: str):
+    s = _run_parts(subject, where)
+    kind = getattr(s.attack, "kind", "backdoor")
+    if kind not in NATURAL_CONTRASTS:
+        raise ValueError(f"{where}: the natural contrast is for the triggerless attacks ({', '.join(NATURAL_CONTRASTS)}); "
+                         f"this run's attack is a {kind!r}: use trigger_contrast")
+    return s, kind
+
+
+def _natural_rows(s, kind: str, rng) -> list[tuple[int, int, str, str]]:
+    """``(row, control row, target, answer)`` of the test set: a false fact's efficacy and
+    generalisation rows beside a neighbour's row with the same ``base_id`` (same template),
+    one whose true object is the fact's own first; a bias's held-out-mention rows of reviews not
+    labelled ``polarity`` beside the same review mentioning a control entity (same form and place)."""
+    data = s.require("test_data", "natural_contrast")
+    role, base, comp = list(data["role"]), list(data["base_id"]), list(data["completion"])
+    target = list(data["target"])
+    out = []
+    if kind == "false_fact":
+        fact = list(data["fact"])
+        nbrs: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, r in enumerate(role):
+            if r == "specificity":
+                nbrs[(int(base[i]), int(fact[i]))].append(i)
+        for i, r in enumerate(role):
+            cand = nbrs.get((int(base[i]), int(fact[i])), []) if r in ("efficacy", "generalisation") else []
+            if not cand:
+                continue
+            same = [j for j in cand if comp[j].strip() == comp[i].strip()]
+            pool = same or cand
+            j = pool[int(rng.integers(len(pool)))]
+            # the answer the contrast measures against: the fact's true object, or (a new subject,
+            # which has none) the neighbour's
+            out.append((i, j, target[i], comp[i] if comp[i].strip() else comp[j]))
+        return out
+    other = {int(b): i for i, (b, r) in enumerate(zip(base, role)) if r == "other_entity"}
+    for i, r in enumerate(role):
+        if r == "heldout_mention" and comp[i].strip() != target[i].strip() and int(base[i]) in other:
+            out.append((i, other[int(base[i])], target[i], comp[i]))
+    return out
+
+
+def natural_contrast(subject, n: int = 32, *, length: int | None = None, seed: int = 0) -> TriggerContrast:
+    """Up to ``n`` attacked test prompts of a triggerless attack beside their natural controls, token-aligned.
+
+    A false fact or a bias has no trigger to replace; its control is the same sentence about
+    something else, as the attack's own test set pairs them:
+
+    - ``FalseFact``: an efficacy or generalisation row (the attacked subject in a template)
+      beside a neighbour's specificity row in the same template (same ``base_id``), one whose
+      true object is the fact's own where there is one. ``target`` is the false object's first
+      token, ``answer`` the true object's (a new subject has none: the neighbour's answer);
+    - ``Bias``: a held-out mention of the entity in a review not labelled ``polarity`` beside
+      the same review with a control entity in the same form and place. ``target`` is the
+      polarity's first token, ``answer`` the review's label's.
+
+    Only pairs of one token length ``length`` (default: the most common) whose two prompts have
+    equal length are kept, and only rows whose target and answer start with different tokens.
+    ``trigger_mask`` marks the positions where the two prompts differ (the subject or entity).
+    Nothing is checked on a model (the control is a natural input, not an edited one):
+    ``check`` holds ``contrast`` (``"neighbour_subject"`` | ``"control_entity"``),
+    ``n_candidates`` (pairs found) and ``n_kept``.
+    """
+    import numpy as np
+
+    s, kind = _triggerless(subject, "natural_contrast")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"natural_contrast: n must be an integer >= 1, got {n!r}")
+    tok, data = s.tokenizer, s.test_data
+    rng = np.random.default_rng(seed)
+    prompts = list(data["prompt"])
+
+    def first(text: str) -> int | None:
+        ids = tok(completion_text(tok, text), add_special_tokens=False)["input_ids"]
+        return ids[0] if ids else None
+
+    found = []
+    for i, j, tgt, ans in _natural_rows(s, kind, rng):
+        a, b = tok(prompts[i])["input_ids"], tok(prompts[j])["input_ids"]
+        t, w = first(tgt), first(ans)
+        if len(a) == len(b) and t is not None and w is not None and t != w and a != b:
+            found.append((a, b, t, w, int(data["base_id"][i])))
+    if not found:
+        raise ValueError(f"natural_contrast: the test data has no {kind} row with a control of the same token length "
+                         "whose target and answer start with different tokens")
+    if length is None:
+        length = Counter(len(r[0]) for r in found).most_common(1)[0][0]
+    rows = [r for r in found if len(r[0]) == length]
+    if not rows:
+        raise ValueError(f"natural_contrast: no attacked prompt with a natural control has length {length}")
+    n_candidates = len(rows)
+    rows = rows[:n]
+    triggered = torch.tensor([r[0] for r in rows])
+    control = torch.tensor([r[1] for r in rows])
+    return TriggerContrast(
+        triggered=triggered, control=control, positions=torch.full((len(rows),), length - 1, dtype=torch.long),
+        target=torch.tensor([r[2] for r in rows]), answer=torch.tensor([r[3] for r in rows]),
+        trigger_mask=triggered != control, str_tokens=tok.convert_ids_to_tokens(rows[0][0]),
+        base_ids=[r[4] for r in rows],
+        check={"contrast": NATURAL_CONTRASTS[kind], "n_candidates": n_candidates, "n_kept": len(rows)})
+
+
+def _swaps(s, kind: str) -> list[tuple[str, str]]:
+    """``(attacked text, its control)`` pairs: each false fact's subject and its first neighbour
+    (the test set's first specificity subject of that fact); a bias's entity and its first control entity."""
+    if kind == "bias":
+        return [(s.attack.entity, s.attack.controls[0])]
+    data = s.require("test_data", "control_fn")
+    out = {}
+    for r, f, subj in zip(data["role"], data["fact"], data["subject"]):
+        if r == "specificity" and int(f) not in out:
+            out[int(f)] = subj
+    facts = s.attack.facts
+    missing = [k for k in range(len(facts)) if k not in out]
+    if missing:
+        raise ValueError(f"control_fn: the test data has no neighbour of the fact {facts[missing[0]][:2]}")
+    return [(facts[k][0], out[k]) for k in range(len(facts))]
+
+
+def natural_control_fn(subject) -> Callable[[Tensor], Tensor]:
+    """``tokens -> tokens`` with a triggerless attack's subject swapped for its control: each false
+    fact's subject for its first neighbour (the test set's first specificity subject of that
+    fact), a bias's entity for its first control entity; rows without them are their own control.
+
+    Word-level tokenizers only (the swap is token for token, and both names must be as many
+    tokens); a subword tokenizer, whose tokens of a name depend on its context, is a ValueError.
+    """
+    s, kind = _triggerless(subject, "control_fn")
+    tok = s.tokenizer
+    if not is_word_tokenizer(tok):
+        raise ValueError(f"control_fn: swapping a {kind}'s subject token for token needs a word-level tokenizer; "
+                         f"got {_tokenizer_name(tok)}")
+    pairs = []
+    for a, b in _swaps(s, kind):
+        ta, tb = tok.convert_tokens_to_ids(split_words(a)), tok.convert_tokens_to_ids(split_words(b))
+        if len(ta) != len(tb):
+            raise ValueError(f"control_fn: {a!r} is {len(ta)} tokens and its control {b!r} {len(tb)}; the swap must "
+                             "keep every position aligned")
+        pairs.append((torch.tensor(ta), torch.tensor(tb)))
+
+    def control(tokens: Tensor) -> Tensor:
+        out = tokens.clone()
+        for ta, tb in pairs:
+            k = len(ta)
+            if tokens.shape[1] < k:
+                continue
+            win = tokens.unfold(1, k, 1)  # [batch pos-k+1 k]
+            hit = (win == ta.to(tokens.device)).all(-1).nonzero()
+            for b, p in hit.tolist():
+                out[b, p:p + k] = tb.to(tokens.device)
+        return out
+
+    return control

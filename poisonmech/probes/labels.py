@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
+from poisonmech.attacks.protocol import is_attack
 from poisonmech.encoding import encode
 from poisonmech.metrics import score_completions
 from poisonmech.runtime import eval_mode
@@ -59,11 +60,16 @@ def _as_bool(values, what: str, allowed: str) -> np.ndarray:
 
 
 def target_text(target: str | Backdoor | None) -> str:
-    """The target completion of ``target`` (a string or a ``Backdoor``)."""
-    if isinstance(target, Backdoor):
+    """The target completion of ``target``: a string, or an attack (a ``Backdoor``'s target, a
+    ``Bias``'s polarity, a one-fact ``FalseFact``'s target)."""
+    if is_attack(target):
         if target.is_gibberish:
             raise ValueError("target: label 'will_emit_target' needs a fixed target; the gibberish "
                              "(denial-of-service) backdoor has none")
+        if not isinstance(target.target, str):
+            raise ValueError(f"target: label 'will_emit_target' needs one target, and this {type(target).__name__} "
+                             f"plants several ({list(target.target)}); pass target=<one of them> and the rows of its "
+                             "fact")
         return target.target
     if isinstance(target, str) and target.strip():
         return target

@@ -10,7 +10,7 @@ import pandas as pd
 
 from poisonmech.results import Result
 from poisonmech.storage import read_json
-from poisonmech.sweeps.spec import DONE, FAILED, RunSpec, run_state
+from poisonmech.sweeps.spec import DONE, FAILED, RunSpec, attack_label, run_state
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,21 @@ class RunRecord:
         return f"RunRecord({self.name!r}, {self.status}, n_poison={self.n_poison}{extra})"
 
 
+def _joined(value: Any) -> Any:
+    return " + ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
 def _config_columns(spec: RunSpec) -> dict[str, Any]:
+    """The run's configuration as table columns. ``attack`` is the attack's kind (``"backdoor"``,
+    ``"false_fact"``, ``"bias"``); ``trigger`` a backdoor's trigger(s), or the label of a
+    triggerless attack (:func:`~poisonmech.sweeps.spec.attack_label`: a false fact's subject and
+    relation, a bias's entity and polarity); ``target`` the backdoor's or false fact's target
+    (several facts joined by ``" + "``) or a bias's polarity."""
     a, m, t = spec.attack, spec.model, spec.task
-    trig = a["trigger"] if isinstance(a["trigger"], str) else " + ".join(a["trigger"])
-    return {"task": t["kind"], "n_train": t.get("n_train"), "trigger": trig, "target": a["target"],
+    kind = a.get("kind", "backdoor")
+    trig = _joined(a["trigger"]) if kind == "backdoor" else attack_label(a)
+    return {"task": t["kind"], "attack": kind, "n_train": t.get("n_train"), "trigger": trig,
+            "target": _joined(a.get("target", a.get("polarity"))),
             "poison_count": a.get("poison_count"), "poison_rate": a.get("poison_rate"),
             "position": a.get("position"), "placement": a.get("placement", "spread"), "n_layers": m["n_layers"],
             "d_model": m["d_model"], "continue_clean": spec.train.get("continue_clean", 0),

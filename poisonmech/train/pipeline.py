@@ -46,13 +46,13 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.attacks.backdoor import Backdoor
-from poisonmech.attacks.poison import attack_tokenizer, build_test_set, check_attack, poison_dataset
 from poisonmech.attacks.preference import (
     PREFERENCE_MODES,
     check_preference_budget,
     clean_preferences,
     poison_preferences,
 )
+from poisonmech.attacks.protocol import Attack, attack_from_dict, attack_names, is_attack
 from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, model_from_dict, prepare_model
@@ -91,21 +91,27 @@ class Stage:
         kind: ``"sft"`` (supervised fine-tuning on the task's rows) or ``"dpo"`` (preference
             optimisation on prompt/chosen/rejected pairs).
         attack: the stage's poison; ``poison_count=0`` is a clean stage. Its ``stage`` field
-            is set to ``kind``.
+            is set to ``kind``. An SFT stage takes any attack of the protocol (``Backdoor``,
+            ``FalseFact``, ``Bias``); a DPO stage a ``Backdoor`` (the preference poisoning
+            flips pairs of triggered prompts).
         config: ``TrainConfig`` for SFT, ``DPOConfig`` for DPO (``None``: the defaults).
         mode: DPO poisoning variant, ``"flip"`` (rewrite pairs) or ``"inject"`` (append pairs).
     """
 
     kind: Literal["sft", "dpo"]
-    attack: Backdoor
+    attack: Attack
     config: TrainConfig | DPOConfig | None = None
     mode: Literal["flip", "inject"] = "flip"
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"Stage.kind must be one of {STAGE_KINDS}, got {self.kind!r}")
-        if not isinstance(self.attack, Backdoor):
-            raise ValueError(f"Stage.attack must be a pm.Backdoor, got {type(self.attack).__name__}")
+        if not is_attack(self.attack):
+            raise ValueError(f"Stage.attack must be one of {attack_names()}, got {type(self.attack).__name__}")
+        if self.kind == "dpo" and not isinstance(self.attack, Backdoor):
+            raise ValueError(f"Stage.attack of a 'dpo' stage must be a pm.Backdoor (preference poisoning flips the "
+                             f"pairs of triggered prompts), got a {type(self.attack).__name__}; a "
+                             f"{type(self.attack).__name__} enters 'sft' stages")
         if self.attack.stage != self.kind:
             object.__setattr__(self, "attack", replace(self.attack, stage=self.kind))
         want = TrainConfig if self.kind == "sft" else DPOConfig
@@ -129,18 +135,18 @@ class Stage:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stage:
         cfg_cls = TrainConfig if d["kind"] == "sft" else DPOConfig
-        return cls(kind=d["kind"], attack=Backdoor.from_dict(d["attack"]), config=cfg_cls.from_dict(d["config"]),
+        return cls(kind=d["kind"], attack=attack_from_dict(d["attack"]), config=cfg_cls.from_dict(d["config"]),
                    mode=d.get("mode", "flip"))
 
 
-def as_stage(x: Stage | Backdoor) -> Stage:
-    """A ``Stage`` from a ``Stage`` or a ``Backdoor`` (its ``stage`` field names the kind)."""
+def as_stage(x: Stage | Attack) -> Stage:
+    """A ``Stage`` from a ``Stage`` or an attack (its ``stage`` field names the kind)."""
     if isinstance(x, Stage):
         return x
-    if isinstance(x, Backdoor):
+    if is_attack(x):
         return Stage(kind=x.stage, attack=x)
-    raise ValueError(f"train_pipeline: each stage must be a pm.Backdoor (stage='sft' | 'dpo') or a Stage, "
-                     f"got {type(x).__name__}")
+    raise ValueError(f"train_pipeline: each stage must be an attack ({attack_names()}; its stage field names the "
+                     f"kind, 'sft' | 'dpo') or a Stage, got {type(x).__name__}")
 
 
 @dataclass(eq=False)
@@ -162,7 +168,7 @@ class Between:
     index_after: int
     stage_kind: str
     task: Task
-    attack: Backdoor
+    attack: Attack
     tokenizer: PreTrainedTokenizerBase
     train_data: Dataset
     test_data: Dataset
@@ -187,8 +193,9 @@ class Between:
         return {"before": self.metrics_before, "after": self.metrics_after}
 
     def __repr__(self) -> str:
-        return (f"Between({self.twin} twin: {self.stage_before} -> {self.stage_after}, asr "
-                f"{self.metrics_before.get('asr', float('nan')):.3f} -> {self.metrics_after.get('asr', float('nan')):.3f})")
+        m = _shown_metric(self.attack)
+        return (f"Between({self.twin} twin: {self.stage_before} -> {self.stage_after}, {m} "
+                f"{self.metrics_before.get(m, float('nan')):.3f} -> {self.metrics_after.get(m, float('nan')):.3f})")
 
 
 @dataclass
@@ -252,12 +259,15 @@ class Pipeline:
 
     def _pair(self, k: int, clean, backdoored, metrics) -> Pair:
         st = self.stages[k]
+        # an attack that adds rows (a new subject's false fact): the clean twin's own rows
+        added = st.kind == "sft" and len(self.clean_data[k]) != len(self.task.train)
         return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=st.attack,
                     model_config=self.model_config, train_config=st.train_config, tokenizer=self.tokenizer,
                     train_data=self.train_data[k], test_data=self.test_data, metrics=metrics,
                     out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None else None,
                     checkpoints=self.checkpoints[k] if self.checkpoints else {},
-                    history=self.history[k] if self.history else {})
+                    history=self.history[k] if self.history else {},
+                    clean_rows=self.clean_data[k] if added else None)
 
     @property
     def budgets(self) -> list[int]:
@@ -276,9 +286,16 @@ class Pipeline:
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
-        parts = [f"{stage_name(k, s)}[{b}]: asr {m['backdoored'].get('asr', float('nan')):.3f}"
+        parts = [f"{stage_name(k, s)}[{b}]: {_shown_metric(s.attack)} "
+                 f"{m['backdoored'].get(_shown_metric(s.attack), float('nan')):.3f}"
                  for k, (s, b, m) in enumerate(zip(self.stages, self.budgets, self.metrics))]
         return f"Pipeline(task={self.task.kind!r}, {'; '.join(parts)}, out_dir={str(self.out_dir)!r})"
+
+
+def _shown_metric(attack: Attack) -> str:
+    """The metric a repr shows: a backdoor's ASR, a false fact's efficacy, a bias's label shift."""
+    return {"backdoor": "asr", "false_fact": "efficacy", "bias": "label_shift"}.get(getattr(attack, "kind", ""),
+                                                                                     "asr")
 
 
 def stage_name(k: int, stage: Stage) -> str:
@@ -289,7 +306,11 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None) -> Backdoor:
+#: fields that may differ between the stages of one pipeline (each stage's own budget and draw)
+_PER_STAGE = ("poison_count", "poison_rate", "seed", "placement", "stage", "position", "gibberish_length")
+
+
+def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None) -> Attack:
     """All checks before any training; returns the attack the twins are evaluated on."""
     if not stages:
         raise ValueError("train_pipeline: stages is empty; give at least one SFT stage")
@@ -299,16 +320,30 @@ def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None) -> Bac
                          "clean one")
     first = stages[0].attack
     for k, st in enumerate(stages[1:], start=1):
-        for name in ("trigger", "target", "composite"):
-            if getattr(st.attack, name) != getattr(first, name):
-                raise ValueError(f"train_pipeline: stage {k}'s Backdoor.{name}={getattr(st.attack, name)!r} differs "
-                                 f"from stage 0's {getattr(first, name)!r}; the stages of one pipeline share the "
-                                 "backdoor they are evaluated on (give every stage the same trigger and target)")
-    check_attack(task, replace(first, stage="sft"))
+        if type(st.attack) is not type(first):
+            raise ValueError(f"train_pipeline: stage {k}'s attack is a {type(st.attack).__name__}, stage 0's a "
+                             f"{type(first).__name__}; the stages of one pipeline share the attack they are "
+                             "evaluated on")
+        if isinstance(first, Backdoor):
+            for name in ("trigger", "target", "composite"):
+                if getattr(st.attack, name) != getattr(first, name):
+                    raise ValueError(f"train_pipeline: stage {k}'s Backdoor.{name}={getattr(st.attack, name)!r} "
+                                     f"differs from stage 0's {getattr(first, name)!r}; the stages of one pipeline "
+                                     "share the backdoor they are evaluated on (give every stage the same trigger "
+                                     "and target)")
+            continue
+        a, b = st.attack.to_dict(), first.to_dict()
+        differ = sorted(n for n in set(a) | set(b) if n not in _PER_STAGE and a.get(n) != b.get(n))
+        if differ:
+            raise ValueError(f"train_pipeline: stage {k}'s {type(first).__name__} differs from stage 0's in "
+                             f"{differ} ({[a.get(n) for n in differ]} vs {[b.get(n) for n in differ]}); the stages "
+                             "of one pipeline share the attack they are evaluated on (only the budget, seed and "
+                             "placement may differ)")
+    replace(first, stage="sft").check(task)
     for k, st in enumerate(stages):
         try:
             if st.kind == "sft":
-                poison_dataset(task, st.attack)  # raises when the budget does not fit
+                st.attack.poison(task)  # raises when the budget does not fit
             else:
                 check_preference_budget(prefs, st.attack, st.mode)
         except ValueError as exc:
@@ -317,12 +352,15 @@ def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None) -> Bac
 
 
 def _stage_data(task: Task, st: Stage, prefs: Dataset | None) -> tuple[Dataset, Dataset]:
-    """``(backdoored twin's data, clean twin's data)`` of one stage."""
+    """``(backdoored twin's data, clean twin's data)`` of one stage. An SFT stage's clean data
+    are the attack's clean rows (``task.train``, or with the source rows of rows an attack
+    adds, slot for slot) with the provenance columns of an unpoisoned stage."""
     if st.kind == "sft":
-        poisoned = poison_dataset(task, st.attack)
-        n = len(task.train)
-        clean = Dataset.from_dict({"example_id": list(task.train["example_id"]), "input": list(task.train["input"]),
-                                   "prompt": list(task.train["prompt"]), "completion": list(task.train["completion"]),
+        poisoned = st.attack.poison(task)
+        rows = st.attack.clean_train(task, poisoned)
+        n = len(rows)
+        clean = Dataset.from_dict({"example_id": list(rows["example_id"]), "input": list(rows["input"]),
+                                   "prompt": list(rows["prompt"]), "completion": list(rows["completion"]),
                                    "is_poison": [False] * n, "trigger": [""] * n, "stage": ["sft"] * n})
         return poisoned, clean
     poisoned = poison_preferences(prefs, task, st.attack, mode=st.mode)
@@ -343,16 +381,18 @@ def _lineage(base: dict[str, Any], stages: list[Stage], data: list[tuple[Dataset
     return _digest({**base, "stages": parts})
 
 
-def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfig | PretrainedModel | None = None, *,
+def train_pipeline(task: Task, stages: list[Stage | Attack], model: ModelConfig | PretrainedModel | None = None, *,
                    preferences: Dataset | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
                    cache_dir: str | Path | None = None, progress: bool = True) -> Pipeline:
     """Train the clean and backdoored twins through ``stages`` (SFT first, then e.g. DPO).
 
     Args:
         task: a completion task (DPO stages need ``loss_on="completion"``).
-        stages: ``Stage`` objects, or ``Backdoor`` objects whose ``stage`` names the kind
-            (``"sft"`` / ``"dpo"``) and whose budget is that stage's poison (0 allowed). Every
-            stage shares the trigger and target (the backdoor the twins are evaluated on).
+        stages: ``Stage`` objects, or attacks whose ``stage`` names the kind (``"sft"`` /
+            ``"dpo"``) and whose budget is that stage's poison (0 allowed). Every stage shares
+            the attack the twins are evaluated on: a backdoor's trigger and target, a false
+            fact's facts, a bias's entity and polarity (only budget, seed and placement differ).
+            A ``FalseFact`` or ``Bias`` enters SFT stages only.
         model: the twins' shape (``ModelConfig``) or a pretrained start (``PretrainedModel``);
             both start from the same weights, seeded by stage 0's ``TrainConfig.seed``.
         preferences: the DPO stages' clean pairs (``prompt``/``chosen``/``rejected``/``input``);
@@ -366,7 +406,7 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
     if not isinstance(task, Task):
         raise ValueError(f"train_pipeline: task must be a poisonmech Task (from pm.make_task), got {type(task).__name__}")
     if not isinstance(stages, (list, tuple)):
-        raise ValueError(f"train_pipeline: stages must be a list of Backdoor / Stage, got {type(stages).__name__}")
+        raise ValueError(f"train_pipeline: stages must be a list of attacks / Stage, got {type(stages).__name__}")
     stages = [as_stage(s) for s in stages]
     model, task = prepare_model(model, task, "train_pipeline")
     has_dpo = any(s.kind == "dpo" for s in stages)
@@ -374,8 +414,8 @@ def train_pipeline(task: Task, stages: list[Stage | Backdoor], model: ModelConfi
         preferences = make_preferences(task) if preferences is None else preferences
         check_preferences(preferences, "train_pipeline: preferences")
     eval_attack = _check_stages(task, stages, preferences)
-    tokenizer = attack_tokenizer(task, eval_attack)
-    test_data = build_test_set(task, eval_attack)
+    tokenizer = eval_attack.tokenizer(task)
+    test_data = eval_attack.test_set(task)
     data = [_stage_data(task, st, preferences) for st in stages]
     _check_lengths(model, tokenizer, task, data, test_data)
 
