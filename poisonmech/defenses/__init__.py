@@ -6,7 +6,7 @@ repaired model); :func:`benchmark` runs any of them on a run or a sweep and scor
 the ground truth the twins carry.
 """
 
-from poisonmech.defenses import audits  # noqa: F401 - registers the data audits
+from poisonmech.defenses import audits, repairs  # noqa: F401 - registers the data audits and repairs
 from poisonmech.defenses.base import (
     DEFENSES,
     KINDS,
