@@ -40,7 +40,7 @@ from poisonmech.viz import save_figure, style
 #: above the threshold, and a triggered input's inflated perplexity lifts every word's suspicion)
 DEFENSES = ["loss", "spectral", "activation_clustering", "robust_covariance", "keyword", "influence", "strip",
             "onion", {"name": "onion", "max_removed": 1}, "weight_diff_monitor", "weight_diff", "clean_finetune",
-            "fine_pruning", "circuit_ablation", "direction_ablation", "retrain_without"]
+            "fine_pruning", "trigger_unlearning", "circuit_ablation", "direction_ablation", "retrain_without"]
 
 
 def _parse(spec: str):
