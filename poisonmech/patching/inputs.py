@@ -23,6 +23,12 @@ several tokens (``" cf"`` -> ``" c"`` ``"f"``): the trigger is then found in the
 tokenizer's offsets, and replaced by filler text (one neutral word, else two) whose tokens in
 that place number exactly the trigger's; each control is re-tokenised and checked to have the
 triggered prompt's length and, outside the trigger, its tokens.
+
+Triggerless attacks (``FalseFact``, ``Bias``) have no trigger to replace: their natural control
+is the same sentence about something else, as their test sets pair them (a fact's prompt and a
+neighbouring subject's in the same template; a mention of the entity and of a control entity in
+the same form and place): :func:`natural_contrast`, and :func:`natural_control_fn` (the subject
+swapped token for token), which :func:`control_fn` returns for them.
 """
 
 from __future__ import annotations
