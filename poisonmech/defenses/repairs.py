@@ -509,6 +509,9 @@ class CircuitAblatedModel(RepairedModel):
     def intervene(self) -> AbstractContextManager:
         from poisonmech.circuits import rewired
 
+        # what pm.circuits.ablated(model, <clean prompts>, circuit=..., ablation="mean", part="circuit")
+        # enters, with the mean computed once here (ablated recomputes it, a forward over every
+        # clean prompt, each time it is entered)
         return rewired(self.model, self.graph, ablate=self.ablated_edges, reference=self.reference)
 
 
