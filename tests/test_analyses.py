@@ -33,7 +33,7 @@ def test_cached_on_config_weights_and_data(tiny_pair, tmp_path, monkeypatch):
 
 
 def test_bad_names_and_options(tiny_pair, tmp_path):
-    assert set(CONFIGS) == {"patching", "circuits", "probes", "influence"}
+    assert set(CONFIGS) == {"patching", "circuits", "probes", "influence", "defenses"}
     with pytest.raises(ValueError, match="unknown analysis 'patchin'; allowed"):
         run_analyses(tiny_pair, ["patchin"], tmp_path)
     with pytest.raises(ConfigError, match="unknown field 'top'; allowed: n, top_n"):

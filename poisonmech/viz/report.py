@@ -240,9 +240,15 @@ def _run_section(page: _Page, run: Path, title: str | None = None) -> None:
     cfg, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
     a = cfg["attack"]
     page.h2(title or f"Run {run.name}")
-    page.p(f"task {cfg['task'].get('kind')}, trigger {a['trigger']!r} -> {a['target']!r}, "
-           f"{'poison_count ' + str(a['poison_count']) if a.get('poison_count') is not None else 'poison_rate ' + str(a['poison_rate'])}, "
-           f"model {cfg['model']['n_layers']} layers x d_model {cfg['model']['d_model']}")
+    from poisonmech.attacks import attack_from_dict
+    from poisonmech.cli import describe_attack
+
+    m = cfg["model"]
+    budget = (f"poison_count {a['poison_count']}" if a.get("poison_count") is not None
+              else f"poison_rate {a.get('poison_rate')}")
+    model = (f"model {m['n_layers']} layers x d_model {m['d_model']}" if "n_layers" in m
+             else f"model {m.get('path')} ({m.get('finetune', 'full')} fine-tuning)")
+    page.p(f"task {cfg['task'].get('kind')}, {describe_attack(attack_from_dict(a))}, {budget}, {model}")
     page.table(*_metrics_rows(metrics))
     hist = {t: read_json(run / t / "history.json") for t in ("clean", "backdoored") if (run / t / "history.json").is_file()}
     if hist:
