@@ -408,6 +408,17 @@ def _last_logits(model, rows: list[list[int]], device) -> Tensor:
     return out
 
 
+def _of_one_length(rows: list, length: int | None, missing: str) -> tuple[list, int]:
+    """The rows whose prompt (``row[0]``) has ``length`` tokens (default: the most common length),
+    and that length; ``missing`` (formatted with the length) is the error when none has."""
+    if length is None:
+        length = Counter(len(r[0]) for r in rows).most_common(1)[0][0]
+    kept = [r for r in rows if len(r[0]) == length]
+    if not kept:
+        raise ValueError(missing.format(length))
+    return kept, length
+
+
 def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: int = 0, model=None,
                      twin: str | None = None, check: bool = True, tries: int = 5) -> TriggerContrast:
     """Up to ``n`` triggered test prompts of one token length from the subject's test rows and their controls.
@@ -459,11 +470,7 @@ def trigger_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
     if not rows:
         raise ValueError("trigger_contrast: the subject's test data has no triggered rows whose answer differs from "
                          "the target")
-    if length is None:
-        length = Counter(len(r[0]) for r in rows).most_common(1)[0][0]
-    rows = [r for r in rows if len(r[0]) == length]
-    if not rows:
-        raise ValueError(f"trigger_contrast: no triggered prompt has length {length}")
+    rows, length = _of_one_length(rows, length, "trigger_contrast: no triggered prompt has length {}")
     word_level = is_word_tokenizer(tok)
     if word_level:
         trig_ids = _trigger_ids(s)
@@ -638,11 +645,7 @@ def natural_contrast(subject, n: int = 32, *, length: int | None = None, seed: i
     if not found:
         raise ValueError(f"natural_contrast: the test data has no {kind} row with a control of the same token length "
                          "whose target and answer start with different tokens")
-    if length is None:
-        length = Counter(len(r[0]) for r in found).most_common(1)[0][0]
-    rows = [r for r in found if len(r[0]) == length]
-    if not rows:
-        raise ValueError(f"natural_contrast: no attacked prompt with a natural control has length {length}")
+    rows, length = _of_one_length(found, length, "natural_contrast: no attacked prompt with a natural control has length {}")
     n_candidates = len(rows)
     rows = rows[:n]
     triggered = torch.tensor([r[0] for r in rows])
