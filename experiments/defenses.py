@@ -105,7 +105,7 @@ def figure(table: pd.DataFrame, out: Path) -> None:
     palette = plotly.colors.qualitative.D3 + plotly.colors.qualitative.Set2
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07,
                         subplot_titles=("data audits: AUROC vs is_poison", "input filters: AUROC vs is_triggered",
-                                        "repairs and filters: ASR after vs clean accuracy after"))
+                                        "filters (diamonds), repairs (circles): mean over runs"))
     names = list(dict.fromkeys(table["defense"]))
     for i, name in enumerate(names):
         t = table[table["defense"] == name]
@@ -120,21 +120,24 @@ def figure(table: pd.DataFrame, out: Path) -> None:
                             mode="lines+markers", name=label, line={"color": color,
                                                                      "dash": "dot" if name == "loss" else "solid"},
                             row=1, col=col)
-        if kind in ("repair", "input_filter"):
-            fig.add_scatter(x=t["clean_acc_after"], y=t["asr_after"], mode="markers", name=label,
-                            marker={"color": color, "size": 8, "symbol": "circle" if kind == "repair" else "diamond"},
-                            showlegend=kind == "repair", text=[f"{name}, {n} poisons" for n in t["n_poison"]],
-                            row=1, col=3)
+        if kind in ("repair", "input_filter"):  # one point per defense: the mean over every run
+            fig.add_scatter(x=[t["clean_acc_after"].mean()], y=[t["asr_after"].mean()], mode="markers+text",
+                            name=label, text=[name], textposition="middle right", textfont={"size": 10},
+                            error_x={"type": "data", "array": [t["clean_acc_after"].std(ddof=0)]},
+                            error_y={"type": "data", "array": [t["asr_after"].std(ddof=0)]},
+                            marker={"color": color, "size": 9, "symbol": "circle" if kind == "repair" else "diamond"},
+                            showlegend=kind == "repair", row=1, col=3)
     before = table.drop_duplicates("run")
-    fig.add_scatter(x=before["clean_acc_before"], y=before["asr_before"], mode="markers", name="no defense",
-                    marker={"color": "black", "symbol": "x", "size": 9}, row=1, col=3)
+    fig.add_scatter(x=[before["clean_acc_before"].mean()], y=[before["asr_before"].mean()], mode="markers",
+                    name="no defense", marker={"color": "black", "symbol": "x", "size": 11}, row=1, col=3)
     for col in (1, 2):
         fig.update_xaxes(type="log", title_text="poisoned training rows (of 4,000)", row=1, col=col)
         fig.update_yaxes(range=[0, 1.02], title_text="AUROC (mean, bars: std over seeds)", row=1, col=col)
-    fig.update_xaxes(title_text="clean accuracy after", row=1, col=3)
+    fig.update_xaxes(title_text="clean accuracy after", range=[-0.05, 1.35], row=1, col=3)  # room for the labels
     fig.update_yaxes(title_text="attack success rate after", range=[-0.02, 1.02], row=1, col=3)
     style(fig, "Defenses on the twins (* = uses the trigger or triggered inputs)")
-    fig.update_layout(width=1500, height=560, legend={"orientation": "h", "y": -0.25, "x": 0}, margin={"b": 150})
+    fig.update_layout(width=1500, height=640, legend={"orientation": "h", "y": -0.22, "x": 0, "yanchor": "top"},
+                      margin={"b": 200})
     for f in save_figure(fig, out / "defenses", formats=("html", "png")):
         print("wrote", f)
 
