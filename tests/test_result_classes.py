@@ -14,7 +14,7 @@ import torch
 import poisonmech as pm
 from poisonmech.results import Result, ResultFormatError, write_result
 
-PACKAGES = (pm.patching, pm.circuits, pm.probes, pm.influence, pm.sweeps)
+PACKAGES = (pm.patching, pm.circuits, pm.probes, pm.influence, pm.sweeps, pm.defenses)
 
 
 def result_classes() -> set[str]:
@@ -60,6 +60,7 @@ def built(tiny_pair, tmp_path_factory):
         "RetrainResult": pm.influence.retrain_without(pair, list(pair.train_data["example_id"][:2]), cache=False,
                                                       progress=False),
         "Sweep": _sweep(tmp_path_factory.mktemp("sweep")),
+        "DefenseBenchmark": pm.defenses.benchmark(pair, ["loss", "strip"], n_clean=20, progress=False, cache=False),
     }
 
 
@@ -75,7 +76,7 @@ def test_round_trip_frame_and_figure(name, built, tmp_path):
     assert isinstance(frame, pd.DataFrame) and len(frame) > 0
     assert isinstance(r.plot(), go.Figure)
     suffix = ".json" if name in ("Circuit", "CircuitComparison", "CausalCheck", "Sweep", "RetrainResult",
-                                 "LDSResult", "SubsetRetrains") else ".safetensors"
+                                 "LDSResult", "SubsetRetrains", "DefenseBenchmark") else ".safetensors"
     path = tmp_path / f"r{suffix}"
     r.save(path)
     back = cls.load(path)
