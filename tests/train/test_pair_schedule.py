@@ -46,7 +46,7 @@ def test_a_clean_twin_locked_by_another_run_is_waited_for_after_the_backdoored_t
     reference = pm.train_pair(task, attack, out_dir=tmp_path / "ref", **kw)
     cache = tmp_path / "cache"
     config = pair_mod.run_config(task, attack, kw["model"], kw["train"])
-    cached = pair_mod._clean_cache_dir(cache, config, pair_mod.attack_tokenizer(task, attack))
+    cached = pair_mod._clean_cache_dir(cache, config, attack.tokenizer(task))
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
     try:
         cached.with_name(cached.name + ".lock").write_text(str(holder.pid))
