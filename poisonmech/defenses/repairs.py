@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,7 +44,9 @@ from datasets import Dataset
 
 from poisonmech.config import ConfigError, check_choice, check_number
 from poisonmech.defenses.base import Context, DataAudit, Repair, get, register
+from poisonmech.defenses.wrappers import CircuitAblatedModel, DirectionAblatedModel, RepairedModel
 from poisonmech.encoding import Encoded, encode
+from poisonmech.probes.activations import prompt_encoding
 from poisonmech.runtime import eval_mode, model_device
 
 Tensor = torch.Tensor
@@ -457,98 +459,12 @@ class TriggerUnlearning(CleanFinetune):
         return self.finetune(ctx, copy_model(ctx.model, ctx.subject), self.unlearning_rows(ctx))
 
 
-# ---- the ablation wrappers -----------------------------------------------------------------------
-class RepairedModel(torch.nn.Module):
-    """A copy of a model that runs under an intervention on every forward.
-
-    ``forward(tokens, ...)`` enters :meth:`intervene` (a context manager attaching the
-    intervention's hooks to :attr:`model`) and calls the model inside it, so the hooks exist
-    only during a forward. ``cfg`` and ``tokenizer`` are the copy's (where it has them).
-    """
-
-    #: marks a wrapper: analyses that hook a bridge need ``.model`` (without the intervention)
-    is_wrapper: ClassVar[bool] = True
-
-    def __init__(self, model: torch.nn.Module, description: str):
-        super().__init__()
-        self.model = model
-        self.description = description
-        for attr in ("cfg", "tokenizer"):
-            if hasattr(model, attr):
-                setattr(self, attr, getattr(model, attr))
-        self.train(False)
-
-    def intervene(self) -> AbstractContextManager:
-        raise NotImplementedError
-
-    def forward(self, tokens: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        with self.intervene():
-            return self.model(tokens, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return self.description
-
-
-class CircuitAblatedModel(RepairedModel):
-    """A model whose forwards run with a circuit's edges ablated (the
-    :func:`poisonmech.circuits.rewired` pass of :func:`poisonmech.circuits.ablated` with
-    ``part="circuit"``): each ablated edge carries the reference activation of its source, here
-    a mean (over clean inputs) or zero, so inputs of any shape work.
-
-    Attributes: ``circuit`` (the :class:`~poisonmech.circuits.Circuit`), ``graph``,
-    ``ablated_edges`` (``[n_src n_dst]``) and ``reference`` (``[n_src d_model]``) buffers.
-    """
-
-    def __init__(self, model: torch.nn.Module, circuit, reference: Tensor, description: str):
-        super().__init__(model, description)
-        self.circuit = circuit
-        self.graph = circuit.graph
-        self.register_buffer("ablated_edges", circuit.mask.bool() & circuit.graph.edge_mask)
-        self.register_buffer("reference", reference.detach())
-
-    def intervene(self) -> AbstractContextManager:
-        from poisonmech.circuits import rewired
-
-        # what pm.circuits.ablated(model, <clean prompts>, circuit=..., ablation="mean", part="circuit")
-        # enters, with the mean computed once here (ablated recomputes it, a forward over every
-        # clean prompt, each time it is entered)
-        return rewired(self.model, self.graph, ablate=self.ablated_edges, reference=self.reference)
-
-
-class DirectionAblatedModel(RepairedModel):
-    """A model whose forwards run with a unit direction projected out of ``site`` at ``layers``
-    (every position): :func:`poisonmech.probes.ablate_direction`.
-
-    Attributes: ``layers``, ``site``, ``direction`` buffer (``[d_model]`` or ``[layer d_model]``),
-    ``probe`` (the :class:`~poisonmech.probes.ProbeResult` it came from, or ``None``).
-    """
-
-    def __init__(self, model: torch.nn.Module, layers: tuple[int, ...], direction: Tensor, *, site: str,
-                 description: str, probe=None):
-        super().__init__(model, description)
-        self.layers = tuple(layers)
-        self.site = site
-        self.probe = probe
-        self.register_buffer("direction", direction.detach().float())
-
-    def intervene(self) -> AbstractContextManager:
-        from poisonmech.probes.intervene import ablate_direction
-
-        return ablate_direction(self.model, list(self.layers), self.direction, site=self.site)
-
-
 def token_batches(enc: Encoded, device) -> list[Tensor]:
     """The encoded rows as unpadded batches, one per row length (every position a real token)."""
     by_len: dict[int, list[list[int]]] = {}
     for ids in enc.ids:
         by_len.setdefault(len(ids), []).append(ids)
     return [torch.tensor(rows, dtype=torch.long, device=device) for _, rows in sorted(by_len.items())]
-
-
-def prompt_encoding(ctx: Context, rows: Dataset) -> Encoded:
-    """``[BOS] + prompt`` of each row (what the model reads before it answers)."""
-    empty = Dataset.from_dict({"prompt": list(rows["prompt"]), "completion": [""] * len(rows)})
-    return encode(empty, ctx.tokenizer, loss_on="completion", add_eos=False)
 
 
 @register
@@ -605,7 +521,7 @@ class CircuitAblation(Repair):
         need_tokenizer(ctx, self.name)
         if self.n_reference is not None:
             clean = clean.select(range(min(self.n_reference, len(clean))))
-        return token_batches(prompt_encoding(ctx, clean), device)
+        return token_batches(prompt_encoding(clean, ctx.tokenizer), device)
 
     def repair(self, ctx: Context) -> torch.nn.Module:
         from poisonmech.circuits.rewire import reference_activations
