@@ -468,37 +468,47 @@ def benchmark(subject_or_sweep, defenses: Sequence[str | Defense | dict] | None 
         train = s.train_data_of(role)
         n_poison = int(np.sum(train["is_poison"])) if train is not None and "is_poison" in train.column_names else None
         seed = getattr(s.train_config, "seed", None)
-        ref = reference_lm
-        if ref is None and config.n_reference and any(d.needs_reference for d in items):
-            key = repr(s.task.spec) + str(len(s.tokenizer))
-            if key not in references:
-                from poisonmech.defenses.filters import reference_lm as train_reference
+        from poisonmech.subject import dataset_fingerprint, model_fingerprint
 
-                # another fresh copy than the clean set's seed: the LM's text and the trusted rows differ
-                ref_seed = (config.clean_seed if config.clean_seed is not None else (s.task.spec or {}).get("seed", 0) + 1) + 1
-                texts = list(clean_set(s, config.n_reference, seed=ref_seed)["prompt"])
-                references[key] = train_reference(texts, s.tokenizer, seed=config.seed, progress=progress)
-            ref = references[key]
+        # the default reference LM is trained only when a row that reads it is not cached; its
+        # rows are keyed by its recipe (texts, seed, thread count), a given LM by its weights
+        ref, ref_fp, ref_key, ref_texts = reference_lm, "", None, None
+        if ref is not None:
+            ref_fp = model_fingerprint(ref)
+        elif config.n_reference and any(d.needs_reference for d in items):
+            # another fresh copy than the clean set's seed: the LM's text and the trusted rows differ
+            ref_seed = (config.clean_seed if config.clean_seed is not None
+                        else (s.task.spec or {}).get("seed", 0) + 1) + 1
+            ref_texts = clean_set(s, config.n_reference, seed=ref_seed)
+            ref_key = f"{dataset_fingerprint(ref_texts)}/{config.seed}/{torch.get_num_threads()}/{len(s.tokenizer)}"
+            ref_fp = f"default:{ref_key}"
+            ref = references.get(ref_key)
         ctx = Context(subject=s, role=role, train_data=train, clean_data=clean, reference_lm=ref, progress=False,
                       seed=config.seed)
         clean_ctx = None
         if "clean" in s.roles and role != "clean":
             clean_ctx = Context(subject=s, role="clean", train_data=s.train_data_of("clean"), clean_data=clean,
                                 reference_lm=ref, progress=False, seed=config.seed)
-        from poisonmech.subject import dataset_fingerprint, model_fingerprint
-
         clean_fp = dataset_fingerprint(clean)
-        ref_fp = model_fingerprint(ref) if ref is not None else ""
         before = None
         mech_before: float | None = None
         undefended = _before(s, role, config)
         for d in items:
-            path = _cache_file(s, d, config, clean_fp, ref_fp) if cache else None
+            path = _cache_file(s, d, config, clean_fp, ref_fp if d.needs_reference else "") if cache else None
             if path is not None and path.is_file():
                 rows.append(read_json(path)["row"])
                 reused += 1
                 bar.update(1)
                 continue
+            if d.needs_reference and ctx.reference_lm is None and ref_key is not None:
+                if ref_key not in references:
+                    from poisonmech.defenses.filters import reference_lm as train_reference
+
+                    references[ref_key] = train_reference(list(ref_texts["prompt"]), s.tokenizer, seed=config.seed,
+                                                          progress=progress)
+                ctx.reference_lm = references[ref_key]
+                if clean_ctx is not None:
+                    clean_ctx.reference_lm = references[ref_key]
             head = {"run": name, "n_poison": n_poison, "seed": seed, "defense": label(d), "kind": d.kind,
                     "uses_trigger": bool(d.uses_trigger)}
             try:
