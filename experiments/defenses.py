@@ -180,9 +180,9 @@ def main() -> None:
         audits = bench.model_audits()
         audits.to_csv(out / "defenses_model_audits.csv", index=False)
         print(audits.to_string(index=False))
-    errors = table[table.get("error", pd.Series(index=table.index, dtype=object)).notna()] if "error" in table else []
-    for _, r in (errors.iterrows() if len(errors) else []):
-        print(f"FAILED {r['defense']} on {r['run']}: {r['error']}")
+    if "error" in table:
+        for _, r in table[table["error"].notna()].iterrows():
+            print(f"FAILED {r['defense']} on {r['run']}: {r['error']}")
     cols = ["auroc", "f1_at_threshold", "precision_at_k", "asr_after", "clean_acc_after", "mechanism_removed", "seconds"]
     show = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in cols})
     print(show.groupby(["kind", "defense", "n_poison"])[cols].agg(lambda v: f"{np.nanmean(v):.3f}±{np.nanstd(v):.3f}")
