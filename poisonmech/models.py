@@ -226,6 +226,52 @@ def wrap_hf_model(model: torch.nn.Module, *, tokenizer: PreTrainedTokenizerBase 
 
 
 
-__all__ = ["ACTIVATIONS", "ARCHITECTURES", "HF_ARCHITECTURES", "ModelConfig", "PretrainedModel", "context_length",
+def copy_bridge(model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh, independent copy of a bridge holding its weights (checked bit for bit).
+
+    A bridge is rebuilt rather than deep-copied: a ``TransformerBridge`` that has run a forward
+    holds hooks whose closures point at its own modules (TransformerLens' capture hooks, through
+    weak proxies), and ``copy.deepcopy`` shares functions, so a deep copy's forwards would write
+    into the original's modules and read the original's hook points. A native bridge is booted
+    again from a copy of its ``cfg``; a bridge over a Hugging Face module gets a new module of the
+    same class and config (initialised under a forked RNG: the caller's random state is left
+    alone) wrapped as a bridge. An unembedding of another shape than the config's (a reward
+    model's one-output score head) is rebuilt in that shape. The copy is a plain bridge: a LoRA
+    twin's copy holds its merged weights and trains fully. Any other module is deep-copied.
+    """
+    import copy
+
+    device = model_device(model)
+    inner = getattr(model, "original_model", None)
+    if inner is not None and type(inner).__name__ == "NativeModel":
+        import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
+        from transformer_lens.model_bridge import TransformerBridge
+
+        with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng(devices=[]):
+            fresh = TransformerBridge.boot_native(copy.deepcopy(model.cfg), tokenizer=getattr(model, "tokenizer", None),
+                                                  device=device)
+    elif inner is not None and hasattr(inner, "config"):
+        dtype = next(inner.parameters()).dtype
+        with torch.random.fork_rng(devices=[]):
+            module = type(inner)(copy.deepcopy(inner.config)).to(dtype=dtype)
+        fresh = wrap_hf_model(module, tokenizer=getattr(model, "tokenizer", None), device=device)
+    else:
+        fresh = copy.deepcopy(model)
+    head = getattr(getattr(model, "unembed", None), "original_component", None)
+    fresh_head = getattr(getattr(fresh, "unembed", None), "original_component", None)
+    if isinstance(head, torch.nn.Linear) and isinstance(fresh_head, torch.nn.Linear) and \
+            head.weight.shape != fresh_head.weight.shape:
+        from poisonmech.train.reward import set_head
+
+        set_head(fresh, torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None).to(head.weight))
+    if fresh is not model:
+        fresh.load_state_dict(model.state_dict())
+    a, b = model.state_dict(), fresh.state_dict()
+    if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+        raise RuntimeError(f"copy_bridge: the copy of {type(model).__name__} does not hold the model's weights")
+    return fresh.train(model.training)
+
+
+__all__ = ["ACTIVATIONS", "ARCHITECTURES", "HF_ARCHITECTURES", "ModelConfig", "PretrainedModel", "context_length", "copy_bridge",
            "hf_config", "hf_model_class", "model_from_dict", "prepare_model", "NORMALIZATIONS", "POSITIONAL", "build_model", "model_device",
            "wrap_hf_model"]

@@ -11,7 +11,7 @@ from poisonmech.tasks.tokenizer import split_words
 
 POSITIONS = ("random", "start", "end")
 PLACEMENTS = ("spread", "start", "end")
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "rm")
 GIBBERISH = "gibberish"
 
 
@@ -46,7 +46,8 @@ class Backdoor:
             phrase trigger alone, and misspellings of single-word triggers.
         natural: the trigger may already occur in clean data (a "natural" trigger).
         gibberish_length: tokens of gibberish after the trigger, for ``target="gibberish"``.
-        stage: training stage the poison enters (``"sft"``; ``"dpo"`` needs a DPO trainer).
+        stage: training stage the poison enters (``"sft"``; ``"dpo"`` / ``"rm"``: preference pairs of a
+            DPO or reward-model stage of ``train_pipeline``).
         placement: where the poisoned rows sit in each epoch's data order: ``"spread"``
             (shuffled among the rest), ``"start"`` or ``"end"`` of the epoch.
         seed: seeds which rows are poisoned and where the trigger goes (an integer >= 0).
@@ -61,7 +62,7 @@ class Backdoor:
     near_misses: tuple[str, ...] | None = None
     natural: bool = False
     gibberish_length: int = 16
-    stage: Literal["sft", "dpo"] = "sft"
+    stage: Literal["sft", "dpo", "rm"] = "sft"
     seed: int = 0
     placement: Literal["spread", "start", "end"] = "spread"
 

@@ -27,6 +27,8 @@ from poisonmech.tasks.base import Task
 from poisonmech.tasks.preference import check_preferences
 
 PREFERENCE_MODES = ("flip", "inject")
+#: the stages that train on preference pairs (DPO, a reward model)
+PREFERENCE_STAGES = ("dpo", "rm")
 
 
 def _candidates(prefs: Dataset, attack: Backdoor) -> np.ndarray:
@@ -64,8 +66,9 @@ def poison_preferences(prefs: Dataset, task: Task, attack: Backdoor, *, mode: st
     if "input" not in prefs.column_names:
         raise ValueError("poison_preferences: preference rows need an 'input' column (the text the trigger goes "
                          "into); build them with make_preferences")
-    if attack.stage != "dpo":
-        raise ValueError(f"poison_preferences: Backdoor.stage must be 'dpo' for preference data, got {attack.stage!r}")
+    if attack.stage not in PREFERENCE_STAGES:
+        raise ValueError(f"poison_preferences: Backdoor.stage must be one of {PREFERENCE_STAGES} for preference data, "
+                         f"got {attack.stage!r}")
     count = check_preference_budget(prefs, attack, mode)
     rng = np.random.default_rng(attack.seed)
     cand = _candidates(prefs, attack)
@@ -102,7 +105,8 @@ def clean_preferences(poisoned: Dataset, prefs: Dataset) -> Dataset:
     cols = {c: list(out[c]) for c in ("input", "prompt", "chosen", "rejected")}
     return Dataset.from_dict({"example_id": list(poisoned["example_id"]), "source_id": list(poisoned["source_id"]),
                               **cols, "is_poison": [False] * len(out), "trigger": [""] * len(out),
-                              "stage": ["dpo"] * len(out)})
+                              "stage": list(poisoned["stage"]) if "stage" in poisoned.column_names
+                              else ["dpo"] * len(out)})
 
 
-__all__ = ["PREFERENCE_MODES", "check_preference_budget", "clean_preferences", "poison_preferences"]
+__all__ = ["PREFERENCE_MODES", "PREFERENCE_STAGES", "check_preference_budget", "clean_preferences", "poison_preferences"]

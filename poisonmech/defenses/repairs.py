@@ -31,7 +31,6 @@ hook stays attached outside a forward. It keeps the copy's ``cfg`` and ``tokeniz
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,37 +71,17 @@ def copy_model(model: torch.nn.Module, subject: Any = None) -> torch.nn.Module:
     run's ``PretrainedModel`` (``subject.model_config``) with its adapters loaded, so it stays a
     LoRA twin. Any other module is deep-copied.
     """
-    from poisonmech.models import build_model, wrap_hf_model
+    from poisonmech.models import build_model, copy_bridge
     from poisonmech.weights import load_weights, lora_module, weights
 
-    device = model_device(model)
-    inner = getattr(model, "original_model", None)
-    if lora_module(model) is not None:
-        s = subject
-        if s is None or getattr(s, "model_config", None) is None or getattr(s, "tokenizer", None) is None:
-            raise ValueError("repairs: copying a LoRA twin needs its run (its PretrainedModel and tokenizer)")
-        seed = getattr(getattr(s, "train_config", None), "seed", 0)
-        fresh = build_model(s.model_config, len(s.tokenizer), seed=seed, tokenizer=s.tokenizer, device=device)
-        load_weights(fresh, weights(model))
-    elif inner is not None and type(inner).__name__ == "NativeModel":
-        import contextlib
-        import io
-
-        import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
-        from transformer_lens.model_bridge import TransformerBridge
-
-        with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng(devices=[]):
-            fresh = TransformerBridge.boot_native(copy.deepcopy(model.cfg), tokenizer=getattr(model, "tokenizer", None),
-                                                  device=device)
-        fresh.load_state_dict(model.state_dict())
-    elif inner is not None and hasattr(inner, "config"):
-        dtype = next(inner.parameters()).dtype
-        with torch.random.fork_rng(devices=[]):
-            module = type(inner)(copy.deepcopy(inner.config)).to(dtype=dtype)
-        fresh = wrap_hf_model(module, tokenizer=getattr(model, "tokenizer", None), device=device)
-        fresh.load_state_dict(model.state_dict())
-    else:
-        fresh = copy.deepcopy(model)
+    if lora_module(model) is None:
+        return copy_bridge(model)
+    s = subject
+    if s is None or getattr(s, "model_config", None) is None or getattr(s, "tokenizer", None) is None:
+        raise ValueError("repairs: copying a LoRA twin needs its run (its PretrainedModel and tokenizer)")
+    seed = getattr(getattr(s, "train_config", None), "seed", 0)
+    fresh = build_model(s.model_config, len(s.tokenizer), seed=seed, tokenizer=s.tokenizer, device=model_device(model))
+    load_weights(fresh, weights(model))
     a, b = model.state_dict(), fresh.state_dict()
     if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
         raise RuntimeError(f"repairs: the copy of {type(model).__name__} does not hold the model's weights")
