@@ -52,7 +52,7 @@ def test_budget_that_does_not_fit_and_wrong_stage_are_refused():
         poison_preferences(prefs, task, pm.Backdoor(trigger="cf", poison_count=31, stage="dpo"))
     with pytest.raises(ValueError, match=rf"only {n_ok} of 30 preference pairs prefer an answer other than the target"):
         poison_preferences(prefs, task, pm.Backdoor(trigger="cf", poison_count=n_ok + 1, stage="dpo"))
-    with pytest.raises(ValueError, match="Backdoor.stage must be 'dpo'"):
+    with pytest.raises(ValueError, match=r"Backdoor.stage must be one of \('dpo', 'rm'\)"):
         poison_preferences(prefs, task, pm.Backdoor(trigger="cf", poison_count=1))
     with pytest.raises(ValueError, match="mode must be one of"):
         poison_preferences(prefs, task, pm.Backdoor(trigger="cf", poison_count=1, stage="dpo"), mode="swap")
