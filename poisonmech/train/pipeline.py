@@ -57,13 +57,26 @@ from poisonmech.encoding import encode
 from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, model_from_dict, prepare_model
 from poisonmech.pretrained import PretrainedModel
-from poisonmech.storage import copy_dir, load_dataset_file, read_json, write_json
+from poisonmech.storage import copy_dir, load_dataset_file, load_tensors, read_json, write_json
 from poisonmech.tasks.base import Task
 from poisonmech.tasks.preference import check_preferences, make_preferences
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.dpo import DPOConfig, encode_preferences, train_dpo
 from poisonmech.train.loop import Checkpoint, list_checkpoints, train_model
 from poisonmech.train.pair import TWINS, Pair
+from poisonmech.train.ppo import PPOConfig
+from poisonmech.train.reward import RewardConfig, reward_model_like
+from poisonmech.train.rlhf import (
+    POLICY_KINDS,
+    PREFERENCE_KINDS,
+    RL_KINDS,
+    clean_reward_metrics,
+    new_reward_model,
+    rl_prompts,
+    rm_stage_metrics,
+    train_rl_stage,
+    train_rm_stage,
+)
 from poisonmech.train.rundir import (
     check_context,
     finish_twin,
@@ -77,10 +90,12 @@ from poisonmech.train.rundir import (
     task_identity,
     verify_weights,
 )
-from poisonmech.weights import weights
+from poisonmech.weights import load_weights, weights
 
 FORMAT = "poisonmech.pipeline/1"
-STAGE_KINDS = ("sft", "dpo")
+STAGE_KINDS = ("sft", "dpo", "rm", "ppo", "rloo")
+#: each stage kind's config class
+_CONFIGS = {"sft": TrainConfig, "dpo": DPOConfig, "rm": RewardConfig, "ppo": PPOConfig, "rloo": PPOConfig}
 
 
 @dataclass(frozen=True)
@@ -88,55 +103,74 @@ class Stage:
     """One post-training stage and the poison an attacker puts into it.
 
     Args:
-        kind: ``"sft"`` (supervised fine-tuning on the task's rows) or ``"dpo"`` (preference
-            optimisation on prompt/chosen/rejected pairs).
+        kind: ``"sft"`` (supervised fine-tuning on the task's rows), ``"dpo"`` (preference
+            optimisation on prompt/chosen/rejected pairs), ``"rm"`` (a reward model trained on
+            pairs with the Bradley–Terry loss, from the current policy's trunk; the policy does
+            not change), ``"ppo"`` / ``"rloo"`` (the policy optimised against the latest reward
+            model, see :mod:`poisonmech.train.rlhf`).
         attack: the stage's poison; ``poison_count=0`` is a clean stage. Its ``stage`` field
             is set to ``kind``. An SFT stage takes any attack of the protocol (``Backdoor``,
-            ``FalseFact``, ``Bias``); a DPO stage a ``Backdoor`` (the preference poisoning
-            flips pairs of triggered prompts).
-        config: ``TrainConfig`` for SFT, ``DPOConfig`` for DPO (``None``: the defaults).
-        mode: DPO poisoning variant, ``"flip"`` (rewrite pairs) or ``"inject"`` (append pairs).
+            ``FalseFact``, ``Bias``); a DPO or reward stage a ``Backdoor`` (the preference
+            poisoning puts the trigger into pairs and swaps their preference); an RL stage
+            takes none (``None``: its prompts are the reward stage's, poisoned ones included).
+        config: ``TrainConfig`` for SFT, ``DPOConfig`` for DPO, ``RewardConfig`` for a reward
+            model, ``PPOConfig`` for PPO / RLOO (``None``: the defaults).
+        mode: preference poisoning variant, ``"flip"`` (rewrite pairs) or ``"inject"`` (append pairs).
     """
 
-    kind: Literal["sft", "dpo"]
-    attack: Attack
-    config: TrainConfig | DPOConfig | None = None
+    kind: Literal["sft", "dpo", "rm", "ppo", "rloo"]
+    attack: Attack | None = None
+    config: TrainConfig | DPOConfig | RewardConfig | PPOConfig | None = None
     mode: Literal["flip", "inject"] = "flip"
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"Stage.kind must be one of {STAGE_KINDS}, got {self.kind!r}")
-        if not is_attack(self.attack):
+        if self.kind in RL_KINDS:
+            if self.attack is not None:
+                raise ValueError(f"Stage.attack of a {self.kind!r} stage must be None: an RL stage trains on the "
+                                 "prompts of the reward stage before it (its poison enters there), got a "
+                                 f"{type(self.attack).__name__}")
+        elif not is_attack(self.attack):
             raise ValueError(f"Stage.attack must be one of {attack_names()}, got {type(self.attack).__name__}")
-        if self.kind == "dpo" and not isinstance(self.attack, Backdoor):
-            raise ValueError(f"Stage.attack of a 'dpo' stage must be a pm.Backdoor (preference poisoning flips the "
-                             f"pairs of triggered prompts), got a {type(self.attack).__name__}; a "
+        if self.kind in PREFERENCE_KINDS and not isinstance(self.attack, Backdoor):
+            raise ValueError(f"Stage.attack of a {self.kind!r} stage must be a pm.Backdoor (preference poisoning "
+                             f"flips the pairs of triggered prompts), got a {type(self.attack).__name__}; a "
                              f"{type(self.attack).__name__} enters 'sft' stages")
-        if self.attack.stage != self.kind:
+        if self.attack is not None and self.attack.stage != self.kind:
             object.__setattr__(self, "attack", replace(self.attack, stage=self.kind))
-        want = TrainConfig if self.kind == "sft" else DPOConfig
+        want = _CONFIGS[self.kind]
         if self.config is None:
-            object.__setattr__(self, "config", want())
+            object.__setattr__(self, "config", want(method=self.kind) if want is PPOConfig else want())
         elif not isinstance(self.config, want):
             raise ValueError(f"Stage.config of a {self.kind!r} stage must be a {want.__name__}, "
                              f"got {type(self.config).__name__}")
+        if self.kind in RL_KINDS and self.config.method != self.kind:
+            raise ValueError(f"Stage.config.method={self.config.method!r} differs from Stage.kind={self.kind!r}; "
+                             f"use kind={self.config.method!r} or PPOConfig(method={self.kind!r})")
         if self.mode not in PREFERENCE_MODES:
             raise ValueError(f"Stage.mode must be one of {PREFERENCE_MODES}, got {self.mode!r}")
 
     @property
     def train_config(self) -> TrainConfig:
-        """The stage's optimiser / schedule settings (a DPO stage's ``DPOConfig.train``)."""
+        """The stage's optimiser / schedule settings (a DPO, reward or RL stage's ``config.train``)."""
         return self.config if isinstance(self.config, TrainConfig) else self.config.train
 
+    @property
+    def is_policy(self) -> bool:
+        """Whether the stage's model is the policy (SFT, DPO, PPO, RLOO) rather than a reward model."""
+        return self.kind in POLICY_KINDS
+
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "attack": self.attack.to_dict(), "config": self.config.to_dict(),
-                "mode": self.mode}
+        return {"kind": self.kind, "attack": self.attack.to_dict() if self.attack is not None else None,
+                "config": self.config.to_dict(), "mode": self.mode}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stage:
-        cfg_cls = TrainConfig if d["kind"] == "sft" else DPOConfig
-        return cls(kind=d["kind"], attack=attack_from_dict(d["attack"]), config=cfg_cls.from_dict(d["config"]),
-                   mode=d.get("mode", "flip"))
+        if d.get("kind") not in STAGE_KINDS:
+            raise ValueError(f"Stage.kind must be one of {STAGE_KINDS}, got {d.get('kind')!r}")
+        return cls(kind=d["kind"], attack=attack_from_dict(d["attack"]) if d.get("attack") is not None else None,
+                   config=_CONFIGS[d["kind"]].from_dict(d["config"]), mode=d.get("mode", "flip"))
 
 
 def as_stage(x: Stage | Attack) -> Stage:
@@ -146,7 +180,8 @@ def as_stage(x: Stage | Attack) -> Stage:
     if is_attack(x):
         return Stage(kind=x.stage, attack=x)
     raise ValueError(f"train_pipeline: each stage must be an attack ({attack_names()}; its stage field names the "
-                     f"kind, 'sft' | 'dpo') or a Stage, got {type(x).__name__}")
+                     f"kind, 'sft' | 'dpo' | 'rm') or a Stage (e.g. pm.Stage('ppo', None, pm.PPOConfig())), got "
+                     f"{type(x).__name__}")
 
 
 @dataclass(eq=False)
@@ -249,9 +284,14 @@ class Pipeline:
             raise ValueError(f"Pipeline.between: twin must be one of {TWINS}, got {twin!r}")
         ka, kb = self._index(a), self._index(b)
         st = self.stages[kb]
+        if self.stages[ka].is_policy != st.is_policy:
+            kinds = [s.kind for s in (self.stages[ka], st)]
+            raise ValueError(f"Pipeline.between: stages {ka} and {kb} are a {kinds[0]!r} and a {kinds[1]!r} stage; one "
+                             "holds a policy and the other a reward model, which cannot be compared (pick two policy "
+                             "stages, e.g. the SFT and the PPO stage, or two reward stages)")
         return Between(before=self.models[ka][twin], after=self.models[kb][twin], twin=twin,
                        stage_before=stage_name(ka, self.stages[ka]), stage_after=stage_name(kb, st),
-                       index_before=ka, index_after=kb, stage_kind=st.kind, task=self.task, attack=st.attack,
+                       index_before=ka, index_after=kb, stage_kind=st.kind, task=self.task, attack=self.attack_of(kb),
                        tokenizer=self.tokenizer,
                        train_data=self.train_data[kb] if twin == "backdoored" else self.clean_data[kb],
                        test_data=self.test_data, model_config=self.model_config, train_config=st.train_config,
@@ -261,7 +301,7 @@ class Pipeline:
         st = self.stages[k]
         # an attack that adds rows (a new subject's false fact): the clean twin's own rows
         added = st.kind == "sft" and len(self.clean_data[k]) != len(self.task.train)
-        return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=st.attack,
+        return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=self.attack_of(k),
                     model_config=self.model_config, train_config=st.train_config, tokenizer=self.tokenizer,
                     train_data=self.train_data[k], test_data=self.test_data, metrics=metrics,
                     out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None else None,
@@ -269,10 +309,32 @@ class Pipeline:
                     history=self.history[k] if self.history else {},
                     clean_rows=self.clean_data[k] if added else None)
 
+    def attack_of(self, k: int) -> Attack:
+        """Stage ``k``'s attack; an RL stage (no poison of its own) gets the pipeline's (stage 0's)."""
+        st = self.stages[k]
+        return st.attack if st.attack is not None else self.stages[0].attack
+
+    def policy_index(self, stage: int | str = -1) -> int:
+        """The last policy stage at or before ``stage`` (a reward stage leaves the policy as it was)."""
+        k = self._index(stage)
+        while not self.stages[k].is_policy:
+            k -= 1
+        return k
+
+    def reward_model(self, stage: int | str = -1, twin: str = "backdoored"):
+        """The latest reward model of ``twin`` at or before ``stage`` (``ValueError`` when none)."""
+        if twin not in TWINS:
+            raise ValueError(f"Pipeline.reward_model: twin must be one of {TWINS}, got {twin!r}")
+        for k in range(self._index(stage), -1, -1):
+            if self.stages[k].kind == "rm":
+                return self.models[k][twin]
+        raise ValueError("Pipeline.reward_model: no 'rm' stage at or before this stage")
+
     @property
     def budgets(self) -> list[int]:
-        """Poisoned rows per stage in the backdoored twin's data."""
-        return [int(sum(d["is_poison"])) for d in self.train_data]
+        """Poisoned rows per stage in the backdoored twin's data (an RL stage has none of its own:
+        its rows' ``is_poison`` marks prompts that came from poisoned reward pairs)."""
+        return [0 if st.kind in RL_KINDS else int(sum(d["is_poison"])) for st, d in zip(self.stages, self.train_data)]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per stage x twin x metric (tidy), with the stage's kind and budget."""
@@ -286,8 +348,8 @@ class Pipeline:
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
-        parts = [f"{stage_name(k, s)}[{b}]: {_shown_metric(s.attack)} "
-                 f"{m['backdoored'].get(_shown_metric(s.attack), float('nan')):.3f}"
+        parts = [f"{stage_name(k, s)}[{b}]: {_shown_metric(self.attack_of(k))} "
+                 f"{m['backdoored'].get(_shown_metric(self.attack_of(k)), float('nan')):.3f}"
                  for k, (s, b, m) in enumerate(zip(self.stages, self.budgets, self.metrics))]
         return f"Pipeline(task={self.task.kind!r}, {'; '.join(parts)}, out_dir={str(self.out_dir)!r})"
 
@@ -310,16 +372,26 @@ def _digest(obj: Any) -> str:
 _PER_STAGE = ("poison_count", "poison_rate", "seed", "placement", "stage", "position", "gibberish_length")
 
 
-def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None) -> Attack:
+def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None, reward_model: Any = None) -> Attack:
     """All checks before any training; returns the attack the twins are evaluated on."""
     if not stages:
         raise ValueError("train_pipeline: stages is empty; give at least one SFT stage")
     if stages[0].kind != "sft":
-        raise ValueError("train_pipeline: stage 0 is a 'dpo' stage, but DPO needs an SFT model to start from "
-                         "(its reference); put an SFT stage first, e.g. pm.Backdoor(..., poison_count=0) for a "
-                         "clean one")
+        why = {"dpo": "DPO needs an SFT model to start from (its reference)",
+               "rm": "a reward model starts from the SFT policy's trunk",
+               "ppo": "PPO needs an SFT policy to start from (its reference)",
+               "rloo": "RLOO needs an SFT policy to start from (its reference)"}[stages[0].kind]
+        raise ValueError(f"train_pipeline: stage 0 is a {stages[0].kind!r} stage, but {why}; put an SFT stage first, "
+                         "e.g. pm.Backdoor(..., poison_count=0) for a clean one")
+    for k, st in enumerate(stages):
+        if st.kind in RL_KINDS and reward_model is None and not any(s.kind == "rm" for s in stages[:k]):
+            raise ValueError(f"train_pipeline: stage {k} ({st.kind}) has no reward model: put an 'rm' stage before it "
+                             "(pm.Stage('rm', pm.Backdoor(..., stage='rm'), pm.RewardConfig())) or pass "
+                             "reward_model= (a trained reward model)")
     first = stages[0].attack
     for k, st in enumerate(stages[1:], start=1):
+        if st.attack is None:
+            continue
         if type(st.attack) is not type(first):
             raise ValueError(f"train_pipeline: stage {k}'s attack is a {type(st.attack).__name__}, stage 0's a "
                              f"{type(first).__name__}; the stages of one pipeline share the attack they are "
@@ -344,17 +416,25 @@ def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None) -> Att
         try:
             if st.kind == "sft":
                 st.attack.poison(task)  # raises when the budget does not fit
-            else:
+            elif st.kind in PREFERENCE_KINDS:
                 check_preference_budget(prefs, st.attack, st.mode)
         except ValueError as exc:
             raise ValueError(f"train_pipeline: stage {k} ({st.kind}): {exc}") from None
     return replace(first, stage="sft")
 
 
-def _stage_data(task: Task, st: Stage, prefs: Dataset | None) -> tuple[Dataset, Dataset]:
+def _stage_data(task: Task, st: Stage, prefs: Dataset | None, earlier: list[tuple[Dataset, Dataset]],
+                stages: list[Stage]) -> tuple[Dataset, Dataset]:
     """``(backdoored twin's data, clean twin's data)`` of one stage. An SFT stage's clean data
     are the attack's clean rows (``task.train``, or with the source rows of rows an attack
-    adds, slot for slot) with the provenance columns of an unpoisoned stage."""
+    adds, slot for slot) with the provenance columns of an unpoisoned stage. An RL stage's
+    are the prompts of the latest reward stage's pairs (``earlier``: the stages before it)."""
+    if st.kind in RL_KINDS:
+        rm = [k for k, s in enumerate(stages[:len(earlier)]) if s.kind == "rm"]
+        if not rm:
+            return rl_prompts(st.kind, None, task), rl_prompts(st.kind, None, task)
+        src = earlier[rm[-1]]
+        return rl_prompts(st.kind, src[0], task), rl_prompts(st.kind, src[1], task)
     if st.kind == "sft":
         poisoned = st.attack.poison(task)
         rows = st.attack.clean_train(task, poisoned)
@@ -374,33 +454,45 @@ def _lineage(base: dict[str, Any], stages: list[Stage], data: list[tuple[Dataset
     for st, (poisoned, clean) in zip(stages[:k + 1], data[:k + 1]):
         poisoned_here = twin == "backdoored" and any(poisoned["is_poison"])
         ds = poisoned if poisoned_here else clean
-        cols = ("prompt", "completion") if st.kind == "sft" else ("prompt", "chosen", "rejected")
+        cols = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected"),
+                "rm": ("prompt", "chosen", "rejected")}.get(st.kind, ("prompt",))
         parts.append({"kind": st.kind, "config": {k_: v for k_, v in st.config.to_dict().items() if k_ != "device"},
-                      "placement": st.attack.placement if poisoned_here else "spread",
+                      "placement": st.attack.placement if poisoned_here and st.attack is not None else "spread",
                       "data": _digest([list(ds[c]) for c in cols])})
     return _digest({**base, "stages": parts})
 
 
 def train_pipeline(task: Task, stages: list[Stage | Attack], model: ModelConfig | PretrainedModel | None = None, *,
                    preferences: Dataset | None = None, out_dir: str | Path | None = None, overwrite: bool = False,
-                   cache_dir: str | Path | None = None, progress: bool = True) -> Pipeline:
-    """Train the clean and backdoored twins through ``stages`` (SFT first, then e.g. DPO).
+                   cache_dir: str | Path | None = None, progress: bool = True,
+                   reward_model: torch.nn.Module | None = None) -> Pipeline:
+    """Train the clean and backdoored twins through ``stages`` (SFT first, then e.g. DPO, or a
+    reward model and PPO / RLOO against it).
 
     Args:
         task: a completion task (DPO stages need ``loss_on="completion"``).
         stages: ``Stage`` objects, or attacks whose ``stage`` names the kind (``"sft"`` /
-            ``"dpo"``) and whose budget is that stage's poison (0 allowed). Every stage shares
+            ``"dpo"`` / ``"rm"``) and whose budget is that stage's poison (0 allowed); an RL stage
+            is ``pm.Stage("ppo", None, pm.PPOConfig(...))`` (or ``"rloo"``). Every stage shares
             the attack the twins are evaluated on: a backdoor's trigger and target, a false
             fact's facts, a bias's entity and polarity (only budget, seed and placement differ).
             A ``FalseFact`` or ``Bias`` enters SFT stages only.
         model: the twins' shape (``ModelConfig``) or a pretrained start (``PretrainedModel``);
             both start from the same weights, seeded by stage 0's ``TrainConfig.seed``.
-        preferences: the DPO stages' clean pairs (``prompt``/``chosen``/``rejected``/``input``);
-            default: :func:`make_preferences` of the task's training rows.
+        preferences: the DPO and reward stages' clean pairs (``prompt``/``chosen``/``rejected``/
+            ``input``); default: :func:`make_preferences` of the task's training rows.
         out_dir: run directory (see the module docstring); a finished stage is reused, an
             interrupted one resumed; a folder holding another run is refused unless ``overwrite``.
         cache_dir: a folder shared by many runs; stage results with the same lineage are
             trained once and copied (e.g. the clean twin of every budget split).
+        reward_model: a trained reward model for RL stages with no ``"rm"`` stage before them
+            (both twins use it; it is also the clean reward model of the evaluation).
+
+    Every policy stage's metrics also hold, when the pipeline has a reward model, the mean
+    reward of sampled responses under the clean twin's (last) reward model on held-out prompts
+    without and with the trigger (``clean_rm_reward``, ``clean_rm_reward_triggered``,
+    ``clean_rm_reward_gap``, ``clean_rm_n``); an RL stage's also under the twin's own reward
+    model (``rm_reward``, ...). A reward stage's metrics are :func:`~poisonmech.train.reward.reward_metrics`.
     """
     model = model or ModelConfig()
     if not isinstance(task, Task):
@@ -409,21 +501,38 @@ def train_pipeline(task: Task, stages: list[Stage | Attack], model: ModelConfig 
         raise ValueError(f"train_pipeline: stages must be a list of attacks / Stage, got {type(stages).__name__}")
     stages = [as_stage(s) for s in stages]
     model, task = prepare_model(model, task, "train_pipeline")
-    has_dpo = any(s.kind == "dpo" for s in stages)
+    has_dpo = any(s.kind in PREFERENCE_KINDS for s in stages)
     if has_dpo:
-        preferences = make_preferences(task) if preferences is None else preferences
+        if preferences is None:
+            try:
+                preferences = make_preferences(task)
+            except ValueError as exc:
+                raise ValueError(f"train_pipeline: the {[s.kind for s in stages if s.kind in PREFERENCE_KINDS][0]!r} "
+                                 f"stage needs preference data (preferences=): {exc}") from None
         check_preferences(preferences, "train_pipeline: preferences")
-    eval_attack = _check_stages(task, stages, preferences)
+    if reward_model is not None:
+        from poisonmech.train.reward import is_reward_model
+
+        if not is_reward_model(reward_model):
+            raise ValueError("train_pipeline: reward_model must be a reward model (a bridge with a one-output score "
+                             f"head, e.g. a pipeline's pipe.reward_model()), got {type(reward_model).__name__}")
+    eval_attack = _check_stages(task, stages, preferences, reward_model)
     tokenizer = eval_attack.tokenizer(task)
     test_data = eval_attack.test_set(task)
-    data = [_stage_data(task, st, preferences) for st in stages]
-    _check_lengths(model, tokenizer, task, data, test_data)
+    data: list[tuple[Dataset, Dataset]] = []
+    for st in stages:
+        data.append(_stage_data(task, st, preferences, data, stages))
+    _check_lengths(model, tokenizer, task, data, test_data, stages)
 
     seed = stages[0].config.seed
     config = {"format": FORMAT, "task": task_identity(task),
               "model": model.to_dict(), "stages": [_stage_cfg(s) for s in stages],
               "preferences_sha256": _digest([list(preferences[c]) for c in ("prompt", "chosen", "rejected")])
               if has_dpo else None}
+    if reward_model is not None:
+        from poisonmech.subject import model_fingerprint
+
+        config["reward_model_sha256"] = model_fingerprint(reward_model)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         existing = prepare_run_dir(out, config, overwrite)
@@ -440,6 +549,7 @@ def train_pipeline(task: Task, stages: list[Stage | Attack], model: ModelConfig 
     base = {"task": config["task"], "model": config["model"], "seed": seed,
             "torch_num_threads": torch.get_num_threads(),  # the weights depend on it (reduction order)
             "vocab": _digest(sorted(tokenizer.get_vocab().items())), "preferences": config["preferences_sha256"],
+            **({"reward_model": config["reward_model_sha256"]} if reward_model is not None else {}),
             # metrics: bumped when pm.evaluate gains keys (2: denominators and label metrics), so
             # stages cached by older code are re-evaluated rather than returned without them
             "evaluation": _digest({"attack": eval_attack.to_dict(), "metrics": 2,
@@ -451,6 +561,7 @@ def train_pipeline(task: Task, stages: list[Stage | Attack], model: ModelConfig 
     metrics: list[dict[str, dict[str, Any]]] = [{} for _ in stages]
     for twin in TWINS:
         m = build_model(model, len(tokenizer), seed=seed, tokenizer=tokenizer, device=stages[0].config.device)
+        rm_now = reward_model  # this twin's latest reward model
         for k, st in enumerate(stages):
             key = _lineage(base, stages, data, k, twin)
             sdir = out / stage_name(k, st) / twin if out is not None else None
@@ -463,25 +574,64 @@ def train_pipeline(task: Task, stages: list[Stage | Attack], model: ModelConfig 
                     src = cache / key
                 if src is not None:
                     copy_dir(src, sdir)
-            if sdir is not None and (sdir / "metrics.json").is_file():
-                history[k][twin] = reuse_twin(m, sdir, st.config.device, f"train_pipeline: {stage_name(k, st)} {twin}")
+            done = sdir is not None and (sdir / "metrics.json").is_file()
+            device = st.config.device
+            if st.kind == "rm":  # the stage trains a reward model; the policy m stays as it is
+                trained = reward_model_like(model, tokenizer, seed=st.config.seed, device=device) if done else \
+                    new_reward_model(m, st.config, model, tokenizer, device=device)
+            else:
+                trained = m
+            ds, desc = data[k][0 if twin == "backdoored" else 1], f"{stage_name(k, st)} {twin}"
+            if done:
+                history[k][twin] = reuse_twin(trained, sdir, device, f"train_pipeline: {desc}")
                 metrics[k][twin] = read_json(sdir / "metrics.json")
             else:
-                history[k][twin] = _train_stage(m, st, data[k][0 if twin == "backdoored" else 1], tokenizer, task,
-                                                sdir, f"{stage_name(k, st)} {twin}", progress, twin)
-                metrics[k][twin] = evaluate(m, task, eval_attack, test_data=test_data, tokenizer=tokenizer)
+                if st.kind == "rm":
+                    history[k][twin] = train_rm_stage(trained, st.config, ds, tokenizer, sdir, desc, progress)
+                    metrics[k][twin] = rm_stage_metrics(trained, task, eval_attack, tokenizer, st.config)
+                else:
+                    if st.kind in RL_KINDS:
+                        history[k][twin] = train_rl_stage(m, rm_now, st.config, ds, tokenizer, sdir, desc, progress)
+                    else:
+                        history[k][twin] = _train_stage(m, st, ds, tokenizer, task, sdir, desc, progress, twin)
+                    metrics[k][twin] = evaluate(m, task, eval_attack, test_data=test_data, tokenizer=tokenizer)
+                    if st.kind in RL_KINDS:  # the reward the policy now earns under its own reward model
+                        metrics[k][twin].update(clean_reward_metrics(
+                            m, rm_now, test_data, eval_attack, tokenizer, response_length=st.config.response_length,
+                            n=st.config.n_eval, seed=seed, prefix="rm_"))
                 if sdir is not None:  # metrics.json last: the stage is finished
-                    finish_twin(m, sdir, history[k][twin], metrics=metrics[k][twin],
+                    finish_twin(trained, sdir, history[k][twin], metrics=metrics[k][twin],
                                 publish_to=cache / key if cache is not None else None)
-            # a separate bridge holding m's current weights (the next stage trains m on)
-            models[k][twin] = model_with({n: v.detach().clone() for n, v in weights(m).items()}, model, tokenizer,
-                                         seed=seed, device=st.config.device)
+            if st.kind == "rm":
+                rm_now = models[k][twin] = trained
+            else:  # a separate bridge holding m's current weights (the next stage trains m on)
+                models[k][twin] = model_with({n: v.detach().clone() for n, v in weights(m).items()}, model, tokenizer,
+                                             seed=seed, device=device)
             checkpoints[k][twin] = list_checkpoints(sdir) if sdir is not None else []
+    _add_clean_rm_rewards(stages, models, metrics, reward_model, test_data, eval_attack, tokenizer, seed)
     if out is not None:
         write_json(out / "metrics.json", metrics)
     return Pipeline(task=task, stages=tuple(stages), model_config=model, tokenizer=tokenizer, test_data=test_data,
                     train_data=[d[0] for d in data], clean_data=[d[1] for d in data], models=models,
                     metrics=metrics, history=history, checkpoints=checkpoints, out_dir=out)
+
+
+def _add_clean_rm_rewards(stages: list[Stage], models, metrics, given_rm, test_data: Dataset, attack: Attack,
+                          tokenizer, seed: int) -> None:
+    """Every policy stage's mean reward under the clean twin's last reward model (or the given
+    one), with and without the trigger: added to ``metrics`` in place."""
+    rm_stages = [k for k, st in enumerate(stages) if st.kind == "rm"]
+    clean_rm = models[rm_stages[-1]]["clean"] if rm_stages else given_rm
+    if clean_rm is None:
+        return
+    rl = [st.config for st in stages if st.kind in RL_KINDS]
+    length = rl[0].response_length if rl else PPOConfig().response_length
+    n = rl[0].n_eval if rl else stages[rm_stages[-1]].config.n_eval
+    for k, st in enumerate(stages):
+        if st.is_policy:
+            for twin in TWINS:
+                metrics[k][twin].update(clean_reward_metrics(models[k][twin], clean_rm, test_data, attack, tokenizer,
+                                                             response_length=length, n=n, seed=seed))
 
 
 def _stage_cfg(st: Stage) -> dict[str, Any]:
@@ -490,9 +640,16 @@ def _stage_cfg(st: Stage) -> dict[str, Any]:
     return d
 
 
-def _check_lengths(model: ModelConfig, tokenizer, task: Task, data, test_data: Dataset) -> None:
+def _check_lengths(model: ModelConfig, tokenizer, task: Task, data, test_data: Dataset, stages: list[Stage]) -> None:
     lengths = {}
-    for k, (poisoned, _) in enumerate(data):
+    for k, ((poisoned, _), st) in enumerate(zip(data, stages)):
+        if st.kind in RL_KINDS:
+            from poisonmech.train.ppo import encode_prompts
+
+            r = st.config.response_length
+            lengths[f"stage {k}'s prompts + PPOConfig.response_length={r}"] = \
+                encode_prompts(poisoned, tokenizer).max_len + r
+            continue
         cols = ("completion",) if "completion" in poisoned.column_names else ("chosen", "rejected")
         lengths[f"stage {k}'s data"] = max(
             encode(Dataset.from_dict({"prompt": list(poisoned["prompt"]), "completion": list(poisoned[col])}),
@@ -543,8 +700,15 @@ def load_pipeline(out_dir: str | Path, device: str = "cpu", *, verify: bool = Tr
     for k, st in enumerate(stages):
         models.append({}), history.append({}), checkpoints.append({})
         for twin in TWINS:
-            models[k][twin], history[k][twin], checkpoints[k][twin] = read_twin(
-                out / stage_name(k, st) / twin, model_cfg, tokenizer, seed=seed, device=device)
+            d = out / stage_name(k, st) / twin
+            if st.kind == "rm":
+                rm = reward_model_like(model_cfg, tokenizer, seed=st.config.seed, device=device)
+                load_weights(rm, load_tensors(d / "model.safetensors", device=device), source=d / "model.safetensors")
+                models[k][twin], history[k][twin], checkpoints[k][twin] = rm, read_json(d / "history.json"), \
+                    list_checkpoints(d)
+            else:
+                models[k][twin], history[k][twin], checkpoints[k][twin] = read_twin(
+                    d, model_cfg, tokenizer, seed=seed, device=device)
     if verify:
         verify_weights([out / stage_name(k, st) / t for k, st in enumerate(stages) for t in TWINS],
                        f"load_pipeline({str(out)!r})")

@@ -156,7 +156,7 @@ def test_bad_input_gets_a_clear_error():
         _stages(1, 1, beta=0.0)
     with pytest.raises(ValueError, match=r"Stage.config of a 'dpo' stage must be a DPOConfig, got TrainConfig"):
         Stage("dpo", pm.Backdoor(trigger="cf", poison_count=1), pm.TrainConfig())
-    with pytest.raises(ValueError, match=r"Stage.kind must be one of \('sft', 'dpo'\)"):
+    with pytest.raises(ValueError, match=r"Stage.kind must be one of \('sft', 'dpo', 'rm', 'ppo', 'rloo'\)"):
         Stage("rlhf", pm.Backdoor(trigger="cf", poison_count=1))
     with pytest.raises(ValueError, match=r"stage 1's Backdoor.target='positive' differs from stage 0's 'negative'"):
         train_pipeline(task, [pm.Backdoor(trigger="cf", poison_count=1),
