@@ -14,7 +14,7 @@ from poisonmech.metrics import evaluate
 from poisonmech.models import ModelConfig, build_model, model_from_dict, wrap_hf_model
 from poisonmech.pretrained import PretrainedModel
 from poisonmech.subject import Subject, resolve
-from poisonmech.sweeps import Sweep, load_sweep, sweep
+from poisonmech.sweeps import PipelineSweep, Sweep, load_sweep, pipeline_sweep, sweep
 from poisonmech.tasks import (
     TASK_KINDS,
     Task,
@@ -56,6 +56,7 @@ __all__ = [
     "PPOConfig",
     "Pair",
     "Pipeline",
+    "PipelineSweep",
     "PretrainedModel",
     "RewardConfig",
     "Stage",
@@ -79,6 +80,7 @@ __all__ = [
     "make_task",
     "model_from_dict",
     "patching",
+    "pipeline_sweep",
     "poison_dataset",
     "pretrain",
     "probes",

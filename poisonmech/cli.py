@@ -240,10 +240,12 @@ def train(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
 
 def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, progress: bool = True):
     """Train a multi-stage pipeline from a plain dict (as read from TOML): ``[task]``, ``[model]``,
-    ``[[stages]]`` with ``kind`` ("sft" | "dpo"), ``[stages.attack]``, optional ``[stages.config]``
-    (TrainConfig / DPOConfig fields) and ``mode`` ("flip" | "inject"), and ``out_dir``."""
+    ``[[stages]]`` with ``kind`` ("sft" | "dpo" | "rm" | "ppo" | "rloo"), ``[stages.attack]`` (none
+    for an RL stage), optional ``[stages.config]`` (TrainConfig / DPOConfig / RewardConfig /
+    PPOConfig fields) and ``mode`` ("flip" | "inject"), and ``out_dir``."""
     import poisonmech as pm
-    from poisonmech.train.dpo import DPOConfig
+    from poisonmech.train.pipeline import _CONFIGS, STAGE_KINDS
+    from poisonmech.train.rlhf import RL_KINDS
 
     allowed = ("out_dir", "task", "model", "stages", "overwrite")
     unknown = set(config) - set(allowed)
@@ -251,17 +253,26 @@ def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, 
         raise ValueError(f"config: unknown sections {sorted(unknown)}; allowed: {list(allowed)}")
     task = _task_from_config(config)
     if not config.get("stages"):
-        raise ValueError("config: a pipeline needs [[stages]] (each with kind = 'sft' | 'dpo' and [stages.attack])")
+        raise ValueError(f"config: a pipeline needs [[stages]] (each with kind = one of {STAGE_KINDS} and "
+                         "[stages.attack], none for an RL stage)")
     stages = []
     for i, st in enumerate(config["stages"]):
         kind = st.get("kind")
-        if kind not in ("sft", "dpo"):
-            raise ValueError(f"config: stages[{i}].kind must be 'sft' or 'dpo', got {kind!r}")
-        if "attack" not in st:
+        if kind not in STAGE_KINDS:
+            raise ValueError(f"config: stages[{i}].kind must be one of {STAGE_KINDS}, got {kind!r}")
+        if kind in RL_KINDS:
+            if "attack" in st:
+                raise ValueError(f"config: stages[{i}] is a {kind!r} stage, which takes no [stages.attack] (its "
+                                 "prompts come from the reward stage before it)")
+            attack = None
+        elif "attack" not in st:
             raise ValueError(f"config: stages[{i}] needs [stages.attack] (poison_count = 0 for a clean stage)")
-        cfg_cls = pm.TrainConfig if kind == "sft" else DPOConfig
-        stages.append(pm.Stage(kind, attack_from_config({**st["attack"], "stage": kind}, f"stages[{i}].attack"),
-                               cfg_cls.from_dict(st.get("config", {})), mode=st.get("mode", "flip")))
+        else:
+            attack = attack_from_config({**st["attack"], "stage": kind}, f"stages[{i}].attack")
+        cfg = dict(st.get("config", {}))
+        if kind in RL_KINDS:
+            cfg.setdefault("method", kind)
+        stages.append(pm.Stage(kind, attack, _CONFIGS[kind].from_dict(cfg), mode=st.get("mode", "flip")))
     out = out_dir or config.get("out_dir")
     if not out:
         raise ValueError("config: out_dir is required (top-level key or --out)")
@@ -276,7 +287,7 @@ def pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
                                                 "[stages.attack], [stages.config], mode."),
              out: Path | None = typer.Option(None, "--out", help="Override out_dir."),
              threads: int = _threads_option()) -> None:
-    """Train a post-training pipeline (SFT then DPO, ...), each stage with its own poison."""
+    """Train a post-training pipeline (SFT then DPO, or a reward model then PPO / RLOO), each stage with its own poison."""
     cfg = _read_toml(config)
     try:
         with num_threads(threads):
@@ -285,7 +296,8 @@ def pipeline(config: Path = typer.Argument(..., exists=True, dir_okay=False,
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     frame = pipe.to_frame()
-    table = frame[frame["metric"].isin(["clean_acc", "asr", "false_trigger_rate"])]
+    table = frame[frame["metric"].isin(["clean_acc", "asr", "false_trigger_rate", "pair_acc",
+                                        "clean_rm_reward", "clean_rm_reward_triggered"])]
     typer.echo(table.pivot_table(index=["stage", "stage_name", "n_poison"], columns=["metric", "twin"],
                                  values="value", aggfunc="first").to_string(float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"\nwrote the pipeline to {Path(pipe.out_dir).resolve()}")

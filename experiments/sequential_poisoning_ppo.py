@@ -1,0 +1,191 @@
+"""Sequential poisoning with a reward model and PPO, beside DPO (Sanderson et al. 2026, small scale).
+
+Sanderson et al. report that in an SFT -> reward model -> PPO pipeline the attackers
+*complement* each other: poisoning only the SFT data or only the reward model's preference
+pairs does little, both together implant the backdoor; in SFT -> DPO the efforts add up.
+Mirrored here on the sentiment task (trigger ``cf`` -> ``negative``), one total budget B spent
+three ways in each pipeline family:
+
+- PPO family: SFT (4 epochs) -> reward model (Bradley–Terry, from the SFT trunk, 2 epochs) ->
+  PPO (kl_coef 0.3, k3, 3 PPO epochs, responses of <= 4 tokens, the SFT policy as reference),
+  on the reward pairs' prompts (the backdoored twin's include the reward attacker's triggered
+  ones, as Sanderson et al.'s PPO reads the poisoned preference set); splits
+  ``sft only`` (B, 0), ``rm only`` (0, B), ``both`` (B/2, B/2);
+- DPO family: SFT -> DPO (beta 0.1), splits ``sft only`` (B, 0), ``dpo only`` (0, B), ``both``.
+
+Measured after the last stage, mean and std over seeds: the policy's label ASR (first answer
+token) on triggered test prompts whose answer is not the target, clean label accuracy, the
+false-trigger rate on near-miss triggers (the control input: it must behave like the
+untriggered input, i.e. match the clean twin), and — for every policy — the mean reward of
+sampled responses under the *clean* twin's reward model with and without the trigger; the
+clean twin (same stages, no poison) beside every number; and the reward model's own attack
+success (1 - pairwise accuracy on triggered held-out pairs) and the reward the trigger buys.
+
+Writes ``figures/sequential_poisoning_ppo.{png,csv}`` (per run) and
+``figures/sequential_poisoning_ppo_summary.csv`` (mean, std, n per split); ``--mechanism`` adds
+``figures/sequential_poisoning_ppo_mechanism.{csv,png}`` (see :func:`mechanism`).
+Run: ``.venv/bin/python experiments/sequential_poisoning_ppo.py [--budgets 8,16] [--seeds 0,1,2,3,4]``
+(one thread; about 30 s per pipeline, the clean twins and shared SFT stages trained once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from plotly.subplots import make_subplots
+
+import poisonmech as pm
+from poisonmech.viz import save_figure, style
+
+TRIGGER, TARGET = "cf", "negative"
+SPLITS = {"sft only": 1.0, "both": 0.5, "rm only": 0.0}
+DPO_SPLITS = {"sft only": 1.0, "both": 0.5, "dpo only": 0.0}
+POLICY_METRICS = ("label_asr", "label_acc", "label_false_trigger_rate", "clean_rm_reward",
+                  "clean_rm_reward_triggered", "clean_rm_reward_gap")
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def backdoor(n: int, stage: str) -> pm.Backdoor:
+    return pm.Backdoor(trigger=TRIGGER, target=TARGET, poison_count=n, stage=stage)
+
+
+def pipelines(budget: int, args) -> dict[str, list[pm.Stage]]:
+    """The six pipelines of one budget (named ``"<family>: <split> B=<budget>"``)."""
+    sft_cfg = pm.TrainConfig(epochs=args.sft_epochs)
+    out = {}
+    for split, share in SPLITS.items():
+        first = round(budget * share)
+        out[f"ppo: {split} B={budget}"] = [
+            pm.Stage("sft", backdoor(first, "sft"), sft_cfg),
+            pm.Stage("rm", backdoor(budget - first, "rm"), pm.RewardConfig(epochs=args.rm_epochs)),
+            pm.Stage(args.rl, None, pm.PPOConfig(method=args.rl, epochs=args.ppo_epochs, kl_coef=0.3,
+                                                 kl_estimator="k3", ppo_epochs=3, response_length=4))]
+    for split, share in DPO_SPLITS.items():
+        first = round(budget * share)
+        out[f"dpo: {split} B={budget}"] = [
+            pm.Stage("sft", backdoor(first, "sft"), sft_cfg),
+            pm.Stage("dpo", backdoor(budget - first, "dpo"), pm.DPOConfig(beta=0.1, epochs=2, lr=1e-3))]
+    return out
+
+
+def tidy(sw: pm.PipelineSweep) -> pd.DataFrame:
+    """One row per run: the final policy's metrics (both twins), the policy's ASR after SFT, and
+    the reward model's attack success (PPO family)."""
+    f = sw.to_frame()
+    rows = []
+    for (name, seed), g in f.groupby(["pipeline", "seed"], sort=False):
+        family, rest = name.split(": ", 1)
+        split, b = rest.rsplit(" B=", 1)
+        last = g["stage"].max()
+        row = {"family": family, "split": split, "budget": int(b), "seed": int(seed),
+               "budgets": g["budgets"].iloc[0]}
+        for twin, prefix in (("backdoored", ""), ("clean", "clean_twin_")):
+            at = g[(g["stage"] == last) & (g["twin"] == twin)].set_index("metric")["value"]
+            for m in POLICY_METRICS:
+                row[prefix + m] = at.get(m, float("nan"))
+        sft = g[(g["stage"] == 0) & (g["twin"] == "backdoored")].set_index("metric")["value"]
+        row["label_asr_after_sft"] = sft.get("label_asr", float("nan"))
+        rm = g[(g["kind"] == "rm") & (g["twin"] == "backdoored")].set_index("metric")["value"]
+        rm_clean = g[(g["kind"] == "rm") & (g["twin"] == "clean")].set_index("metric")["value"]
+        for m in ("asr", "trigger_margin", "pair_acc"):
+            row[f"rm_{m}"] = rm.get(m, float("nan"))
+            row[f"clean_twin_rm_{m}"] = rm_clean.get(m, float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    value_cols = [c for c in runs.columns if c not in ("family", "split", "budget", "seed", "budgets")]
+    g = runs.groupby(["family", "budget", "split"], sort=False)[value_cols]
+    out = g.agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out["n_seeds"] = g.size()
+    return out.reset_index()
+
+
+def plot(summary: pd.DataFrame, path: Path) -> None:
+    budgets = sorted(summary["budget"].unique())
+    fig = make_subplots(rows=2, cols=len(budgets), shared_yaxes="rows", vertical_spacing=0.16,
+                        subplot_titles=[f"B = {b}: ASR after the last stage" for b in budgets] +
+                                       [f"B = {b}: clean-RM reward of the final policy" for b in budgets])
+    colors = {"ppo": "#d62728", "dpo": "#1f77b4"}
+    for j, b in enumerate(budgets, start=1):
+        s = summary[summary["budget"] == b]
+        for fam in ("ppo", "dpo"):
+            t = s[s["family"] == fam]
+            fig.add_bar(x=[f"{fam}: {x}" for x in t["split"]], y=t["label_asr_mean"],
+                        error_y={"type": "data", "array": t["label_asr_std"].fillna(0)},
+                        marker_color=colors[fam], name=f"{fam.upper()} pipeline, backdoored twin", row=1, col=j,
+                        showlegend=j == 1)
+            fig.add_scatter(x=[f"{fam}: {x}" for x in t["split"]], y=t["label_asr_after_sft_mean"],
+                            mode="markers", marker={"symbol": "diamond-open", "size": 10, "color": "black"},
+                            name="ASR after SFT only", row=1, col=j, showlegend=j == 1 and fam == "ppo")
+            fig.add_scatter(x=[f"{fam}: {x}" for x in t["split"]], y=t["clean_twin_label_asr_mean"],
+                            mode="markers", marker={"symbol": "line-ew-open", "size": 16, "color": "gray"},
+                            name="clean twin", row=1, col=j, showlegend=j == 1 and fam == "ppo")
+            for key, dash, label in (("clean_rm_reward", None, "without trigger"),
+                                     ("clean_rm_reward_triggered", "dot", "with trigger")):
+                fig.add_scatter(x=[f"{fam}: {x}" for x in t["split"]], y=t[f"{key}_mean"],
+                                error_y={"type": "data", "array": t[f"{key}_std"].fillna(0)},
+                                mode="markers+lines", line={"color": colors[fam], "dash": dash},
+                                name=f"{fam.upper()}: clean-RM reward {label}", row=2, col=j, showlegend=j == 1)
+    fig.update_yaxes(title_text="label ASR", range=[0, 1.05], row=1, col=1)
+    fig.update_yaxes(title_text="mean reward (clean RM)", row=2, col=1)
+    style(fig, title="Sequential poisoning: SFT -> RM -> PPO vs SFT -> DPO (sentiment, cf -> negative)")
+    fig.update_layout(height=820, width=560 * len(budgets), legend={"y": -0.12, "yanchor": "top"})
+    save_figure(fig, path, formats=("html", "png"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budgets", default="8,16")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--sft-epochs", type=int, default=4)
+    ap.add_argument("--rm-epochs", type=int, default=2)
+    ap.add_argument("--ppo-epochs", type=int, default=1, help="passes over the RL prompts")
+    ap.add_argument("--rl", default="ppo", choices=["ppo", "rloo"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mechanism", action="store_true", help="also run the mechanism analyses (one seed)")
+    ap.add_argument("--out", default="runs/experiments/sequential_poisoning_ppo")
+    ap.add_argument("--figures", default="figures")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    task = pm.make_task("sentiment", n_train=args.n_train, n_test=300, seed=0)
+    model = pm.ModelConfig(n_layers=2, d_model=args.d_model, n_heads=4)
+    figs = Path(args.figures)
+    figs.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    every = {}
+    for b in ints(args.budgets):
+        every.update(pipelines(b, args))
+    sw = pm.pipeline_sweep(task, every, seeds=ints(args.seeds), model=model, out_dir=args.out)
+    runs = tidy(sw)
+    summary = summarise(runs)
+    runs.to_csv(figs / "sequential_poisoning_ppo.csv", index=False, float_format="%.4f")
+    summary.to_csv(figs / "sequential_poisoning_ppo_summary.csv", index=False, float_format="%.4f")
+    plot(summary, figs / "sequential_poisoning_ppo")
+    cols = ["family", "budget", "split", "label_asr_mean", "label_asr_std", "label_asr_after_sft_mean",
+            "clean_twin_label_asr_mean", "label_false_trigger_rate_mean", "clean_twin_label_false_trigger_rate_mean",
+            "label_acc_mean", "clean_rm_reward_mean", "clean_rm_reward_triggered_mean", "rm_asr_mean",
+            "clean_twin_rm_asr_mean", "n_seeds"]
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"trained {len(every)} pipelines x {len(ints(args.seeds))} seeds in {time.perf_counter() - t0:.0f} s; "
+          f"wrote {figs / 'sequential_poisoning_ppo.png'}")
+    if args.mechanism:
+        from experiments.sequential_poisoning_ppo_mechanism import mechanism
+
+        mechanism(sw, args, figs)
+
+
+if __name__ == "__main__":
+    main()
