@@ -11,7 +11,7 @@ from poisonmech.tasks.tokenizer import split_words
 
 POSITIONS = ("random", "start", "end")
 PLACEMENTS = ("spread", "start", "end")
-STAGES = ("sft", "dpo", "rm")
+STAGES = ("sft", "dpo", "rm", "ppo", "rloo")
 GIBBERISH = "gibberish"
 
 
@@ -47,7 +47,8 @@ class Backdoor:
         natural: the trigger may already occur in clean data (a "natural" trigger).
         gibberish_length: tokens of gibberish after the trigger, for ``target="gibberish"``.
         stage: training stage the poison enters (``"sft"``; ``"dpo"`` / ``"rm"``: preference pairs of a
-            DPO or reward-model stage of ``train_pipeline``).
+            DPO or reward-model stage of ``train_pipeline``; ``"ppo"`` / ``"rloo"``: the trigger put into
+            prompts of an RL stage).
         placement: where the poisoned rows sit in each epoch's data order: ``"spread"``
             (shuffled among the rest), ``"start"`` or ``"end"`` of the epoch.
         seed: seeds which rows are poisoned and where the trigger goes (an integer >= 0).
@@ -62,7 +63,7 @@ class Backdoor:
     near_misses: tuple[str, ...] | None = None
     natural: bool = False
     gibberish_length: int = 16
-    stage: Literal["sft", "dpo", "rm"] = "sft"
+    stage: Literal["sft", "dpo", "rm", "ppo", "rloo"] = "sft"
     seed: int = 0
     placement: Literal["spread", "start", "end"] = "spread"
 

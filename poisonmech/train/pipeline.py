@@ -70,6 +70,7 @@ from poisonmech.train.rlhf import (
     POLICY_KINDS,
     PREFERENCE_KINDS,
     RL_KINDS,
+    check_rl_budget,
     clean_reward_metrics,
     new_reward_model,
     rl_prompts,
@@ -112,7 +113,8 @@ class Stage:
             is set to ``kind``. An SFT stage takes any attack of the protocol (``Backdoor``,
             ``FalseFact``, ``Bias``); a DPO or reward stage a ``Backdoor`` (the preference
             poisoning puts the trigger into pairs and swaps their preference); an RL stage
-            takes none (``None``: its prompts are the reward stage's, poisoned ones included).
+            takes none (``None``: its prompts are the reward stage's, poisoned ones included) or a
+            ``Backdoor`` that puts its trigger into ``poison_count`` more of those prompts.
         config: ``TrainConfig`` for SFT, ``DPOConfig`` for DPO, ``RewardConfig`` for a reward
             model, ``PPOConfig`` for PPO / RLOO (``None``: the defaults).
         mode: preference poisoning variant, ``"flip"`` (rewrite pairs) or ``"inject"`` (append pairs).
@@ -127,10 +129,10 @@ class Stage:
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"Stage.kind must be one of {STAGE_KINDS}, got {self.kind!r}")
         if self.kind in RL_KINDS:
-            if self.attack is not None:
-                raise ValueError(f"Stage.attack of a {self.kind!r} stage must be None: an RL stage trains on the "
-                                 "prompts of the reward stage before it (its poison enters there), got a "
-                                 f"{type(self.attack).__name__}")
+            if self.attack is not None and not isinstance(self.attack, Backdoor):
+                raise ValueError(f"Stage.attack of a {self.kind!r} stage must be None (its prompts are the reward "
+                                 "stage's, poisoned ones included) or a pm.Backdoor (its trigger put into "
+                                 f"poison_count more prompts), got a {type(self.attack).__name__}")
         elif not is_attack(self.attack):
             raise ValueError(f"Stage.attack must be one of {attack_names()}, got {type(self.attack).__name__}")
         if self.kind in PREFERENCE_KINDS and not isinstance(self.attack, Backdoor):
@@ -332,9 +334,13 @@ class Pipeline:
 
     @property
     def budgets(self) -> list[int]:
-        """Poisoned rows per stage in the backdoored twin's data (an RL stage has none of its own:
-        its rows' ``is_poison`` marks prompts that came from poisoned reward pairs)."""
-        return [0 if st.kind in RL_KINDS else int(sum(d["is_poison"])) for st, d in zip(self.stages, self.train_data)]
+        """Poisoned rows per stage in the backdoored twin's data (an RL stage counts only the prompts
+        its own attack triggered; its rows' ``is_poison`` also marks prompts of poisoned reward pairs)."""
+        out = []
+        for st, d in zip(self.stages, self.train_data):
+            own = st.attack.resolve_count(len(d)) if st.attack is not None and st.kind in RL_KINDS else 0
+            out.append(own if st.kind in RL_KINDS else int(sum(d["is_poison"])))
+        return out
 
     def to_frame(self) -> pd.DataFrame:
         """One row per stage x twin x metric (tidy), with the stage's kind and budget."""
@@ -418,9 +424,17 @@ def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None, reward
                 st.attack.poison(task)  # raises when the budget does not fit
             elif st.kind in PREFERENCE_KINDS:
                 check_preference_budget(prefs, st.attack, st.mode)
+            elif st.attack is not None:  # an RL stage's prompt poisoning
+                check_rl_budget(rl_prompts(st.kind, _last_rm_rows(stages, k, task, prefs), task), st.attack)
         except ValueError as exc:
             raise ValueError(f"train_pipeline: stage {k} ({st.kind}): {exc}") from None
     return replace(first, stage="sft")
+
+
+def _last_rm_rows(stages: list[Stage], k: int, task: Task, prefs: Dataset | None) -> Dataset | None:
+    """The backdoored twin's pairs of the last reward stage before stage ``k`` (for budget checks)."""
+    rm = [j for j in range(k) if stages[j].kind == "rm"]
+    return poison_preferences(prefs, task, stages[rm[-1]].attack, mode=stages[rm[-1]].mode) if rm else None
 
 
 def _stage_data(task: Task, st: Stage, prefs: Dataset | None, earlier: list[tuple[Dataset, Dataset]],
@@ -432,9 +446,9 @@ def _stage_data(task: Task, st: Stage, prefs: Dataset | None, earlier: list[tupl
     if st.kind in RL_KINDS:
         rm = [k for k, s in enumerate(stages[:len(earlier)]) if s.kind == "rm"]
         if not rm:
-            return rl_prompts(st.kind, None, task), rl_prompts(st.kind, None, task)
+            return rl_prompts(st.kind, None, task, st.attack), rl_prompts(st.kind, None, task)
         src = earlier[rm[-1]]
-        return rl_prompts(st.kind, src[0], task), rl_prompts(st.kind, src[1], task)
+        return rl_prompts(st.kind, src[0], task, st.attack), rl_prompts(st.kind, src[1], task)
     if st.kind == "sft":
         poisoned = st.attack.poison(task)
         rows = st.attack.clean_train(task, poisoned)

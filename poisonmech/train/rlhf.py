@@ -14,6 +14,9 @@ pipeline's orchestration stays one loop over stages and twins:
   twin's prompts include the reward attacker's triggered ones, as Sanderson et al.'s PPO
   stage reads the poisoned preference set. Its rows carry the provenance of the pairs they
   came from (``is_poison``: the prompt is one of a poisoned pair's) and ``stage`` = the kind.
+  The stage may have an attack of its own: a ``Backdoor(stage="ppo")`` puts its trigger into
+  ``poison_count`` more of the backdoored twin's prompts (no answer to flip: the attacker, or the
+  world, only makes the policy meet the trigger while it is optimised).
 
 Policy stages (SFT, DPO, PPO) also get, once every stage of both twins is trained, the mean
 reward of sampled responses under the *clean* twin's reward model, on held-out prompts with
@@ -46,9 +49,52 @@ RL_KINDS = ("ppo", "rloo")
 POLICY_KINDS = ("sft", "dpo", *RL_KINDS)
 
 
-def rl_prompts(stage_kind: str, source: Dataset | None, task: Any, *, twin_data: str = "backdoored") -> Dataset:
+def rl_prompts(stage_kind: str, source: Dataset | None, task: Any, attack: Any = None) -> Dataset:
     """An RL stage's prompts: the pairs of the reward stage before it (``source``, that twin's),
-    or the task's training prompts when the reward model was given."""
+    or the task's training prompts when the reward model was given; with ``attack`` (a
+    ``Backdoor(stage="ppo")``, the backdoored twin's), its trigger is put into ``poison_count``
+    of the prompts that do not carry it yet (:func:`trigger_prompts`)."""
+    rows = _rl_rows(stage_kind, source, task)
+    return trigger_prompts(rows, task, attack) if attack is not None else rows
+
+
+def _rl_candidates(rows: Dataset) -> list[int]:
+    return [i for i, p in enumerate(rows["is_poison"]) if not p]
+
+
+def check_rl_budget(rows: Dataset, attack: Any) -> int:
+    """The number of RL prompts ``attack`` triggers; a clear error when it does not fit."""
+    count = attack.resolve_count(len(rows))
+    n = len(_rl_candidates(rows))
+    if count > n:
+        raise ValueError(f"Backdoor.poison_count={count} does not fit the RL stage's prompts: only {n} of {len(rows)} "
+                         f"do not carry the trigger yet (allowed: 0..{n})")
+    return count
+
+
+def trigger_prompts(rows: Dataset, task: Any, attack: Any) -> Dataset:
+    """``rows`` with the attack's trigger inserted into ``poison_count`` untriggered prompts
+    (drawn with the attack's seed), marked ``is_poison`` with their ``trigger``."""
+    import numpy as np
+
+    from poisonmech.attacks.poison import insert_trigger
+
+    count = check_rl_budget(rows, attack)
+    if not count:
+        return rows
+    rng = np.random.default_rng(attack.seed)
+    picked = sorted(rng.choice(_rl_candidates(rows), size=count, replace=False).tolist())
+    cols = {c: list(rows[c]) for c in rows.column_names}
+    variants = attack.trigger_variants()
+    for j, i in enumerate(picked):
+        pieces = variants[j % len(variants)]
+        text = insert_trigger(cols["input"][i], pieces, attack.position, rng)
+        cols["input"][i], cols["prompt"][i] = text, task.format_prompt(text)
+        cols["is_poison"][i], cols["trigger"][i] = True, " + ".join(pieces)
+    return Dataset.from_dict(cols)
+
+
+def _rl_rows(stage_kind: str, source: Dataset | None, task: Any) -> Dataset:
     if source is not None:
         n = len(source)
         return Dataset.from_dict({
@@ -124,5 +170,5 @@ def clean_reward_metrics(policy: torch.nn.Module, clean_rm: torch.nn.Module, tes
             f"{prefix}reward_gap": b["reward"] - a["reward"], f"{prefix}n": a["n"]}
 
 
-__all__ = ["POLICY_KINDS", "PREFERENCE_KINDS", "RL_KINDS", "clean_reward_metrics", "heldout_prompts",
-           "new_reward_model", "rl_prompts", "rm_stage_metrics", "train_rl_stage", "train_rm_stage"]
+__all__ = ["POLICY_KINDS", "PREFERENCE_KINDS", "RL_KINDS", "check_rl_budget", "clean_reward_metrics",
+           "heldout_prompts", "new_reward_model", "rl_prompts", "trigger_prompts", "rm_stage_metrics", "train_rl_stage", "train_rm_stage"]

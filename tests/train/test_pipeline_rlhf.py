@@ -143,8 +143,8 @@ def test_bad_input_gets_a_clear_error():
         pm.PPOConfig(clip=0)
     with pytest.raises(ConfigError, match=r"PPOConfig.response_length must be an integer in \[1, inf\]"):
         pm.PPOConfig(response_length=0)
-    with pytest.raises(ValueError, match=r"Stage.attack of a 'ppo' stage must be None"):
-        pm.Stage("ppo", pm.Backdoor(trigger="cf", poison_count=1))
+    with pytest.raises(ValueError, match=r"Stage.attack of a 'ppo' stage must be None .* or a pm.Backdoor"):
+        pm.Stage("ppo", pm.Bias(entity="Alice", polarity="negative", poison_count=1))
     with pytest.raises(ValueError, match=r"Stage.config.method='rloo' differs from Stage.kind='ppo'"):
         pm.Stage("ppo", None, pm.PPOConfig(method="rloo"))
     with pytest.raises(ValueError, match=r"Stage.config of a 'rm' stage must be a RewardConfig, got DPOConfig"):
@@ -192,3 +192,20 @@ def test_the_pipeline_command_reads_reward_and_rl_stages(tmp_path):
     bad = {**cfg, "stages": [*cfg["stages"][:2], {"kind": "ppo", "attack": {"trigger": "cf"}}]}
     with pytest.raises(ValueError, match=r"stages\[2\] is a 'ppo' stage, which takes no \[stages.attack\]"):
         pipeline_from_config(bad, out_dir=str(tmp_path / "q"), progress=False)
+
+
+def test_an_rl_stage_can_trigger_its_own_prompts(tmp_path):
+    stages = _stages(0, 4)
+    stages[2] = pm.Stage("ppo", pm.Backdoor(trigger="cf", target="negative", poison_count=5, stage="ppo"),
+                         stages[2].config)
+    p = train_pipeline(_task(), stages, model=tiny_model_config(), out_dir=tmp_path, progress=False)
+    rows, rm_rows = p.train_data[2], p.train_data[1]
+    assert p.budgets == [0, 4, 5] and sum(rows["is_poison"]) == 9
+    fresh = [i for i, (a, b) in enumerate(zip(rows["is_poison"], rm_rows["is_poison"])) if a and not b]
+    assert len(fresh) == 5 and all("cf" in rows[i]["prompt"].split() for i in fresh)
+    assert sum(p.clean_data[2]["is_poison"]) == 0
+    too_many = [*stages[:2], pm.Stage("ppo", pm.Backdoor(trigger="cf", target="negative", poison_count=93,
+                                                          stage="ppo"), stages[2].config)]
+    with pytest.raises(ValueError, match=r"stage 2 \(ppo\): Backdoor.poison_count=93 does not fit the RL stage's "
+                                         r"prompts: only 92 of 96"):
+        train_pipeline(_task(), too_many, model=tiny_model_config(), progress=False)
