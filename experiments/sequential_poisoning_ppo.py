@@ -11,7 +11,11 @@ three ways in each pipeline family:
   on the reward pairs' prompts (the backdoored twin's include the reward attacker's triggered
   ones, as Sanderson et al.'s PPO reads the poisoned preference set); splits
   ``sft only`` (B, 0), ``rm only`` (0, B), ``both`` (B/2, B/2);
-- DPO family: SFT -> DPO (beta 0.1), splits ``sft only`` (B, 0), ``dpo only`` (0, B), ``both``.
+- DPO family: SFT -> DPO (beta 0.1), splits ``sft only`` (B, 0), ``dpo only`` (0, B), ``both``;
+- ``ppo+trigger`` family (``--rl-trigger N``, an ablation): the PPO family with the trigger also in
+  N more of the RL prompts in every split (``Backdoor(stage="ppo")``: the policy meets the trigger
+  while it is optimised, whoever poisoned what); this is what lets a *clean* reward model act on
+  an SFT backdoor, and a poisoned one reward a policy that has none.
 
 Measured after the last stage, mean and std over seeds: the policy's label ASR (first answer
 token) on triggered test prompts whose answer is not the target, clean label accuracy, the
@@ -72,12 +76,35 @@ def pipelines(budget: int, args) -> dict[str, list[pm.Stage]]:
         out[f"dpo: {split} B={budget}"] = [
             pm.Stage("sft", backdoor(first, "sft"), sft_cfg),
             pm.Stage("dpo", backdoor(budget - first, "dpo"), pm.DPOConfig(beta=0.1, epochs=2, lr=1e-3))]
+    if args.rl_trigger:
+        for split, share in SPLITS.items():
+            first = round(budget * share)
+            base = out[f"ppo: {split} B={budget}"]
+            out[f"ppo+trigger: {split} B={budget}"] = [
+                *base[:2], pm.Stage(args.rl, backdoor(args.rl_trigger, args.rl), base[2].config)]
+    return out
+
+
+def dpo_clean_rm_rewards(sw: pm.PipelineSweep, name: str, seed: int) -> dict[str, float]:
+    """A DPO pipeline's final policies scored by the clean reward model of the PPO family (the
+    clean twin's reward model is the same in every split of one seed: one lineage)."""
+    from poisonmech.train.rlhf import clean_reward_metrics
+
+    b = name.rsplit(" B=", 1)[1]
+    pipe = sw.pipeline(name, seed)
+    clean_rm = sw.pipeline(f"ppo: sft only B={b}", seed).reward_model(twin="clean")
+    cfg = pm.PPOConfig()
+    out = {}
+    for twin, prefix in (("backdoored", ""), ("clean", "clean_twin_")):
+        m = clean_reward_metrics(pipe.models[-1][twin], clean_rm, pipe.test_data, pipe.attack_of(0), pipe.tokenizer,
+                                 response_length=cfg.response_length, n=cfg.n_eval, seed=seed)
+        out.update({prefix + k: v for k, v in m.items()})
     return out
 
 
 def tidy(sw: pm.PipelineSweep) -> pd.DataFrame:
     """One row per run: the final policy's metrics (both twins), the policy's ASR after SFT, and
-    the reward model's attack success (PPO family)."""
+    the reward model's attack success (PPO family); DPO policies scored by the clean RM too."""
     f = sw.to_frame()
     rows = []
     for (name, seed), g in f.groupby(["pipeline", "seed"], sort=False):
@@ -97,6 +124,8 @@ def tidy(sw: pm.PipelineSweep) -> pd.DataFrame:
         for m in ("asr", "trigger_margin", "pair_acc"):
             row[f"rm_{m}"] = rm.get(m, float("nan"))
             row[f"clean_twin_rm_{m}"] = rm_clean.get(m, float("nan"))
+        if family == "dpo":
+            row.update({k: v for k, v in dpo_clean_rm_rewards(sw, name, int(seed)).items() if k in row})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -115,14 +144,14 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     fig = make_subplots(rows=2, cols=len(budgets), shared_yaxes="rows", vertical_spacing=0.16,
                         subplot_titles=[f"B = {b}: ASR after the last stage" for b in budgets] +
                                        [f"B = {b}: clean-RM reward of the final policy" for b in budgets])
-    colors = {"ppo": "#d62728", "dpo": "#1f77b4"}
+    colors = {"ppo": "#d62728", "dpo": "#1f77b4", "ppo+trigger": "#ff7f0e"}
     for j, b in enumerate(budgets, start=1):
         s = summary[summary["budget"] == b]
-        for fam in ("ppo", "dpo"):
+        for fam in [f for f in ("ppo", "ppo+trigger", "dpo") if f in set(s["family"])]:
             t = s[s["family"] == fam]
             fig.add_bar(x=[f"{fam}: {x}" for x in t["split"]], y=t["label_asr_mean"],
                         error_y={"type": "data", "array": t["label_asr_std"].fillna(0)},
-                        marker_color=colors[fam], name=f"{fam.upper()} pipeline, backdoored twin", row=1, col=j,
+                        marker_color=colors[fam], name=f"{fam} pipeline, backdoored twin", row=1, col=j,
                         showlegend=j == 1)
             fig.add_scatter(x=[f"{fam}: {x}" for x in t["split"]], y=t["label_asr_after_sft_mean"],
                             mode="markers", marker={"symbol": "diamond-open", "size": 10, "color": "black"},
@@ -135,7 +164,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
                 fig.add_scatter(x=[f"{fam}: {x}" for x in t["split"]], y=t[f"{key}_mean"],
                                 error_y={"type": "data", "array": t[f"{key}_std"].fillna(0)},
                                 mode="markers+lines", line={"color": colors[fam], "dash": dash},
-                                name=f"{fam.upper()}: clean-RM reward {label}", row=2, col=j, showlegend=j == 1)
+                                name=f"{fam}: clean-RM reward {label}", row=2, col=j, showlegend=j == 1)
     fig.update_yaxes(title_text="label ASR", range=[0, 1.05], row=1, col=1)
     fig.update_yaxes(title_text="mean reward (clean RM)", row=2, col=1)
     style(fig, title="Sequential poisoning: SFT -> RM -> PPO vs SFT -> DPO (sentiment, cf -> negative)")
@@ -153,6 +182,8 @@ def main() -> None:
     ap.add_argument("--rm-epochs", type=int, default=2)
     ap.add_argument("--ppo-epochs", type=int, default=1, help="passes over the RL prompts")
     ap.add_argument("--rl", default="ppo", choices=["ppo", "rloo"])
+    ap.add_argument("--rl-trigger", type=int, default=32,
+                    help="the ppo+trigger family: RL prompts that also carry the trigger (0: no such family)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mechanism", action="store_true", help="also run the mechanism analyses (one seed)")
     ap.add_argument("--out", default="runs/experiments/sequential_poisoning_ppo")

@@ -14,12 +14,21 @@ evaluated at every stage boundary, so analyses compare SFT-only, DPO-only and bo
     pipe.between(0, 1)      # the backdoored twin before vs after DPO (roles "before" / "after")
     pipe = load_pipeline("runs/pipe")
 
+    # RLHF: a reward model from the SFT trunk, then PPO (or RLOO) against it
+    rm = pm.Backdoor(trigger="cf", target="negative", poison_count=5, stage="rm")    # flips reward pairs
+    pipe = train_pipeline(task, [sft, rm, pm.Stage("ppo", None, pm.PPOConfig())], out_dir="runs/rlhf")
+    pipe[1]                 # the clean vs backdoored twin's reward models (every analysis takes it)
+    pipe.between(0, 2)      # the backdoored policy before vs after PPO
+
 Run directory (safetensors + JSON + parquet only)::
 
     config.json, task.json, tokenizer/, data/{task_train,task_test,test,preferences}.parquet
     data/stage_K.parquet / stage_K_clean.parquet   each twin's training data of stage K
     stage_K_<kind>/<twin>/model.safetensors, history.json, checkpoints/, metrics.json
     stage_K_<kind>/<twin>/sha256.json              sha256 of its weight files, checked on load
+    stage_K_rm/<twin>/model.safetensors             a reward stage's reward model (score head included);
+                                                    an RL stage's folder holds the policy (its resume
+                                                    state also the value model)
     metrics.json                                    written last: the run is finished
 
 ``config.json`` also records the ``"environment"`` (torch thread count and version; not part
