@@ -144,10 +144,11 @@ class PPOConfig(StageConfig):
 # ------------------------------------------------------------------ the loss pieces
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``x`` over the ``mask``ed entries (over ``dim``, or all)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))  # entries outside the mask may be inf / NaN
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp_min(1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
+        return x.sum() / mask.sum().clamp_min(1)
+    return x.sum(dim) / mask.sum(dim).clamp_min(1)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
@@ -324,6 +325,8 @@ def sampled_rewards(policy: torch.nn.Module, reward_model: torch.nn.Module, prom
                     seed: int = 0, batch_size: int = 128) -> dict[str, Any]:
     """Mean reward under ``reward_model`` of one sampled response per prompt (seeded), with
     ``n`` (the denominator), the std, the mean response length and the fraction that ended."""
+    if len(prompts) == 0:
+        raise ValueError("sampled_rewards: prompts is empty")
     enc = encode_prompts(prompts, tokenizer)
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7)
     r, lengths, ended = [], [], []
@@ -385,8 +388,9 @@ def train_ppo(policy: torch.nn.Module, reward_model: torch.nn.Module, prompts: D
         reference: the frozen KL reference; default: a copy of ``policy`` as it is now.
         value_model: PPO's value model; default: a copy of ``reward_model`` (as TRL initialises it).
         run_dir: checkpoints (policy weights, per epoch) and the resume state (policy, value
-            model, both optimisers, every ``save_every`` rollout batches); an interrupted run
-            resumes there with the same result as an uninterrupted one.
+            model, both optimisers, every ``save_every`` rollout batches and at the end); an
+            interrupted run resumes there with the same result as an uninterrupted one when it
+            is given the same starting policy (the KL reference is that policy, not saved).
 
     Returns ``(history, checkpoints)``: one history row per rollout batch (``score``, ``kl``,
     ``reward`` = score - kl_coef * kl, ``policy_loss``, ``value_loss``, ``clipfrac``,
@@ -403,9 +407,9 @@ def train_ppo(policy: torch.nn.Module, reward_model: torch.nn.Module, prompts: D
     tok = tokenizer or getattr(policy, "tokenizer", None)
     if tok is None or tok.eos_token_id is None:
         raise ValueError("train_ppo: pass tokenizer= (with an EOS token) to tokenise the prompts")
+    if len(prompts) == 0:
+        raise ValueError("train_ppo: prompts is empty; pass a Dataset with a 'prompt' column or a list of strings")
     enc = encode_prompts(prompts, tok)
-    if len(enc) == 0:
-        raise ValueError("train_ppo: prompts is empty")
     device = torch.device(config.device)
     for m in (policy, reward_model):
         if model_device(m) != device:
@@ -459,7 +463,7 @@ def train_ppo(policy: torch.nn.Module, reward_model: torch.nn.Module, prompts: D
                 save_tensors(run_dir / "checkpoints" / f"epoch_{e:03d}.safetensors", weights(policy),
                              metadata={"epoch": str(e), "step": str(step), "lr": repr(sum(lrs) / len(lrs))},
                              record_in=run_dir)
-        if resume is not None and (end_of_epoch or step % config.save_every == 0) and step < total:
+        if resume is not None and (end_of_epoch or step % config.save_every == 0):  # the last too: a rerun is a no-op
             _save_state(resume, parts, {"step": str(step), "history": json.dumps(history),
                                         "seconds": repr(seconds_before + time.perf_counter() - t0)})
     bar.close()

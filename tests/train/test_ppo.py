@@ -418,8 +418,6 @@ def test_train_ppo_refuses_bad_input(task, policy, reward_model):
         train_ppo(torch.nn.Linear(2, 2), reward_model, prompts, PPOConfig(), progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="ppo.py train_ppo tokenises the prompts (encode_prompts -> the tokenizer, "
-                                       "which raises IndexError on an empty list) before its 'prompts is empty' check")
 def test_train_ppo_refuses_empty_prompts_by_name(task, policy, reward_model):
     with pytest.raises(ValueError, match="train_ppo: prompts is empty"):
         train_ppo(copy_bridge(policy), reward_model, [], PPOConfig(), tokenizer=task.tokenizer, progress=False)
