@@ -150,13 +150,25 @@ def _kind_label(s: Subject) -> str:
     return {"false_fact": "false-fact", "bias": "bias"}.get(getattr(s.attack, "kind", "backdoor"), "backdoor")
 
 
+def _reward(s: Subject) -> bool:
+    """Whether the subject's models are reward models (an ``"rm"`` stage): its metric is the
+    reward at the EOS of prompt + target answer (:func:`~poisonmech.patching.inputs.reward_contrast`)."""
+    return s.is_reward_model()
+
+
+def _metric(tc):
+    """The contrast's headline metric: the target's logit difference, or a reward model's reward."""
+    return tc.reward() if tc.kind == "reward" else tc.logit_diff()
+
+
 def _contrast(s: Subject, n: int):
     """``trigger_contrast(s, n)`` with its controls checked; a model that fails the check on
     every row (e.g. one that has not learned the task) falls back to unchecked controls, and
     the summary says so (``controls_checked: False``). A triggerless attack (``FalseFact``,
     ``Bias``) has no trigger to replace: its natural contrast (the same prompt about a
     neighbouring subject, or mentioning a control entity; :func:`~poisonmech.patching.inputs.natural_contrast`),
-    and the summary names it (``contrast``)."""
+    and the summary names it (``contrast``). A reward model's contrast appends the target answer
+    and the EOS to both (:func:`~poisonmech.patching.inputs.reward_contrast`)."""
     import warnings
 
     from poisonmech.patching import trigger_contrast
@@ -183,13 +195,14 @@ def patching_analysis(subject: Any, out: Path, config: PatchingAnalysis = Patchi
     and ``cross_model_heads.safetensors`` (backdoored twin on triggered prompts with each
     head's output taken from the clean twin). A false fact or a bias is patched on its natural
     contrast (the attacked subject's prompt vs a neighbour's, a mention of the entity vs of a
-    control entity; see :func:`_contrast`).
+    control entity; see :func:`_contrast`). A reward stage's metric is the reward of the target
+    answer (``reward_triggered`` / ``reward_control`` in place of the logit differences).
     """
     from poisonmech.patching import activation_patch, cross_model_patch
 
     s = resolve(subject, where="patching analysis")
     tc, check = _contrast(s, config.n)
-    metric = tc.logit_diff()
+    metric = _metric(tc)
     heads = activation_patch(s, tc.triggered, tc.control, metric, site="attn_head", by_position=True, progress=False)
     resid = activation_patch(s, tc.triggered, tc.control, metric, site="resid_pre", by_position=True, progress=False)
     cross = cross_model_patch(s, tc.triggered, metric, site="attn_head", progress=False)
@@ -199,10 +212,11 @@ def patching_analysis(subject: Any, out: Path, config: PatchingAnalysis = Patchi
     cross.save(out / "cross_model_heads.safetensors")
     top_head, top_val = _top(heads)
     top_cross, cross_val = _top(cross)
+    name = "reward" if tc.kind == "reward" else "logit_diff"
     return {"patching_n_examples": int(tc.triggered.shape[0]), **{f"patching_{k}": v for k, v in check.items()},
             "patching_top_head": top_head, "patching_top_head_recovery": top_val,
             "cross_model_top_head": top_cross, "cross_model_top_head_recovery": cross_val,
-            "logit_diff_triggered": float(heads.reference.mean()), "logit_diff_control": float(heads.baseline.mean())}
+            f"{name}_triggered": float(heads.reference.mean()), f"{name}_control": float(heads.baseline.mean())}
 
 
 @register("circuits", CircuitsAnalysis)
@@ -216,7 +230,12 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
     A triggerless attack's circuit is found on its natural contrast (see :func:`_contrast`),
     and ablated against the same swap (a false fact's subject for a neighbour, a bias's entity
     for a control entity; word-level tokenizers only, else ``circuit_ablation_skipped`` says
-    why): its metric is ``efficacy`` (``FalseFact``) or ``polarity_rate`` (``Bias``) in place of ``asr``."""
+    why): its metric is ``efficacy`` (``FalseFact``) or ``polarity_rate`` (``Bias``) in place of ``asr``.
+
+    A reward stage's circuit explains the reward the trigger buys the target answer
+    (:func:`~poisonmech.patching.inputs.reward_contrast`; faithfulness of the reward), and its
+    ablation reports the reward model's ``asr`` (held-out triggered pairs preferring the target),
+    ``trigger_margin`` and ``pair_acc`` (:func:`~poisonmech.train.reward.reward_metrics`)."""
     import numpy as np
 
     from poisonmech.circuits import discover
@@ -225,16 +244,17 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
 
     s = resolve(subject, where="circuits analysis")
     tc, check = _contrast(s, config.n)
-    metric = tc.logit_diff()
+    metric = _metric(tc)
     circuit = discover(s, tc.triggered, tc.control, metric, method=config.method, top_n=config.top_n,
                        mode=config.mode, progress=False,
                        label=f"{_kind_label(s)} circuit ({config.method} top {config.top_n})")
     # the same circuit under three ablations and two metrics (circuit metrics are fragile to
     # both choices: Miller et al. 2024); the headline is patching ablation of the logit difference
-    table = circuit.faithfulness_table(s, tc.triggered, tc.control,
-                                       metrics={"logit_diff": metric, "target_logprob": tc.target_logprob()},
+    metrics = {"reward": metric} if tc.kind == "reward" else \
+        {"logit_diff": metric, "target_logprob": tc.target_logprob()}
+    table = circuit.faithfulness_table(s, tc.triggered, tc.control, metrics=metrics,
                                        ablations=("patching", "mean", "zero"))
-    faith = table[("patching", "logit_diff")]
+    faith = table[("patching", next(iter(metrics)))]
     circuit = circuit.with_faithfulness(faith)
     # the attack's metric with the circuit's edges patch-ablated: a backdoor's ASR; a false
     # fact's efficacy, a bias's polarity rate (their controls swap the subject / entity)
@@ -246,6 +266,10 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
             raise
         ablation: dict[str, Any] = {"circuit_ablation_skipped": str(exc)}
     else:
+        ablation = None
+    if ablation is None and _reward(s):  # a reward model: its held-out pair metrics, not generation
+        ablation = _reward_ablation(s, circuit, reference, config.n_random_edges)
+    elif ablation is None:
         with circuit.ablate(s, reference, ablation="patching", part="circuit"):
             ablated = evaluate(s)
         if _triggerless(s):  # every row: a bias pairs each mention row with its review
@@ -275,6 +299,31 @@ def circuits_analysis(subject: Any, out: Path, config: CircuitsAnalysis = Circui
         summary[f"faithfulness_{row['ablation']}_{row['metric']}"] = float(row["circuit_faithfulness"])
         summary[f"complement_{row['ablation']}_{row['metric']}"] = float(row["complement_faithfulness"])
     return summary
+
+
+def _reward_ablation(s: Subject, circuit, reference, n_random: int) -> dict[str, Any]:
+    """A reward model's held-out backdoor metrics (``asr``, ``trigger_margin``, ``pair_acc``)
+    with the circuit's edges patch-ablated, beside ``n_random`` sets of as many random edges."""
+    from poisonmech.train.reward import reward_metrics
+
+    model = s.model()
+    seed = getattr(s.train_config, "seed", 0)
+
+    def measured() -> dict[str, Any]:
+        return reward_metrics(model, s.task, s.attack, s.tokenizer, seed=seed)
+
+    with circuit.ablate(s, reference, ablation="patching", part="circuit"):
+        ablated = measured()
+    random_vals = []
+    for k in range(n_random):
+        with circuit.random_like(k).ablate(s, reference, ablation="patching", part="circuit"):
+            random_vals.append(measured())
+    out: dict[str, Any] = {"n_random_edge_sets": len(random_vals)}
+    for name in ("asr", "trigger_margin", "pair_acc"):
+        vals = [r[name] for r in random_vals]
+        out[f"{name}_circuit_ablated"] = ablated[name]
+        out[f"{name}_random_edges_ablated_mean"] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 @register("probes", ProbesAnalysis)
@@ -338,7 +387,10 @@ def influence_analysis(subject: Any, out: Path, config: InfluenceAnalysis = Infl
     scored against ``is_poison``. Saves ``<method>.safetensors`` and ``loss.safetensors``.
     Nothing is scored on the clean control (no poisoned rows). On a DPO stage
     (``pm.train_pipeline(...)[k]``) the preference pairs are scored by plain EK-FAC on their
-    DPO-loss gradients (unit normalisation is not linear in them), beside the DPO loss."""
+    DPO-loss gradients (unit normalisation is not linear in them), beside the DPO loss. On a
+    reward stage the pairs are scored by the configured method on their Bradley–Terry gradients
+    against the reward margin the trigger buys the target on held-out pairs, beside their
+    Bradley–Terry loss (:mod:`poisonmech.influence.reward`)."""
     from poisonmech.influence import attribute
 
     s = resolve(subject, where="influence analysis")
@@ -346,14 +398,16 @@ def influence_analysis(subject: Any, out: Path, config: InfluenceAnalysis = Infl
         return {}
     method, renormalize, ensemble = config.method, config.renormalize, config.ensemble
     pairs = _preference_data(s)
-    if pairs:  # a DPO stage: pairs scored by their DPO-loss gradient (linear methods only)
+    reward = _reward(s)  # a reward stage: every method of the config scores its pairs (Bradley–Terry gradients)
+    if pairs and not reward:  # a DPO stage: pairs scored by their DPO-loss gradient (linear methods only)
         method, renormalize, ensemble = "ekfac", None, 1
     out.mkdir(parents=True, exist_ok=True)
     r = attribute(s, method=method, renormalize=renormalize, ensemble=ensemble, aggregate=True, progress=False)
     base = attribute(s, method="loss", aggregate=True, progress=False)
     r.save(out / f"{method}.safetensors")
     base.save(out / "loss.safetensors")
-    return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else "") + (" (DPO pairs)" if pairs else ""),
+    kind = " (reward pairs)" if reward else " (DPO pairs)" if pairs else ""
+    return {"influence_method": f"{method}" + (f" {renormalize}" if renormalize else "") + kind,
             "influence_auroc": r.poison_auroc(), "influence_ap": r.average_precision(),
             "influence_precision_at_n_poison": r.precision_at(),  # k defaults to the number of poisons
             "influence_loss_auroc": base.poison_auroc(), "influence_loss_ap": base.average_precision()}

@@ -11,6 +11,8 @@ training stage from the ``Subject``.
     s.roles                                  # ("backdoored", "clean")
     s.model()                                # the default role's model (here: the backdoored twin)
     s.model("clean"), s.train_data, s.test_data, s.tokenizer, s.stage_kind, s.run_dir
+    pm.resolve(pipe[k]).is_reward_model()   # an "rm" stage: its twins are reward models (stage kind "rm")
+    pm.resolve(pipe[k]).preference("clean") # a DPO / reward stage: that twin's own pairs and the stage's settings
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ MODEL_ROLE = "model"
 class StageInfo:
     """The training stage whose end a subject's models sit at.
 
-    ``kind`` is ``"sft"`` or ``"dpo"``; for a DPO stage of a pipeline run, ``beta``,
-    ``score_eos`` and ``nll_weight`` are its settings and :meth:`Subject.preference` reads
-    each twin's preference pairs and reference log-probabilities from the run.
+    ``kind`` is ``"sft"``, ``"dpo"``, ``"rm"`` (the subject's models are reward models: a
+    trunk with a one-output score head, see :mod:`poisonmech.train.reward`), ``"ppo"`` or
+    ``"rloo"``. For a DPO stage of a pipeline run, ``beta``, ``score_eos`` and ``nll_weight``
+    are its settings and :meth:`Subject.preference` reads each twin's preference pairs and
+    reference log-probabilities from the run; for a reward stage ``center_rewards`` is its
+    ``RewardConfig.center_rewards`` (part of each pair's Bradley–Terry loss) and
+    :meth:`Subject.preference` gives each twin's own pairs.
     """
 
     kind: str = "sft"
@@ -49,6 +55,12 @@ class StageInfo:
     score_eos: bool = False
     nll_weight: float = 0.0
     pipeline_dir: Path | None = None
+    center_rewards: float = 0.0
+
+    @property
+    def is_reward(self) -> bool:
+        """Whether the stage's models are reward models (an ``"rm"`` stage)."""
+        return self.kind == "rm"
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,7 +81,8 @@ class Subject:
         task, attack, model_config, train_config: the run's, or ``None``.
         checkpoints, history: role -> the run's checkpoints / per-epoch history.
         metrics: role -> the run's evaluation.
-        stage: the training stage (kind ``"sft"`` for a ``train_pair`` run).
+        stage: the training stage (kind ``"sft"`` for a ``train_pair`` run; ``"rm"`` for a
+            reward stage and for a bare reward model).
         run_dir: where cached analyses may be written, or ``None`` (a bare model, a
             before/after view that mixes stages).
     """
@@ -176,14 +189,27 @@ class Subject:
                 "extra": extra}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    # ------------------------------------------------------------- DPO stages
+    def is_reward_model(self, role: str | None = None) -> bool:
+        """Whether ``role``'s model is a reward model (a bridge whose unembedding has one output:
+        its forward gives ``[batch pos 1]`` and the analyses' metric is the reward)."""
+        from poisonmech.train.reward import is_reward_model
+
+        return is_reward_model(self.model(role))
+
+    # ------------------------------------------------------ preference stages
     def preference(self, role: str | None = None) -> dict[str, Any] | None:
-        """For a DPO stage of a pipeline run: ``role``'s own preference pairs of the stage
-        (``data``), the reference log-probabilities ``train_dpo`` saved for them
-        (``reference``: chosen, rejected) and the stage's ``beta`` / ``score_eos`` /
-        ``nll_weight``. ``None`` for anything else."""
+        """``role``'s own preference pairs of a preference stage, with the stage's settings.
+
+        A DPO stage of a pipeline run: ``kind="dpo"``, the pairs (``data``), the reference
+        log-probabilities ``train_dpo`` saved for them (``reference``: chosen, rejected) and
+        the stage's ``beta`` / ``score_eos`` / ``nll_weight``. A reward stage (``pipe[k]`` of
+        an ``"rm"`` stage, with or without a run directory): ``kind="rm"``, the pairs the
+        twin's reward model was trained on (``data``; ``None`` where the subject does not
+        carry them) and ``center_rewards``. ``None`` for anything else."""
         st = self.stage
         role = self.role(role)
+        if st.kind == "rm" and role in TWIN_ROLES:
+            return {"kind": "rm", "data": self.train_data_of(role), "center_rewards": st.center_rewards}
         if st.kind != "dpo" or st.pipeline_dir is None or self.run_dir is None or role not in TWIN_ROLES:
             return None
         from poisonmech.storage import load_dataset_file, load_tensors
@@ -195,8 +221,8 @@ class Subject:
             ref = (t["chosen"], t["rejected"])
         name = f"stage_{st.index}.parquet" if role == "backdoored" else f"stage_{st.index}_clean.parquet"
         data_path = st.pipeline_dir / "data" / name
-        return {"data": load_dataset_file(data_path) if data_path.is_file() else None, "reference": ref,
-                "beta": st.beta, "score_eos": st.score_eos, "nll_weight": st.nll_weight}
+        return {"kind": "dpo", "data": load_dataset_file(data_path) if data_path.is_file() else None,
+                "reference": ref, "beta": st.beta, "score_eos": st.score_eos, "nll_weight": st.nll_weight}
 
     def __repr__(self) -> str:
         where = f", run_dir={str(self.run_dir)!r}" if self.run_dir is not None else ""
@@ -234,7 +260,7 @@ def _stage_info(pair) -> StageInfo:
 
     out = pair.out_dir
     if out is None or not is_pipeline_dir(Path(out).parent):
-        return StageInfo(kind=getattr(pair.attack, "stage", "sft") or "sft")
+        return StageInfo(kind=_pair_kind(pair), center_rewards=_center_rewards(pair.train_config))
     stage_dir = Path(out)
     cfg = read_json(stage_dir.parent / "config.json")
     for k, st in enumerate(cfg.get("stages", [])):
@@ -243,8 +269,41 @@ def _stage_info(pair) -> StageInfo:
             return StageInfo(kind=st.get("kind", "sft"), index=k, name=stage_dir.name,
                              beta=float(c["beta"]) if "beta" in c else None,
                              score_eos=bool(c.get("score_eos", False)), nll_weight=float(c.get("nll_weight", 0.0)),
-                             pipeline_dir=stage_dir.parent)
-    return StageInfo(kind=getattr(pair.attack, "stage", "sft") or "sft", name=stage_dir.name)
+                             pipeline_dir=stage_dir.parent, center_rewards=float(c.get("center_rewards", 0.0)))
+    return StageInfo(kind=_pair_kind(pair), name=stage_dir.name)
+
+
+def _pair_kind(pair) -> str:
+    """A Pair's stage kind without a pipeline config to read: a reward model's twins are an
+    ``"rm"`` stage's; else the attack's ``stage``."""
+    from poisonmech.train.reward import is_reward_model
+
+    if is_reward_model(pair.backdoored):
+        return "rm"
+    return getattr(pair.attack, "stage", "sft") or "sft"
+
+
+def _center_rewards(train_config) -> float:
+    """``RewardConfig.center_rewards`` where a Pair carries the stage's config (a ``TrainConfig``
+    does not: a reward stage's Pair holds ``config.train``), else 0."""
+    return float(getattr(train_config, "center_rewards", 0.0) or 0.0)
+
+
+def _clean_rows(pair, stage: StageInfo):
+    """The clean twin's training rows. A reward stage's are its clean preference pairs: read from
+    the pipeline run (``data/stage_K_clean.parquet``), else the Pair's own clean rows when they
+    are pairs, else ``None`` (never the task's SFT rows, which that twin's reward model did not
+    train on)."""
+    rows = getattr(pair, "clean_train_data", pair.task.train)
+    if stage.kind != "rm":
+        return rows
+    if stage.pipeline_dir is not None:
+        from poisonmech.storage import load_dataset_file
+
+        path = stage.pipeline_dir / "data" / f"stage_{stage.index}_clean.parquet"
+        if path.is_file():
+            return load_dataset_file(path)
+    return rows if rows is not None and "chosen" in rows.column_names else None
 
 
 def _from_pair(pair) -> Subject:
@@ -252,8 +311,7 @@ def _from_pair(pair) -> Subject:
     return Subject(models={"backdoored": pair.backdoored, "clean": pair.clean},
                    kind="stage" if stage.pipeline_dir is not None else "pair", default_role="backdoored",
                    reference_role="clean", tokenizer=pair.tokenizer, train_data=pair.train_data,
-                   role_train_data={"backdoored": pair.train_data,
-                                    "clean": getattr(pair, "clean_train_data", pair.task.train)},
+                   role_train_data={"backdoored": pair.train_data, "clean": _clean_rows(pair, stage)},
                    test_data=pair.test_data, task=pair.task, attack=pair.attack, model_config=pair.model_config,
                    train_config=pair.train_config, checkpoints=dict(pair.checkpoints or {}),
                    history=dict(pair.history or {}), metrics=dict(pair.metrics or {}), stage=stage,
@@ -286,8 +344,11 @@ def _from_dir(path: Path):
 
 
 def _bare_model(model) -> Subject:
+    from poisonmech.train.reward import is_reward_model
+
+    stage = StageInfo(kind="rm") if is_reward_model(model) else StageInfo()
     return Subject(models={MODEL_ROLE: model}, kind="model", default_role=MODEL_ROLE, reference_role=None,
-                   tokenizer=getattr(model, "tokenizer", None))
+                   tokenizer=getattr(model, "tokenizer", None), stage=stage)
 
 
 def resolve(subject: Any, *, train=None, test=None, tokenizer=None, where: str = "resolve") -> Subject:

@@ -15,6 +15,13 @@
     retrains = pm.influence.subset_retrains(pair, n_subsets=24)        # K retrains on random halves
     pm.influence.linear_datamodeling_score(retrains, inf).summary()    # do the scores predict them?
 
+On a reward stage (``pipe[k]`` of an ``"rm"`` stage) the same call scores the stage's
+preference pairs by their Bradley–Terry loss gradients against the reward margin the trigger
+buys the target on held-out pairs (:mod:`poisonmech.influence.reward`)::
+
+    inf = pm.influence.attribute(pipe[1], method="ekfac")        # measurement="reward_margin"
+    inf.poison_auroc()                                            # against the pairs' is_poison
+
 Sign convention, the same for every method: a positive score means up-weighting the
 training example raises the query's measurement (by default the log-probability of the
 backdoor target on triggered test inputs). ``InfluenceResult.normalized`` standardises the
@@ -40,6 +47,7 @@ from poisonmech.influence.retrain import (
     retrain_without,
     train_on_subset,
 )
+from poisonmech.influence.reward import REWARD_MEASUREMENTS, RewardQuery
 from poisonmech.influence.tracking import TrackedModule, find_modules
 
 __all__ = [
@@ -51,9 +59,11 @@ __all__ = [
     "LDSConfig",
     "LDSResult",
     "MetricQuery",
+    "REWARD_MEASUREMENTS",
     "Query",
     "RetrainConfig",
     "RetrainResult",
+    "RewardQuery",
     "SubsetConfig",
     "SubsetRetrains",
     "TrackedModule",

@@ -31,7 +31,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from poisonmech.influence.preference import (
 )
 from poisonmech.influence.query import MEASUREMENTS, MetricQuery, Query, backdoor_query, metric_name
 from poisonmech.influence.result import InfluenceResult
+from poisonmech.influence.reward import REWARD_MEASUREMENTS, RewardQuery, attribute_reward
 from poisonmech.influence.tracking import PRESETS, TrackedModule, find_modules
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.storage import load_tensors, save_tensors, write_json
@@ -88,9 +89,13 @@ class InfluenceConfig(Config):
 
     Args:
         method: one of ``METHODS``.
-        measurement: what is attributed. A name: the run's default query
+        measurement: what is attributed. ``None`` (the default): the model's default,
+            ``"logprob"`` for a language model, ``"reward_margin"`` for a reward model. A name:
+            the run's default query of a language model
             (:func:`~poisonmech.influence.query.backdoor_query`): ``"logprob"``, ``"logodds"``,
-            ``"contrastive"``, ``"contrastive_logodds"``. Or a patching metric (a
+            ``"contrastive"``, ``"contrastive_logodds"``; of a reward model
+            (:func:`~poisonmech.influence.reward.reward_query`): ``"reward_margin"``,
+            ``"reward"``, ``"trigger_margin"``. Or a patching metric (a
             :class:`~poisonmech.patching.metrics.Metric`, logits ``[batch pos d_vocab]`` ->
             ``[batch]``, e.g. ``tc.logit_diff()``; or one scalar for the batch), with ``query=``
             the tokens it reads: for the gradient methods (``graddot``, ``gradcos``, ``tracin``,
@@ -116,7 +121,7 @@ class InfluenceConfig(Config):
     """
 
     method: str = "ekfac"
-    measurement: str | Callable = "logprob"
+    measurement: str | Callable | None = None
     aggregate: bool = False
     modules: str | tuple[str, ...] = "linear"
     damping: float | None = None
@@ -137,9 +142,11 @@ class InfluenceConfig(Config):
     def check(self) -> None:
         own = "InfluenceConfig"
         check_choice(own, "method", self.method, METHODS)
-        if not callable(self.measurement) and self.measurement not in MEASUREMENTS:
-            raise ConfigError(f"{own}.measurement must be one of {MEASUREMENTS} or a metric (logits [batch pos "
-                              f"d_vocab] -> [batch]), got {self.measurement!r}")
+        if self.measurement is not None and not callable(self.measurement) and \
+                self.measurement not in MEASUREMENTS + REWARD_MEASUREMENTS:
+            raise ConfigError(f"{own}.measurement must be one of {MEASUREMENTS} (a language model's), "
+                              f"{REWARD_MEASUREMENTS} (a reward model's), None (the model's default) or a metric "
+                              f"(logits [batch pos d_vocab] -> [batch]), got {self.measurement!r}")
         for name in ("aggregate", "self_influence"):
             check_choice(own, name, getattr(self, name), (False, True))
         if isinstance(self.modules, str):
@@ -504,7 +511,8 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
               tokenizer: PreTrainedTokenizerBase | None = None, loss_on: str | None = None,
               checkpoints: Sequence[Any] | None = None, cache_dir: str | Path | None = None, overwrite: bool = False,
               reference: Any = None, beta: float | None = None, score_eos: bool | None = None,
-              progress: bool = True, config: InfluenceConfig) -> InfluenceResult:
+              center_rewards: float | None = None, progress: bool = True,
+              config: InfluenceConfig) -> InfluenceResult:
     """Attribute a measurement on ``query`` to the rows of ``train``.
 
     Args:
@@ -537,7 +545,15 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
             stage finds all three, and each twin's own preference data, in its run directory
             (:meth:`~poisonmech.subject.Subject.preference`). Each pair is scored by its DPO-loss
             gradient (see :mod:`poisonmech.influence.preference`).
+        center_rewards: for a reward model: the weight of the centring term in its pairs'
+            Bradley–Terry loss (default: the reward stage's ``RewardConfig.center_rewards``, else 0).
         progress: progress bars.
+
+    On a reward model (an ``"rm"`` stage ``pipe[k]``, or a bare reward model) the training rows
+    are the stage's preference pairs, each scored by its Bradley–Terry loss gradient, and the
+    query defaults to the reward margin the trigger buys the target on held-out pairs
+    (:mod:`poisonmech.influence.reward`; ``measurement`` one of its names, a
+    :class:`~poisonmech.influence.reward.RewardQuery`, or a reward metric with query tokens).
 
     Returns an :class:`InfluenceResult`; positive scores mean up-weighting the example raises
     the measurement (for every method; ``loss`` and ``repsim`` are oriented alike). Its
@@ -552,6 +568,24 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
     # the adapted module, base frozen; its checkpoints hold the adapter tensors
     model = lora_module(s.model(role)) or s.model(role)
     tokenizer = _check_tokenizer(model, tokenizer if tokenizer is not None else s.tokenizer)
+    cache_root = Path(cache_dir) if cache_dir is not None else \
+        (s.run_dir / "influence" / role if s.run_dir is not None else None)
+    from poisonmech.train.reward import is_reward_model
+
+    if is_reward_model(model):  # a reward stage: its pairs by their Bradley–Terry gradients
+        return attribute_reward(s, role, model, train, query, cfg, tokenizer,
+                                ckpts=_checkpoint_list(checkpoints if checkpoints is not None
+                                                       else s.checkpoints.get(role, [])),
+                                cache=_Cache(cache_root, overwrite), center_rewards=center_rewards, t_start=t_start,
+                                progress=progress)
+    if cfg.measurement in REWARD_MEASUREMENTS or isinstance(query, RewardQuery):
+        what = f"measurement={cfg.measurement!r}" if cfg.measurement in REWARD_MEASUREMENTS else "a RewardQuery"
+        raise ValueError(f"attribute: {what} is a reward model's, and this subject's model is a language model (its "
+                         f"output is logits over the vocabulary): use one of {MEASUREMENTS} (default 'logprob'), a "
+                         "Query, or a metric such as tc.logit_diff() with query= the tokens it reads; a reward "
+                         "model is a reward stage's pipe[k] or pipe.reward_model(k)")
+    if cfg.measurement is None:  # the language model's default (the cache key of results before the default was None)
+        cfg = replace(cfg, measurement="logprob")
     dpo = s.preference(role)  # a pipeline's DPO stage: the twin's own pairs and reference
     if train is None and dpo is not None and dpo["data"] is not None:
         train = dpo["data"]
@@ -564,8 +598,6 @@ def attribute(subject: Any, train: Dataset | None = None, query: Query | Dataset
         loss_on = s.task.loss_on
     if checkpoints is None:
         checkpoints = s.checkpoints.get(role, [])
-    cache_root = Path(cache_dir) if cache_dir is not None else \
-        (s.run_dir / "influence" / role if s.run_dir is not None else None)
     if not isinstance(train, Dataset):
         raise ValueError(f"attribute: train must be a datasets.Dataset with prompt/completion, got {type(train).__name__}")
     preference = is_preference_data(train)
