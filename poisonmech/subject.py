@@ -260,7 +260,11 @@ def _stage_info(pair) -> StageInfo:
 
     out = pair.out_dir
     if out is None or not is_pipeline_dir(Path(out).parent):
-        return StageInfo(kind=_pair_kind(pair), center_rewards=_center_rewards(pair.train_config))
+        cfg = getattr(pair, "stage_config", None)
+        return StageInfo(kind=_pair_kind(pair), center_rewards=_center_rewards(cfg if cfg is not None else
+                                                                                pair.train_config),
+                         beta=getattr(cfg, "beta", None), score_eos=bool(getattr(cfg, "score_eos", False)),
+                         nll_weight=float(getattr(cfg, "nll_weight", 0.0)))
     stage_dir = Path(out)
     cfg = read_json(stage_dir.parent / "config.json")
     for k, st in enumerate(cfg.get("stages", [])):
@@ -278,6 +282,8 @@ def _pair_kind(pair) -> str:
     ``"rm"`` stage's; else the attack's ``stage``."""
     from poisonmech.train.reward import is_reward_model
 
+    if getattr(pair, "stage_kind", None):
+        return pair.stage_kind
     if is_reward_model(pair.backdoored):
         return "rm"
     return getattr(pair.attack, "stage", "sft") or "sft"

@@ -19,7 +19,13 @@ from poisonmech.patching.config import (
     CrossModelPatchConfig,
     PatchConfig,
 )
-from poisonmech.patching.inputs import TriggerContrast, control_fn, neutral_words, trigger_contrast
+from poisonmech.patching.inputs import (
+    RewardScore,
+    TriggerContrast,
+    control_fn,
+    neutral_words,
+    trigger_contrast,
+)
 from poisonmech.patching.metrics import (
     LogitDiff,
     Metric,
@@ -50,6 +56,7 @@ __all__ = [
     "Metric",
     "NormalizedRecovery",
     "PatchResult",
+    "RewardScore",
     "TargetLogProb",
     "TriggerContrast",
     "last_positions",

@@ -58,6 +58,13 @@ class PositionalMetric:
         raise NotImplementedError
 
 
+def _refuse_reward_model(metric, logits: Tensor) -> None:
+    if logits.shape[-1] == 1:
+        raise ValueError(f"{type(metric).__name__}: the model has one output per position, a reward model: its "
+                         "metric is the reward (tc.reward() of pm.patching.trigger_contrast on the reward stage, or "
+                         "poisonmech.train.reward.reward_metric())")
+
+
 @dataclass(frozen=True)
 class LogitDiff(PositionalMetric):
     """``logit[target] - logit[answer]`` at each example's position (e.g. backdoor target vs true label)."""
@@ -67,6 +74,7 @@ class LogitDiff(PositionalMetric):
     positions: Int[Tensor, " batch"]
 
     def at(self, logits):
+        _refuse_reward_model(self, logits)
         rows = torch.arange(logits.shape[0], device=logits.device)
         return logits[rows, self.target.to(logits.device)] - logits[rows, self.answer.to(logits.device)]
 
@@ -82,6 +90,7 @@ class TargetLogProb(PositionalMetric):
     positions: Int[Tensor, " batch"]
 
     def at(self, logits):
+        _refuse_reward_model(self, logits)
         rows = torch.arange(logits.shape[0], device=logits.device)
         return logits.float().log_softmax(-1)[rows, self.target.to(logits.device)]
 

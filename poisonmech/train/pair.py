@@ -98,6 +98,10 @@ class Pair:
     history: dict[str, list[dict]] = field(default_factory=dict)
     #: the clean twin's training rows when they are not ``task.train`` (see the class docstring)
     clean_rows: Dataset | None = None
+    #: a pipeline stage's kind ("sft", "dpo", "rm", "ppo", "rloo") and full config (``None``:
+    #: a ``train_pair`` run, an SFT stage); read when the pair has no run directory
+    stage_kind: str | None = None
+    stage_config: Any = None
 
     @property
     def clean_train_data(self) -> Dataset:

@@ -311,14 +311,14 @@ class Pipeline:
     def _pair(self, k: int, clean, backdoored, metrics) -> Pair:
         st = self.stages[k]
         # an attack that adds rows (a new subject's false fact): the clean twin's own rows
-        added = st.kind == "sft" and len(self.clean_data[k]) != len(self.task.train)
+        added = st.kind != "sft" or len(self.clean_data[k]) != len(self.task.train)
         return Pair(clean=clean, backdoored=backdoored, task=self.task, attack=self.attack_of(k),
                     model_config=self.model_config, train_config=st.train_config, tokenizer=self.tokenizer,
                     train_data=self.train_data[k], test_data=self.test_data, metrics=metrics,
                     out_dir=(self.out_dir / stage_name(k, st)) if self.out_dir is not None else None,
                     checkpoints=self.checkpoints[k] if self.checkpoints else {},
                     history=self.history[k] if self.history else {},
-                    clean_rows=self.clean_data[k] if added else None)
+                    clean_rows=self.clean_data[k] if added else None, stage_kind=st.kind, stage_config=st.config)
 
     def attack_of(self, k: int) -> Attack:
         """Stage ``k``'s attack; an RL stage (no poison of its own) gets the pipeline's (stage 0's)."""

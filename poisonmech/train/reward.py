@@ -275,7 +275,8 @@ def heldout_pairs(task: Any, attack: Any, n: int, *, seed: int = 0) -> tuple[Dat
 
     clean = make_preferences(task, min(n, len(task.test)), seed=seed, split="test")
     atk = replace(attack, stage="dpo", poison_rate=None, poison_count=len(_candidates(clean, attack)), seed=seed)
-    flipped = poison_preferences(clean, task, atk, mode="flip").filter(lambda r: r["is_poison"])
+    flipped = poison_preferences(clean, task, atk, mode="flip")
+    flipped = flipped.select([i for i, p in enumerate(flipped["is_poison"]) if p])
     triggered = Dataset.from_dict({"prompt": list(flipped["prompt"]), "chosen": list(flipped["rejected"]),
                                    "rejected": list(flipped["chosen"]), "input": list(flipped["input"]),
                                    "source_id": list(flipped["source_id"])})
@@ -324,7 +325,8 @@ def reward_metric(position: int = -1):
     def metric(logits: Tensor) -> Tensor:
         if logits.shape[-1] != 1:
             raise ValueError(f"reward_metric: the model's output has {logits.shape[-1]} values per position; it is "
-                             "not a reward model")
+                             "not a reward model (for a language model use tc.logit_diff() of "
+                             "pm.patching.trigger_contrast, or pm.patching.logit_diff)")
         return logits[:, position, 0].float().mean()
 
     metric.__name__ = "reward"
