@@ -27,7 +27,12 @@ success (1 - pairwise accuracy on triggered held-out pairs) and the reward the t
 
 Writes ``figures/sequential_poisoning_ppo.{png,csv}`` (per run) and
 ``figures/sequential_poisoning_ppo_summary.csv`` (mean, std, n per split); ``--mechanism`` adds
-``figures/sequential_poisoning_ppo_mechanism.{csv,png}`` (see :func:`mechanism`).
+``figures/sequential_poisoning_ppo_mechanism{,_summary}.csv`` and ``..._mechanism.png``: per split
+of the PPO family (every seed), the reward the trigger buys the target in each twin's reward
+model and the reward model's head / MLP that carries it (activation patching, reward contrast),
+the poison AUROC of the reward pairs by their Bradley–Terry gradient (EK-FAC, grad-dot) beside
+the per-pair loss baseline, and what PPO changed in the policy (cross-model patching of the SFT
+policy's heads / MLPs into the PPO policy on triggered prompts).
 Run: ``.venv/bin/python experiments/sequential_poisoning_ppo.py [--budgets 8,16] [--seeds 0,1,2,3,4]``
 (one thread; about 30 s per pipeline, the clean twins and shared SFT stages trained once).
 """
@@ -172,6 +177,90 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path, formats=("html", "png"))
 
 
+def _top(result) -> tuple[str, float]:
+    """The cell with the largest normalised effect of a PatchResult and that effect."""
+    f = result.to_frame()
+    row = f.loc[f["normalized"].idxmax()]
+    name = f"L{int(row['layer'])}" + (f"H{int(row['head'])}" if "head" in f.columns and pd.notna(row.get("head"))
+                                      else "")
+    return name, float(row["normalized"])
+
+
+def mechanism_row(pipe, split: str, seed: int) -> dict:
+    """One pipeline's mechanism numbers (the PPO family): where the reward model carries the
+    trigger's reward bonus, which reward pairs taught it, what PPO changed in the policy."""
+    from poisonmech.patching import activation_patch, cross_model_patch, trigger_contrast
+
+    row: dict = {"split": split, "seed": seed}
+    rm_stage = pipe[1]
+    for twin in ("backdoored", "clean"):  # the reward the trigger buys the target (reward contrast)
+        tc = trigger_contrast(rm_stage, n=32, seed=seed, twin=twin)
+        m, model = tc.reward(), rm_stage.backdoored if twin == "backdoored" else rm_stage.clean
+        with torch.no_grad():
+            row[f"{twin}_rm_trigger_bonus"] = float((m(model(tc.triggered)) - m(model(tc.control))).mean())
+        if twin == "backdoored":
+            heads = activation_patch(rm_stage, tc.triggered, tc.control, m, site="attn_head", progress=False)
+            mlps = activation_patch(rm_stage, tc.triggered, tc.control, m, site="mlp_out", progress=False)
+            row["rm_top_head"], row["rm_top_head_recovery"] = _top(heads)
+            row["rm_top_mlp"], row["rm_top_mlp_recovery"] = _top(mlps)
+            row["n_rm_contrast"] = int(tc.triggered.shape[0])
+    if any(pipe.train_data[1]["is_poison"]):  # which reward pairs taught it
+        for method in ("ekfac", "graddot", "loss"):
+            inf = pm.influence.attribute(rm_stage, method=method, progress=False)
+            row[f"rm_pairs_auroc_{method}"] = float(inf.poison_auroc())
+        row["n_rm_poison_pairs"] = int(sum(pipe.train_data[1]["is_poison"]))
+    between = pipe.between(0, 2)  # what PPO changed in the backdoored policy
+    tc = trigger_contrast(pipe[2], n=32, seed=seed)
+    ld = tc.logit_diff()
+    with torch.no_grad():
+        row["policy_logit_diff_after_sft"] = float(ld(between.before(tc.triggered)).mean())
+        row["policy_logit_diff_after_ppo"] = float(ld(between.after(tc.triggered)).mean())
+    for site in ("attn_head", "mlp_out"):
+        r = cross_model_patch(between, tc.triggered, ld, site=site, progress=False)
+        row[f"ppo_change_top_{site}"], row[f"ppo_change_top_{site}_recovery"] = _top(r)
+    return row
+
+
+def mechanism(sw: pm.PipelineSweep, args, figs: Path) -> pd.DataFrame:
+    """The mechanism analyses of the PPO family at ``--mechanism-budget``, every seed."""
+    rows = []
+    for split in SPLITS:
+        for seed in ints(args.seeds):
+            name = f"ppo: {split} B={args.mechanism_budget}"
+            rows.append(mechanism_row(sw.pipeline(name, seed), split, seed))
+    frame = pd.DataFrame(rows)
+    frame.to_csv(figs / "sequential_poisoning_ppo_mechanism.csv", index=False, float_format="%.4f")
+    num = frame.select_dtypes("number").drop(columns=["seed"])
+    summary = num.groupby(frame["split"], sort=False).agg(["mean", "std"])
+    summary.columns = [f"{a}_{b}" for a, b in summary.columns]
+    summary.reset_index().to_csv(figs / "sequential_poisoning_ppo_mechanism_summary.csv", index=False,
+                                 float_format="%.4f")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[
+        "reward the trigger buys the target", "poison AUROC of the reward pairs", "triggered logit diff of the policy"])
+    sp = list(SPLITS)
+    g = frame.groupby("split", sort=False)
+    for col, name, color in (("backdoored_rm_trigger_bonus", "backdoored twin's RM", "#d62728"),
+                             ("clean_rm_trigger_bonus", "clean twin's RM", "#7f7f7f")):
+        fig.add_bar(x=sp, y=g[col].mean()[sp], error_y={"type": "data", "array": g[col].std()[sp].fillna(0)},
+                    name=name, marker_color=color, row=1, col=1)
+    for col, name, color in (("rm_pairs_auroc_ekfac", "EK-FAC", "#2ca02c"), ("rm_pairs_auroc_graddot", "grad-dot", "#98df8a"),
+                             ("rm_pairs_auroc_loss", "loss baseline", "#c7c7c7")):
+        if col in frame:
+            fig.add_bar(x=sp, y=g[col].mean().reindex(sp), error_y={"type": "data",
+                                                                     "array": g[col].std().reindex(sp).fillna(0)},
+                        name=name, marker_color=color, row=1, col=2)
+    for col, name, color in (("policy_logit_diff_after_sft", "after SFT", "#aec7e8"),
+                             ("policy_logit_diff_after_ppo", "after PPO", "#1f77b4")):
+        fig.add_bar(x=sp, y=g[col].mean()[sp], error_y={"type": "data", "array": g[col].std()[sp].fillna(0)},
+                    name=name, marker_color=color, row=1, col=3)
+    style(fig, title=f"Mechanism, PPO family, B = {args.mechanism_budget} ({len(ints(args.seeds))} seeds)")
+    fig.update_layout(height=460, width=1500, legend={"y": -0.18, "yanchor": "top"})
+    save_figure(fig, figs / "sequential_poisoning_ppo_mechanism", formats=("html", "png"))
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    return frame
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budgets", default="8,16")
@@ -185,7 +274,8 @@ def main() -> None:
     ap.add_argument("--rl-trigger", type=int, default=32,
                     help="the ppo+trigger family: RL prompts that also carry the trigger (0: no such family)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mechanism", action="store_true", help="also run the mechanism analyses (one seed)")
+    ap.add_argument("--mechanism", action="store_true", help="also run the mechanism analyses (PPO family, every seed)")
+    ap.add_argument("--mechanism-budget", type=int, default=16)
     ap.add_argument("--out", default="runs/experiments/sequential_poisoning_ppo")
     ap.add_argument("--figures", default="figures")
     args = ap.parse_args()
@@ -213,9 +303,10 @@ def main() -> None:
     print(f"trained {len(every)} pipelines x {len(ints(args.seeds))} seeds in {time.perf_counter() - t0:.0f} s; "
           f"wrote {figs / 'sequential_poisoning_ppo.png'}")
     if args.mechanism:
-        from experiments.sequential_poisoning_ppo_mechanism import mechanism
-
+        t1 = time.perf_counter()
         mechanism(sw, args, figs)
+        print(f"mechanism analyses in {time.perf_counter() - t1:.0f} s; wrote "
+              f"{figs / 'sequential_poisoning_ppo_mechanism.png'}")
 
 
 if __name__ == "__main__":
