@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from poisonmech.config import Config, ConfigError, check_bool, check_number
+from poisonmech.config import check_bool, check_number
 from poisonmech.encoding import Encoded, encode
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.storage import load_tensors, save_tensors
@@ -46,33 +46,23 @@ from poisonmech.train.loop import (
     list_checkpoints,
     start_loop,
 )
+from poisonmech.train.stage_config import SHARED_FIELDS, StageConfig
 from poisonmech.weights import sync
 
-#: the ``TrainConfig`` fields a DPO stage uses (a DPO stage has no clean continuation)
-SHARED_FIELDS = ("epochs", "batch_size", "lr", "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas",
-                 "grad_clip", "seed", "checkpoint_every", "device")
 #: a DPO stage's defaults where they differ from SFT's (fewer epochs, a lower rate, no weight decay)
 DPO_TRAIN_DEFAULTS = {"epochs": 2, "lr": 1e-3, "weight_decay": 0.0}
 #: ``DPOConfig.to_dict()``'s key order (the flat dict stored in pipeline runs' config.json)
 _FLAT_ORDER = ("beta", *SHARED_FIELDS, "score_eos", "nll_weight")
 
 
-def _dpo_train(**fields_: Any) -> TrainConfig:
-    """A DPO stage's ``TrainConfig``: its defaults with ``fields_`` applied, errors naming ``DPOConfig``."""
-    try:
-        return TrainConfig(**{**DPO_TRAIN_DEFAULTS, **fields_})
-    except ValueError as exc:  # re-badge the shared checks
-        raise ConfigError(str(exc).replace("TrainConfig.", "DPOConfig.")) from None
-
-
 @dataclass(frozen=True, init=False)
-class DPOConfig(Config):
+class DPOConfig(StageConfig):
     """Hyper-parameters of a DPO stage (shared by both twins): a ``TrainConfig`` plus DPO's own.
 
     ``DPOConfig(beta=0.1, epochs=2, lr=1e-3, ...)`` takes the optimiser / schedule fields as
     keywords (the flat form stored in run directories), or ``DPOConfig(train=TrainConfig(...),
     beta=...)``; keywords override ``train``'s fields. They are read as attributes too
-    (``config.lr`` is ``config.train.lr``).
+    (``config.lr`` is ``config.train.lr``). The composition is :class:`StageConfig`'s.
 
     Args:
         train: the optimiser / schedule fields, a :class:`TrainConfig` (``epochs``,
@@ -92,84 +82,28 @@ class DPOConfig(Config):
             chosen sequence. 0 (default): pure DPO, as in Sanderson et al.
     """
 
-    train: TrainConfig = field(default_factory=_dpo_train)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**DPO_TRAIN_DEFAULTS))
     beta: float = 0.1
     score_eos: bool = False
     nll_weight: float = 0.0
 
-    def __init__(self, train: TrainConfig | dict | None = None, beta: float = 0.1, score_eos: bool = False,
-                 nll_weight: float = 0.0, **train_fields: Any) -> None:
-        type(self).check_fields(train_fields, "DPOConfig")
-        if isinstance(train, dict):  # a DPO stage's defaults under the given fields
-            TrainConfig.check_fields(train, "DPOConfig.train")
-            train = _dpo_train(**train)
-        if train is None:
-            train = _dpo_train(**train_fields)
-        elif not isinstance(train, TrainConfig):
-            raise ConfigError(f"DPOConfig.train must be a TrainConfig (or its dict), got {type(train).__name__}")
-        elif train_fields:
-            try:
-                train = train.replace(**train_fields)
-            except ValueError as exc:
-                raise ConfigError(str(exc).replace("TrainConfig.", "DPOConfig.")) from None
-        object.__setattr__(self, "train", train)
-        object.__setattr__(self, "beta", beta)
-        object.__setattr__(self, "score_eos", score_eos)
-        object.__setattr__(self, "nll_weight", nll_weight)
-        self.__post_init__()
+    OWN = ("beta", "score_eos", "nll_weight")
+    TRAIN_DEFAULTS = DPO_TRAIN_DEFAULTS
 
     def check(self) -> None:
         check_number("DPOConfig", "beta", self.beta, lo=0, lo_open=True, hi=math.inf, hi_open=True)
         check_bool("DPOConfig", "score_eos", self.score_eos)
         check_number("DPOConfig", "nll_weight", self.nll_weight, lo=0, hi=math.inf, hi_open=True)
-        if self.train.continue_clean or self.train.continue_lr is not None:
-            raise ConfigError("DPOConfig.train: a DPO stage has no clean continuation (continue_clean=0, "
-                              f"continue_lr=None), got continue_clean={self.train.continue_clean!r}, "
-                              f"continue_lr={self.train.continue_lr!r}")
-
-    def __getattr__(self, name: str) -> Any:
-        # only called when normal lookup fails: the TrainConfig fields read as DPOConfig's own
-        if name in SHARED_FIELDS:
-            return getattr(object.__getattribute__(self, "train"), name)
-        raise AttributeError(f"'DPOConfig' object has no attribute {name!r}")
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        """Every name a ``DPOConfig`` takes: its own fields and the ``TrainConfig`` fields of a DPO stage."""
-        return ("train", "beta", "score_eos", "nll_weight", *SHARED_FIELDS)
-
-    def train_config(self) -> TrainConfig:
-        """The optimiser / schedule fields as a ``TrainConfig`` (the SFT loop's helpers take one)."""
-        return self.train
-
-    def replace(self, **changes: Any) -> DPOConfig:
-        """A copy with ``changes`` applied (DPO fields or the ``TrainConfig`` fields, flat)."""
-        type(self).check_fields(changes, "DPOConfig.replace")
-        own = {k: changes.pop(k) for k in ("train", "beta", "score_eos", "nll_weight") if k in changes}
-        return DPOConfig(**{"train": self.train, "beta": self.beta, "score_eos": self.score_eos,
-                            "nll_weight": self.nll_weight, **own}, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict stored in pipeline run directories (``beta``, the ``TrainConfig`` fields
         a DPO stage uses, ``score_eos``; ``nll_weight`` only when set, so that runs made before it
         existed keep their config key)."""
-        train = self.train.to_dict()
-        d = {name: (getattr(self, name) if name in ("beta", "score_eos", "nll_weight") else train[name])
-             for name in _FLAT_ORDER}
+        flat = super().to_dict()
+        d = {name: flat[name] for name in _FLAT_ORDER}
         if d["nll_weight"] == 0.0:
             del d["nll_weight"]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DPOConfig:
-        """Read :meth:`to_dict`'s flat dict (what pipeline runs store), or ``{"train": {...}, "beta": ...}``."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"DPOConfig.from_dict: expected a dict of fields, got {type(d).__name__}")
-        cls.check_fields(d, "DPOConfig.from_dict")
-        kw = dict(d)
-        if isinstance(kw.get("betas"), list):
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``StageConfig``: a post-training stage's hyper-parameters = a ``TrainConfig`` plus the stage's own.
 
-``RewardConfig`` and ``PPOConfig`` derive from it (``DPOConfig`` predates it and keeps its
-own copy of the same logic, with a key-order quirk stored in existing run directories). A
+``DPOConfig``, ``RewardConfig`` and ``PPOConfig`` derive from it (``DPOConfig`` keeps its own
+``to_dict`` key order, which existing run directories store). A
 stage config takes the optimiser / schedule fields flat (``RewardConfig(lr=1e-3, epochs=2,
 init="policy")``) or as ``train=TrainConfig(...)`` (keywords override ``train``'s fields), reads
 them as attributes (``config.lr`` is ``config.train.lr``) and stores one flat dict.
