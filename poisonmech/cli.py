@@ -240,8 +240,8 @@ def train(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
 
 def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, progress: bool = True):
     """Train a multi-stage pipeline from a plain dict (as read from TOML): ``[task]``, ``[model]``,
-    ``[[stages]]`` with ``kind`` ("sft" | "dpo" | "rm" | "ppo" | "rloo"), ``[stages.attack]`` (none
-    for an RL stage), optional ``[stages.config]`` (TrainConfig / DPOConfig / RewardConfig /
+    ``[[stages]]`` with ``kind`` ("sft" | "dpo" | "rm" | "ppo" | "rloo"), ``[stages.attack]``
+    (optional for an RL stage: its trigger put into more RL prompts), optional ``[stages.config]`` (TrainConfig / DPOConfig / RewardConfig /
     PPOConfig fields) and ``mode`` ("flip" | "inject"), and ``out_dir``."""
     import poisonmech as pm
     from poisonmech.train.pipeline import _CONFIGS, STAGE_KINDS
@@ -260,11 +260,8 @@ def pipeline_from_config(config: dict[str, Any], *, out_dir: str | None = None, 
         kind = st.get("kind")
         if kind not in STAGE_KINDS:
             raise ValueError(f"config: stages[{i}].kind must be one of {STAGE_KINDS}, got {kind!r}")
-        if kind in RL_KINDS:
-            if "attack" in st:
-                raise ValueError(f"config: stages[{i}] is a {kind!r} stage, which takes no [stages.attack] (its "
-                                 "prompts come from the reward stage before it)")
-            attack = None
+        if kind in RL_KINDS and "attack" not in st:
+            attack = None  # its prompts are the reward stage's; an attack would trigger more of them
         elif "attack" not in st:
             raise ValueError(f"config: stages[{i}] needs [stages.attack] (poison_count = 0 for a clean stage)")
         else:

@@ -104,9 +104,9 @@ def test_pipeline_command_trains_every_stage_and_reports_bad_stages(tmp_path):
     assert result.exit_code == 0, result.output
     assert "stage_1_dpo" in result.output and "wrote the pipeline to" in result.output
     assert pm.load_pipeline(tmp_path / "pipe").budgets == [3, 3]
-    cfg.write_text(PIPELINE_TOML.format(out=tmp_path / "bad", dpo_kind="ppo"))
+    cfg.write_text(PIPELINE_TOML.format(out=tmp_path / "bad", dpo_kind="kto"))
     result = CliRunner().invoke(app, ["pipeline", str(cfg)])
-    assert result.exit_code == 2 and "stages[1].kind must be 'sft' or 'dpo'" in result.output
+    assert result.exit_code == 2 and "stages[1].kind must be one of ('sft', 'dpo', 'rm', 'ppo', 'rloo')" in result.output
 
 
 def test_help_keeps_the_bracketed_toml_section_names():

@@ -189,9 +189,13 @@ def test_the_pipeline_command_reads_reward_and_rl_stages(tmp_path):
                       {"kind": "rloo", "config": {"batch_size": 32, "n_eval": 10}}]}
     p = pipeline_from_config(cfg, out_dir=str(tmp_path / "p"), progress=False)
     assert [s.kind for s in p.stages] == ["sft", "rm", "rloo"] and p.stages[2].config.method == "rloo"
-    bad = {**cfg, "stages": [*cfg["stages"][:2], {"kind": "ppo", "attack": {"trigger": "cf"}}]}
-    with pytest.raises(ValueError, match=r"stages\[2\] is a 'ppo' stage, which takes no \[stages.attack\]"):
-        pipeline_from_config(bad, out_dir=str(tmp_path / "q"), progress=False)
+    own = {**cfg, "stages": [*cfg["stages"][:2], {"kind": "ppo", "config": {"batch_size": 32, "n_eval": 10},
+                                                   "attack": {"trigger": "cf", "target": "negative", "poison_count": 3}}]}
+    q = pipeline_from_config(own, out_dir=str(tmp_path / "q"), progress=False)
+    assert q.stages[2].attack.stage == "ppo" and q.budgets == [2, 2, 3]
+    bad = {**cfg, "stages": [*cfg["stages"][:2], {"kind": "ppo", "attack": {"trigger": "cf", "target": "negative"}}]}
+    with pytest.raises(ValueError, match=r"Backdoor: give exactly one of poison_count"):
+        pipeline_from_config(bad, out_dir=str(tmp_path / "r"), progress=False)
 
 
 def test_an_rl_stage_can_trigger_its_own_prompts(tmp_path):
