@@ -119,9 +119,15 @@ def pipeline_sweep(task, pipelines: Mapping[str, Sequence[Any]], seeds: Sequence
     manifest = {"format": FORMAT, "pipelines": {name: [s.to_dict() for s in reseed(st, 0)]
                                                 for name, st in pipelines.items()}, "seeds": seeds}
     old = out / "manifest.json"
-    if old.is_file() and read_json(old).get("pipelines") != manifest["pipelines"]:
-        raise ValueError(f"pipeline_sweep: {out} holds a sweep of other pipelines (manifest.json differs); pick "
-                         "another out_dir")
+    if old.is_file():  # pipelines and seeds may be added; a name keeps its stages
+        before = read_json(old)
+        changed = sorted(n for n, st in manifest["pipelines"].items()
+                         if n in before.get("pipelines", {}) and before["pipelines"][n] != st)
+        if changed:
+            raise ValueError(f"pipeline_sweep: {out} holds pipelines {changed} with other stages (manifest.json); "
+                             "rename them or pick another out_dir")
+        manifest = {**manifest, "pipelines": {**before.get("pipelines", {}), **manifest["pipelines"]},
+                    "seeds": sorted(set(before.get("seeds", [])) | set(seeds))}
     write_json(old, manifest)
     rows: list[dict[str, Any]] = []
     runs: dict[tuple[str, int], Path] = {}

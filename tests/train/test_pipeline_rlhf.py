@@ -213,3 +213,12 @@ def test_an_rl_stage_can_trigger_its_own_prompts(tmp_path):
     with pytest.raises(ValueError, match=r"stage 2 \(ppo\): Backdoor.poison_count=93 does not fit the RL stage's "
                                          r"prompts: only 92 of 96"):
         train_pipeline(_task(), too_many, model=tiny_model_config(), progress=False)
+
+
+def test_pipeline_sweep_grows_but_a_name_keeps_its_stages(tmp_path):
+    kw = {"seeds": [0], "model": tiny_model_config(), "out_dir": tmp_path, "progress": False}
+    pm.pipeline_sweep(_task(), {"a": _stages(2, 0)[:1]}, **kw)
+    grown = pm.pipeline_sweep(_task(), {"a": _stages(2, 0)[:1], "b": _stages(4, 0)[:1]}, **kw)
+    assert set(grown.to_frame()["pipeline"]) == {"a", "b"}
+    with pytest.raises(ValueError, match=r"holds pipelines \['a'\] with other stages"):
+        pm.pipeline_sweep(_task(), {"a": _stages(3, 0)[:1]}, **kw)
