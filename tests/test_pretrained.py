@@ -223,3 +223,27 @@ def test_an_sft_then_dpo_pipeline_fine_tunes_a_lora_base_and_reloads(tmp_path, b
         assert not torch.equal(pipe[0].backdoored(tokens), pipe[1].backdoored(tokens))
     saved = load_file(next((tmp_path / "pipe").glob("stage_1_dpo/backdoored/model.safetensors")))
     assert saved and all("lora_" in k for k in saved)
+
+
+@pytest.mark.parametrize("arch,finetune", [("gpt2", "lora"), ("llama", "full")])
+def test_an_sft_rm_ppo_pipeline_runs_on_a_pretrained_base_and_reloads(tmp_path, bases, arch, finetune):
+    from poisonmech.train.reward import is_reward_model
+
+    task = pm.make_task("sentiment", n_train=64, n_test=8, seed=0)
+    stages = [pm.Stage("sft", pm.Backdoor(trigger="cf", poison_count=6), pm.TrainConfig(epochs=1, batch_size=32)),
+              pm.Stage("rm", pm.Backdoor(trigger="cf", poison_count=6, stage="rm"),
+                       pm.RewardConfig(epochs=1, batch_size=32, n_eval=8)),
+              pm.Stage("ppo", None, pm.PPOConfig(batch_size=32, minibatch_size=16, ppo_epochs=1, n_eval=8))]
+    model = pm.PretrainedModel(str(bases[arch]), finetune=finetune, lora_rank=2)
+    pipe = pm.train_pipeline(task, stages, model=model, out_dir=tmp_path / "pipe", progress=False)
+    again = pm.load_pipeline(tmp_path / "pipe")
+    tokens = torch.randint(0, len(pipe[1].tokenizer), (2, 9))
+    with torch.no_grad():
+        for k in (0, 1, 2):
+            for twin in ("clean", "backdoored"):
+                assert torch.equal(again[k].model(twin)(tokens), pipe[k].model(twin)(tokens))
+        assert is_reward_model(pipe[1].backdoored) and pipe[1].backdoored(tokens).shape == (2, 9, 1)
+        assert not torch.equal(pipe[0].backdoored(tokens), pipe[2].backdoored(tokens))  # PPO moved the policy
+    assert {"clean_rm_reward", "rm_reward"} <= set(pipe.metrics[2]["backdoored"])
+    saved = load_file(next((tmp_path / "pipe").glob("stage_2_ppo/backdoored/model.safetensors")))
+    assert all("lora_" in k for k in saved) == (finetune == "lora")
