@@ -97,7 +97,9 @@ def test_onion_sanitize_drops_the_words_above_the_threshold(lm, tok):
                   reference_lm=lm)
     data = rows(INPUTS, input=INPUTS, is_triggered=[True, False, False])
     f = [hand_suspicion(lm, tok, t) for t in INPUTS]
-    t = float(np.median(f[1]))
+    # between two middle scores, never on one (a tie would make `x > t` a float-noise coin toss)
+    mid = np.sort(np.asarray(f[1], dtype=float))
+    t = float((mid[len(mid) // 2 - 1] + mid[len(mid) // 2]) / 2)
     out = Onion(word_threshold=t).sanitize(ctx, data, threshold=123.0)  # the task's template; the field wins
     for text, fi, prompt, inp, removed in zip(INPUTS, f, out["prompt"], out["input"], out["onion_removed"]):
         kept = [w for w, x in zip(text.split(), fi) if not x > t]

@@ -243,7 +243,8 @@ def test_graddot_with_a_metric_is_the_dot_product_of_autograd_gradients(tiny):
 
     # a metric without subset (one forward over the rows) and a TransformerLens-style scalar metric
     plain = attribute(model, train, tokens, "graddot", measurement=lambda logits: metric(logits), progress=False)
-    torch.testing.assert_close(plain.scores, res.scores, rtol=1e-5, atol=1e-6)
+    # float32 sums over other batch sizes: a few ulps of the largest score apart
+    torch.testing.assert_close(plain.scores, res.scores, rtol=1e-4, atol=1e-5 * float(res.scores.abs().max()))
     scalar = attribute(model, train, tokens, "graddot", measurement=lambda logits: metric(logits).mean(),
                        progress=False)
     assert scalar.scores.shape == (1, len(train)) and scalar.n_query == 1
