@@ -273,15 +273,24 @@ class _Cache:
 # ---------------------------------------------------------------------------- methods
 def _factors(model, modules, data, cfg: InfluenceConfig, cache: _Cache, base: dict[str, Any],
              progress: bool) -> Factors:
-    settings = {**base, "weights": model_fingerprint(model), "kind": "factors", "strategy": cfg.method,
+    return _cached_factors(model, modules, cfg, cache, base, "factors",
+                           lambda: fit_factors(model, modules, data, strategy=cfg.method, fisher=cfg.fisher,
+                                               batch_size=cfg.batch_size, seed=cfg.seed, progress=progress))
+
+
+def _cached_factors(model, modules, cfg: InfluenceConfig, cache: _Cache, base: dict[str, Any], kind: str,
+                    fit: Callable[[], Factors]) -> Factors:
+    """The method's curvature factors from the cache, else ``fit()`` (then cached), keyed by
+    ``base``, the weights, ``kind`` and the fitting settings; damped as ``cfg`` asks. Shared
+    with :func:`poisonmech.influence.reward._pair_factors`."""
+    settings = {**base, "weights": model_fingerprint(model), "kind": kind, "strategy": cfg.method,
                 "fisher": cfg.fisher, "seed": cfg.seed, "batch_size": cfg.batch_size,
                 "modules": [t.name for t in modules]}
     path = cache.path(f"factors-{cfg.method}", settings)
     if cache.hit(path):
         f = Factors.load(path, modules)
     else:
-        f = fit_factors(model, modules, data, strategy=cfg.method, fisher=cfg.fisher, batch_size=cfg.batch_size,
-                        seed=cfg.seed, progress=progress)
+        f = fit()
         if path is not None:
             f.save(path, settings)
             cache.note(path, settings)
@@ -314,6 +323,19 @@ def _prepared_queries(model, modules, query, qenc, cfg: InfluenceConfig, factors
 
 def _gradient_method(model, modules, data, query, qenc, cfg: InfluenceConfig, factors: Factors | None,
                      progress: bool, desc: str = "influence: scoring") -> Scores:
+    def score(q: dict[str, torch.Tensor], **kw) -> Scores:
+        return gradient_scores(model, modules, data, q, factors=factors, batch_size=cfg.batch_size,
+                               progress=progress, **kw)
+
+    return _chunked_scores(model, modules, query, qenc, cfg, factors, desc, score)
+
+
+def _chunked_scores(model, modules, query, qenc, cfg: InfluenceConfig, factors: Factors | None, desc: str,
+                    score: Callable[..., Scores]) -> Scores:
+    """The query side (chunked, unit-normalised and preconditioned as the method asks) and one
+    pass ``score(q, renormalize=, self_influence=, desc=)`` over the training data per chunk of
+    queries (one pass with ``aggregate``): :func:`_gradient_method` over rows,
+    :func:`poisonmech.influence.reward.pair_scores` over a reward model's preference pairs."""
     unit = cfg.method == "gradcos" or cfg.renormalize == "unit"
     renorm = "unit" if cfg.method == "gradcos" else cfg.renormalize
     selfi = cfg.self_influence and cfg.method in SELF_INFLUENCE
@@ -331,8 +353,7 @@ def _gradient_method(model, modules, data, query, qenc, cfg: InfluenceConfig, fa
         if factors is not None:
             q = precondition_rotated(factors, q)
         t_query = time.perf_counter() - t0
-        s = gradient_scores(model, modules, data, q, renormalize=renorm, factors=factors, self_influence=selfi,
-                            batch_size=cfg.batch_size, progress=progress, desc=desc)
+        s = score(q, renormalize=renorm, self_influence=selfi, desc=desc)
     else:
         s = None
         for i, chunk in enumerate(chunks):
@@ -341,9 +362,8 @@ def _gradient_method(model, modules, data, query, qenc, cfg: InfluenceConfig, fa
             if factors is not None:
                 q = precondition_rotated(factors, q)
             t_query += time.perf_counter() - t1
-            part = gradient_scores(model, modules, data, q, renormalize=renorm, factors=factors,
-                                   self_influence=selfi and i == 0, batch_size=cfg.batch_size, progress=progress,
-                                   desc=desc if len(chunks) == 1 else f"{desc} (queries {chunk[0]}-{chunk[-1]})")
+            part = score(q, renormalize=renorm, self_influence=selfi and i == 0,
+                         desc=desc if len(chunks) == 1 else f"{desc} (queries {chunk[0]}-{chunk[-1]})")
             part.components *= len(chunk) / query.n_query
             if s is None:
                 s = part

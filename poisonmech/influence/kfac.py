@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from poisonmech.encoding import Encoded
-from poisonmech.influence.grads import forward_backward, iter_batches
+from poisonmech.influence.grads import BatchGrads, forward_backward, iter_batches
 from poisonmech.influence.tracking import TrackedModule, activation_covariance, times_activations
 from poisonmech.runtime import eval_mode, model_device, num_threads
 from poisonmech.storage import load_tensors, save_tensors, tensors_metadata
@@ -189,17 +189,29 @@ def fit_covariances(model: torch.nn.Module, modules: Sequence[TrackedModule], da
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     device = model_device(model)
+    batches = list(iter_batches(data, index, batch_size))
+
+    def passes() -> Iterator[BatchGrads]:
+        for b in tqdm(batches, desc="influence: covariances", disable=not progress, leave=False):
+            tokens, mask = data.batch(b, device)
+            yield forward_backward(model, modules, tokens, mask, labels="true" if fisher == "empirical" else "mc",
+                                   generator=generator)
+
+    return covariance_factors(modules, passes(), sum(len(b) for b in batches), device)
+
+
+def covariance_factors(modules: Sequence[TrackedModule], passes: Iterable[BatchGrads], n_rows: int,
+                       device) -> Factors:
+    """K-FAC factors from one pass of captured batches: ``A`` and ``G`` averaged over every
+    valid position (``BatchGrads.valid``), checked finite, with their eigendecompositions. The
+    pass of :func:`fit_covariances` (language-model rows) and of
+    :func:`poisonmech.influence.reward.fit_pair_factors` (a reward model's preference pairs)."""
     A = {t.name: torch.zeros(t.d_in, t.d_in, device=device) for t in modules}
     G = {t.name: torch.zeros(t.d_out, t.d_out, device=device) for t in modules}
-    n_pos = n_rows = 0
-    batches = list(iter_batches(data, index, batch_size))
-    for b in tqdm(batches, desc="influence: covariances", disable=not progress, leave=False):
-        tokens, mask = data.batch(b, device)
-        bg = forward_backward(model, modules, tokens, mask, labels="true" if fisher == "empirical" else "mc",
-                              generator=generator)
+    n_pos = 0
+    for bg in passes:
         valid = bg.valid
         n_pos += int(valid.sum())
-        n_rows += len(b)
         for t in modules:
             A[t.name] += activation_covariance(t, bg.a[t.name][valid])
             g = bg.g[t.name][valid]

@@ -101,6 +101,57 @@ class Scores:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase
 
 
+class ScoreAccumulator:
+    """The totals one pass over the training rows fills in: scores ``(n_query, n)``, components
+    split against the mean query, and (as asked) self-influences and row gradient norms, with the
+    final ``renormalize`` division. Shared by :func:`gradient_scores` (language-model rows) and
+    :func:`poisonmech.influence.reward.pair_scores` (preference pairs), which differ only in how
+    a batch's row gradients are formed.
+
+    ``norms``: keep each row's ``||∇L_z||`` (always needed by ``renormalize="unit"``).
+    """
+
+    def __init__(self, modules: Sequence[TrackedModule], qgrads: dict[str, Tensor], n: int, *,
+                 renormalize: str | None, self_influence: bool, norms: bool) -> None:
+        if renormalize not in RENORMALIZE:
+            raise ValueError(f"renormalize must be one of {RENORMALIZE}, got {renormalize!r}")
+        self.renormalize, self.self_influence = renormalize, self_influence
+        self.comp = ComponentMap.build(modules)
+        self.n_q = next(iter(qgrads.values())).shape[0]
+        self.scores = torch.zeros((self.n_q, n))
+        self.comps = torch.zeros((len(self.comp.labels), n))
+        self.need_self = self_influence or renormalize == "relative"
+        self.selfs = torch.zeros(n) if self.need_self else None
+        self.norms = torch.zeros(n) if norms or renormalize == "unit" else None
+        self.flat_q = {k: g.reshape(self.n_q, -1) for k, g in qgrads.items()}
+        self.mean_q = {k: g.mean(0) for k, g in qgrads.items()}
+
+    def batch(self, n_b: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A batch's zeroed ``(scores, components, squared norms, self-influences)`` on ``device``."""
+        return (torch.zeros((self.n_q, n_b), device=device), torch.zeros((len(self.comp.labels), n_b), device=device),
+                torch.zeros(n_b, device=device), torch.zeros(n_b, device=device))
+
+    def add(self, b: list[int], s: Tensor, c: Tensor, sq: Tensor, si: Tensor) -> None:
+        """Store the batch of rows ``b``: scores ``s``, components ``c``, squared norms ``sq`` and
+        self-influences ``si``."""
+        idx = torch.tensor(b)
+        self.scores[:, idx] = s.cpu()
+        self.comps[:, idx] = c.cpu()
+        if self.norms is not None:
+            self.norms[idx] = sq.sqrt().cpu()
+        if self.need_self:
+            self.selfs[idx] = si.cpu()
+
+    def result(self) -> Scores:
+        scores, comps = self.scores, self.comps
+        if self.renormalize is not None:
+            den = self.norms if self.renormalize == "unit" else self.selfs.clamp(min=0).sqrt()
+            den = den.clamp(min=1e-30)
+            scores, comps = scores / den, comps / den
+        return Scores(scores=scores, components=comps, component_labels=self.comp.labels,
+                      self_scores=self.selfs if self.self_influence else None, train_norms=self.norms)
+
+
 def query_gradients(model: torch.nn.Module, modules: Sequence[TrackedModule], query: Query | MetricQuery,
                     enc: Encoded | None, *, aggregate: bool = False, batch_size: int = 64,
                     factors: Factors | None = None, queries: Sequence[int] | None = None,
@@ -172,56 +223,32 @@ def gradient_scores(model: torch.nn.Module, modules: Sequence[TrackedModule], da
     the two coincide). ``self_influence`` returns ``∇L_z^T P ∇L_z`` (``P`` from ``factors``,
     identity without). Components are split against the mean query.
     """
-    if renormalize not in RENORMALIZE:
-        raise ValueError(f"renormalize must be one of {RENORMALIZE}, got {renormalize!r}")
+    acc = ScoreAccumulator(modules, qgrads, len(data), renormalize=renormalize, self_influence=self_influence,
+                           norms=False)
     device = model_device(model)
-    comp = ComponentMap.build(modules)
-    n, n_q = len(data), next(iter(qgrads.values())).shape[0]
-    scores = torch.zeros((n_q, n))
-    comps = torch.zeros((len(comp.labels), n))
-    need_self = self_influence or renormalize == "relative"
-    selfs = torch.zeros(n) if need_self else None
-    norms = torch.zeros(n) if renormalize == "unit" else None
-    flat_q = {k: g.reshape(n_q, -1) for k, g in qgrads.items()}
-    mean_q = {k: g.mean(0) for k, g in qgrads.items()}
+    comp, need_self = acc.comp, acc.need_self
     with eval_mode(model):
         for b in tqdm(list(iter_batches(data, None, batch_size)), desc=desc, disable=not progress, leave=False):
             tokens, mask = data.batch(b, device)
             bg = forward_backward(model, modules, tokens, mask)
-            idx = torch.tensor(b)
-            s = torch.zeros((n_q, len(b)), device=device)
-            c = torch.zeros((len(comp.labels), len(b)), device=device)
-            sq = torch.zeros(len(b), device=device)
-            si = torch.zeros(len(b), device=device)
+            s, c, sq, si = acc.batch(len(b), device)
             for t in modules:
                 a, g = bg.a[t.name], bg.g[t.name]
-                if n_q == 1:  # one (mean) query: Σ_t g_t^T P a_t, no row gradient formed
-                    gi, part = comp.split_tokens(t, mean_q[t.name], a, g)
+                if acc.n_q == 1:  # one (mean) query: Σ_t g_t^T P a_t, no row gradient formed
+                    gi, part = comp.split_tokens(t, acc.mean_q[t.name], a, g)
                     s += part.sum(0)[None]
                     c.index_add_(0, gi.to(device), part)
                 else:
                     grads = per_example(t, a, g)
-                    s += flat_q[t.name] @ grads.reshape(len(b), -1).T
-                    gi, part = comp.split(t.name, mean_q[t.name], grads)
+                    s += acc.flat_q[t.name] @ grads.reshape(len(b), -1).T
+                    gi, part = comp.split(t.name, acc.mean_q[t.name], grads)
                     c.index_add_(0, gi.to(device), part)
-                if norms is not None or (need_self and factors is None):
+                if acc.norms is not None or (need_self and factors is None):
                     sq += gram_norms(activations(t, a), g)
                 if need_self and factors is not None:
                     si += factors.self_influence(t.name, t, a, g, bg.valid)
-            if need_self and factors is None:
-                si = sq
-            scores[:, idx] = s.cpu()
-            comps[:, idx] = c.cpu()
-            if norms is not None:
-                norms[idx] = sq.sqrt().cpu()
-            if need_self:
-                selfs[idx] = si.cpu()
-    if renormalize is not None:
-        den = norms if renormalize == "unit" else selfs.clamp(min=0).sqrt()
-        den = den.clamp(min=1e-30)
-        scores, comps = scores / den, comps / den
-    return Scores(scores=scores, components=comps, component_labels=comp.labels,
-                  self_scores=selfs if self_influence else None, train_norms=norms)
+            acc.add(b, s, c, sq, si if factors is not None else sq)
+    return acc.result()
 
 
 def with_weights(model: torch.nn.Module, state: dict[str, Tensor], fn: Callable[[], Scores]) -> Scores:

@@ -56,6 +56,24 @@ MEASUREMENTS = ("logprob", "logodds", "contrastive", "contrastive_logodds")
 LINKS = ("logprob", "logodds")
 
 
+def check_query_rows(q) -> None:
+    """Refuse a query (a :class:`Query` or a :class:`~poisonmech.influence.reward.RewardQuery`)
+    whose rows lack prompt / completion, whose weights or query_of_row are not one per row, or
+    whose query_of_row does not cover ``0..n_query-1``; the errors name its class."""
+    name = type(q).__name__
+    for col in ("prompt", "completion"):
+        if col not in q.rows.column_names:
+            raise ValueError(f"{name}.rows lacks column {col!r} (needs prompt and completion)")
+    n = len(q.rows)
+    if n == 0:
+        raise ValueError(f"{name}: no query rows")
+    if len(q.weights) != n or len(q.query_of_row) != n:
+        raise ValueError(f"{name}: weights ({len(q.weights)}) and query_of_row ({len(q.query_of_row)}) "
+                         f"must have one entry per row ({n})")
+    if sorted(set(q.query_of_row)) != list(range(len(q.text))):
+        raise ValueError(f"{name}: query_of_row must cover 0..n_query-1, one text per query")
+
+
 @dataclass(frozen=True)
 class Query:
     """Query rows and how they combine into measurements.
@@ -79,17 +97,7 @@ class Query:
     def __post_init__(self) -> None:
         if self.link not in LINKS:
             raise ValueError(f"Query.link must be one of {LINKS}, got {self.link!r}")
-        for col in ("prompt", "completion"):
-            if col not in self.rows.column_names:
-                raise ValueError(f"Query.rows lacks column {col!r} (needs prompt and completion)")
-        n = len(self.rows)
-        if n == 0:
-            raise ValueError("Query: no query rows")
-        if len(self.weights) != n or len(self.query_of_row) != n:
-            raise ValueError(f"Query: weights ({len(self.weights)}) and query_of_row ({len(self.query_of_row)}) "
-                             f"must have one entry per row ({n})")
-        if sorted(set(self.query_of_row)) != list(range(len(self.text))):
-            raise ValueError("Query: query_of_row must cover 0..n_query-1, one text per query")
+        check_query_rows(self)
 
     @property
     def n_query(self) -> int:

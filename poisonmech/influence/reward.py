@@ -59,9 +59,10 @@ from tqdm.auto import tqdm
 
 from poisonmech.encoding import Encoded, encode
 from poisonmech.influence.grads import BatchGrads, iter_batches, model_logits, per_example
-from poisonmech.influence.kfac import FISHERS, Factors, _eigh, check_finite
-from poisonmech.influence.methods import ComponentMap, Scores
-from poisonmech.influence.tracking import TrackedModule, activation_covariance, capture
+from poisonmech.influence.kfac import FISHERS, Factors, check_finite, covariance_factors
+from poisonmech.influence.methods import ScoreAccumulator, Scores
+from poisonmech.influence.query import check_query_rows
+from poisonmech.influence.tracking import TrackedModule, capture
 from poisonmech.runtime import eval_mode, model_device
 
 Tensor = torch.Tensor
@@ -131,17 +132,7 @@ class RewardQuery:
     link: str = "reward"
 
     def __post_init__(self) -> None:
-        for col in ("prompt", "completion"):
-            if col not in self.rows.column_names:
-                raise ValueError(f"RewardQuery.rows lacks column {col!r} (needs prompt and completion)")
-        n = len(self.rows)
-        if n == 0:
-            raise ValueError("RewardQuery: no query rows")
-        if len(self.weights) != n or len(self.query_of_row) != n:
-            raise ValueError(f"RewardQuery: weights ({len(self.weights)}) and query_of_row ({len(self.query_of_row)}) "
-                             f"must have one entry per row ({n})")
-        if sorted(set(self.query_of_row)) != list(range(len(self.text))):
-            raise ValueError("RewardQuery: query_of_row must cover 0..n_query-1, one text per query")
+        check_query_rows(self)
 
     @property
     def n_query(self) -> int:
@@ -305,44 +296,26 @@ def pair_scores(model: torch.nn.Module, modules: Sequence[TrackedModule], pairs,
     ``renormalize``: ``"unit"`` divides by ``||∇L_z||``, ``"relative"`` by ``sqrt(∇L_z^T P ∇L_z)``;
     ``self_influence`` returns ``∇L_z^T P ∇L_z``. Components are split against the mean query.
     """
+    # the set-up and totals are gradient_scores'; the batch differs on purpose: a pair's gradient is
+    # the sum of its two sequences' and is formed explicitly (no per-token shortcut for one query)
+    acc = ScoreAccumulator(modules, qgrads, len(pairs), renormalize=renormalize, self_influence=self_influence,
+                           norms=True)
     device = model_device(model)
-    comp = ComponentMap.build(modules)
-    n, n_q = len(pairs), next(iter(qgrads.values())).shape[0]
-    scores = torch.zeros((n_q, n))
-    comps = torch.zeros((len(comp.labels), n))
-    need_self = self_influence or renormalize == "relative"
-    selfs = torch.zeros(n) if need_self else None
-    norms = torch.zeros(n)
-    flat_q = {k: g.reshape(n_q, -1) for k, g in qgrads.items()}
-    mean_q = {k: g.mean(0) for k, g in qgrads.items()}
     with eval_mode(model):
         for b in tqdm(list(iter_batches(pairs.chosen, None, batch_size)), desc=desc, disable=not progress,
                       leave=False):
             grads = pair_gradients(model, modules, pairs, coef_w, coef_l, b)
-            idx = torch.tensor(b)
-            s = torch.zeros((n_q, len(b)), device=device)
-            c = torch.zeros((len(comp.labels), len(b)), device=device)
-            sq = torch.zeros(len(b), device=device)
-            si = torch.zeros(len(b), device=device)
+            s, c, sq, si = acc.batch(len(b), device)
             for t in modules:
                 gr = grads[t.name]
-                s += flat_q[t.name] @ gr.reshape(len(b), -1).T
-                gi, part = comp.split(t.name, mean_q[t.name], gr)
+                s += acc.flat_q[t.name] @ gr.reshape(len(b), -1).T
+                gi, part = acc.comp.split(t.name, acc.mean_q[t.name], gr)
                 c.index_add_(0, gi.to(device), part)
                 sq += gr.square().sum((1, 2))
-                if need_self and factors is not None:
+                if acc.need_self and factors is not None:
                     si += (factors.rotate(t.name, gr).square() * factors.inverse_eigenvalues(t.name)).sum((1, 2))
-            scores[:, idx] = s.cpu()
-            comps[:, idx] = c.cpu()
-            norms[idx] = sq.sqrt().cpu()
-            if need_self:
-                selfs[idx] = (si if factors is not None else sq).cpu()
-    if renormalize is not None:
-        den = norms if renormalize == "unit" else selfs.clamp(min=0).sqrt()
-        den = den.clamp(min=1e-30)
-        scores, comps = scores / den, comps / den
-    return Scores(scores=scores, components=comps, component_labels=comp.labels,
-                  self_scores=selfs if self_influence else None, train_norms=norms)
+            acc.add(b, s, c, sq, si if factors is not None else sq)
+    return acc.result()
 
 
 # ---------------------------------------------------------------------------- curvature
@@ -381,29 +354,18 @@ def fit_pair_factors(model: torch.nn.Module, modules: Sequence[TrackedModule], p
     with eval_mode(model):
         t0 = time.perf_counter()
         cw, cl = _fisher_coefficients(model, pairs, fisher, center_rewards, gen)
-        A = {t.name: torch.zeros(t.d_in, t.d_in, device=device) for t in modules}
-        G = {t.name: torch.zeros(t.d_out, t.d_out, device=device) for t in modules}
-        n_pos = 0
-        for b in tqdm(batches, desc="influence: covariances (pairs)", disable=not progress, leave=False):
-            bg, _ = _pair_batch(model, modules, pairs, b, cw, cl, device)
-            valid = bg.valid
-            n_pos += int(valid.sum())
-            for t in modules:
-                A[t.name] += activation_covariance(t, bg.a[t.name][valid])
-                g = bg.g[t.name][valid]
-                G[t.name].addmm_(g.T, g)
-        f = Factors(strategy="kfac", modules=list(modules), A={}, G={}, n_positions=n_pos, n_rows=len(pairs))
-        for t in modules:
-            a, g = A[t.name] / max(n_pos, 1), G[t.name] / max(n_pos, 1)
-            check_finite(t, "K-FAC activation covariance A", a)
-            check_finite(t, "K-FAC gradient covariance G", g)
-            f.A[t.name], f.G[t.name] = a, g
-            f.eA[t.name], f.QA[t.name] = _eigh(t, "activation covariance A", a)
-            f.eG[t.name], f.QG[t.name] = _eigh(t, "gradient covariance G", g)
+
+        def passes() -> Iterator[BatchGrads]:
+            for b in tqdm(batches, desc="influence: covariances (pairs)", disable=not progress, leave=False):
+                yield _pair_batch(model, modules, pairs, b, cw, cl, device)[0]
+
+        f = covariance_factors(modules, passes(), len(pairs), device)
         seconds["covariances"] = time.perf_counter() - t0
         if strategy == "ekfac":  # fresh labels for the correction pass, as kronfluence
             t0 = time.perf_counter()
             cw, cl = _fisher_coefficients(model, pairs, fisher, center_rewards, gen)
+            # not kfac.fit_eigenvalue_correction: the eigenbasis sees a pair's gradient, the sum of
+            # its two sequences' shares, where that function squares each row's own
             lam = {t.name: torch.zeros(t.d_out, t.d_in, device=device) for t in modules}
             for b in tqdm(batches, desc="influence: eigenvalue correction (pairs)", disable=not progress,
                           leave=False):
@@ -578,76 +540,25 @@ def attribute_reward(s, role: str, model: torch.nn.Module, train: Dataset | None
 
 
 def _pair_factors(model, tracked, pairs, cfg, center_rewards: float, cache, base: dict, progress: bool) -> Factors:
-    from poisonmech.subject import model_fingerprint
+    from poisonmech.influence import attribution as at
 
-    settings = {**base, "weights": model_fingerprint(model), "kind": "pair-factors", "strategy": cfg.method,
-                "fisher": cfg.fisher, "seed": cfg.seed, "batch_size": cfg.batch_size,
-                "modules": [t.name for t in tracked]}
-    path = cache.path(f"factors-{cfg.method}", settings)
-    if cache.hit(path):
-        f = Factors.load(path, tracked)
-    else:
-        f = fit_pair_factors(model, tracked, pairs, strategy=cfg.method, fisher=cfg.fisher,
-                             center_rewards=center_rewards, batch_size=cfg.batch_size, seed=cfg.seed,
-                             progress=progress)
-        if path is not None:
-            f.save(path, settings)
-            cache.note(path, settings)
-    f.damping = cfg.damping
-    return f
+    return at._cached_factors(model, tracked, cfg, cache, base, "pair-factors",
+                              lambda: fit_pair_factors(model, tracked, pairs, strategy=cfg.method, fisher=cfg.fisher,
+                                                       center_rewards=center_rewards, batch_size=cfg.batch_size,
+                                                       seed=cfg.seed, progress=progress))
 
 
 def _score(model, tracked, pairs, cw, cl, query, qenc, cfg, factors: Factors | None, progress: bool,
            desc: str) -> Scores:
-    """The query side (chunked, unit-normalised and preconditioned as the method asks, with the
-    language-model path's own helpers) and a pass over the pairs per chunk of queries (one with
-    ``aggregate``), as ``attribution._gradient_method`` does for rows."""
+    """The language-model path's chunked query loop (``attribution._chunked_scores``) with a pass
+    of :func:`pair_scores` over the pairs per chunk of queries."""
     from poisonmech.influence import attribution as at
-    from poisonmech.influence.methods import precondition_rotated
 
-    unit = cfg.method == "gradcos" or cfg.renormalize == "unit"
-    renorm = "unit" if cfg.method == "gradcos" else cfg.renormalize
-    selfi = cfg.self_influence and cfg.method in at.SELF_INFLUENCE
-    chunks = at._query_chunks(query.n_query, tracked)
-    t0 = time.perf_counter()
-    t_query = 0.0
+    def score(q: dict[str, Tensor], **kw) -> Scores:
+        return pair_scores(model, tracked, pairs, cw, cl, q, factors=factors, batch_size=cfg.batch_size,
+                           progress=progress, **kw)
 
-    def prepared(chunk: list[int]) -> dict[str, Tensor]:
-        return at._prepared_queries(model, tracked, query, qenc, cfg, factors, unit, chunk)
-
-    if cfg.aggregate:
-        q = None
-        for chunk in chunks:
-            part = prepared(chunk)
-            weight = len(chunk) if not unit else 1.0
-            q = {k: v * weight for k, v in part.items()} if q is None else {k: q[k] + v * weight
-                                                                            for k, v in part.items()}
-        q = {k: v / query.n_query for k, v in q.items()}
-        if factors is not None:
-            q = precondition_rotated(factors, q)
-        t_query = time.perf_counter() - t0
-        s = pair_scores(model, tracked, pairs, cw, cl, q, renormalize=renorm, factors=factors, self_influence=selfi,
-                        batch_size=cfg.batch_size, progress=progress, desc=desc)
-    else:
-        s = None
-        for i, chunk in enumerate(chunks):
-            t1 = time.perf_counter()
-            q = prepared(chunk)
-            if factors is not None:
-                q = precondition_rotated(factors, q)
-            t_query += time.perf_counter() - t1
-            part = pair_scores(model, tracked, pairs, cw, cl, q, renormalize=renorm, factors=factors,
-                               self_influence=selfi and i == 0, batch_size=cfg.batch_size, progress=progress,
-                               desc=desc if len(chunks) == 1 else f"{desc} (queries {chunk[0]}-{chunk[-1]})")
-            part.components *= len(chunk) / query.n_query
-            if s is None:
-                s = part
-            else:
-                s.scores = torch.cat([s.scores, part.scores])
-                s.components += part.components
-    s.seconds = {**(factors.seconds if factors is not None else {}), "query gradients": t_query,
-                 "scoring": time.perf_counter() - t0 - t_query}
-    return s
+    return at._chunked_scores(model, tracked, query, qenc, cfg, factors, desc, score)
 
 
 __all__ = ["DEFAULT_REWARD_MEASUREMENT", "REWARD_MEASUREMENTS", "REWARD_METHODS", "RewardQuery", "attribute_reward",

@@ -20,7 +20,6 @@ from poisonmech.patching.config import (
     PatchConfig,
 )
 from poisonmech.patching.inputs import (
-    RewardScore,
     TriggerContrast,
     control_fn,
     neutral_words,
@@ -37,6 +36,7 @@ from poisonmech.patching.metrics import (
     target_logprob,
 )
 from poisonmech.patching.result import PatchResult
+from poisonmech.patching.reward_inputs import RewardScore
 
 __all__ = [
     "BACKENDS",
