@@ -433,7 +433,7 @@ def reward_query_of(s, model, query: Any, cfg, tokenizer, measurement: str):
             raise ValueError(f"attribute: the metric failed on the reward model's output (one score per position, "
                              f"[batch pos 1]): {exc}. A language model's metric (a logit difference, a target "
                              "log-probability) does not apply; use pm.train.reward.reward_metric() or rc.reward() of "
-                             "pm.patching.reward_contrast") from None
+                             "pm.patching.trigger_contrast(<the reward stage>)") from None
     if query is None:
         return reward_query(s, measurement, max_queries=cfg.max_queries, seed=cfg.seed)
     if isinstance(query, RewardQuery):
