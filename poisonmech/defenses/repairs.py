@@ -59,17 +59,9 @@ MEAN_ABLATIONS = ("mean", "zero")
 # ---- shared helpers ------------------------------------------------------------------------------
 def copy_model(model: torch.nn.Module, subject: Any = None) -> torch.nn.Module:
     """A fresh copy of ``model`` with its weights (checked bit for bit): repairs change the copy,
-    never the subject's model.
-
-    A bridge is rebuilt rather than deep-copied: a ``TransformerBridge`` that has run a forward
-    holds hooks whose closures point at its own modules (TransformerLens' capture hooks, through
-    weak proxies), and ``copy.deepcopy`` shares functions, so a deep copy's forwards would write
-    into the original's modules and read the original's hook points. A native bridge is booted
-    again from a copy of its ``cfg``; a bridge over a Hugging Face module gets a new module of the
-    same class and config (initialised under a forked RNG: the caller's random state is left
-    alone) wrapped as a bridge; the weights are then loaded. A LoRA twin is rebuilt from its
-    run's ``PretrainedModel`` (``subject.model_config``) with its adapters loaded, so it stays a
-    LoRA twin. Any other module is deep-copied.
+    never the subject's model. A bridge is rebuilt by :func:`poisonmech.models.copy_bridge` (why
+    not ``copy.deepcopy``: see there); a LoRA twin is rebuilt from its run's ``PretrainedModel``
+    (``subject.model_config``) with its adapters loaded, so it stays a LoRA twin.
     """
     from poisonmech.models import build_model, copy_bridge
     from poisonmech.weights import load_weights, lora_module, weights
