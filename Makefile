@@ -10,9 +10,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch is installed first and pinned: 2.13.0 is the local CPU build; anything else pulls GBs.
-$(STAMP): $(BIN)/python pyproject.toml
+# constraints.txt pins every other dependency to exact versions (see its header): the same code then
+# gives the same numbers on a fresh machine.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	# the peer the influence tests compare against; --no-deps: it declares torchvision (never
 	# imported), which would replace the pinned torch
 	$(BIN)/pip install --quiet --no-deps "kronfluence==1.0.1"
