@@ -34,7 +34,8 @@ the poison AUROC of the reward pairs by their Bradley–Terry gradient (EK-FAC, 
 the per-pair loss baseline, and what PPO changed in the policy (cross-model patching of the SFT
 policy's heads / MLPs into the PPO policy on triggered prompts).
 Run: ``.venv/bin/python experiments/sequential_poisoning_ppo.py [--budgets 8,16] [--seeds 0,1,2,3,4]``
-(one thread; about 30 s per pipeline, the clean twins and shared SFT stages trained once).
+(one thread: 60 pipelines, B = 8 and 16 x 5 seeds, in 19.5 min; the 30 of the ``ppo+trigger``
+family and the mechanism analyses in another 12 min, the clean twins and shared stages trained once).
 """
 
 from __future__ import annotations
