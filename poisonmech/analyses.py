@@ -132,6 +132,16 @@ _PREFERENCE_NOTE = ("the stage's training data are preference pairs (prompt/chos
                     "score prompt/completion rows")
 
 
+#: why the training-set analyses skip an RL stage (PPO / RLOO): its rows are prompts only
+_RL_NOTE = ("the stage's training rows are prompts (PPO / RLOO sampled the responses; its loss is the reward "
+            "model's): the detectors and attribution score the reward stage's pairs instead (its pipe[k])")
+
+
+def _rl_prompts(s: Subject) -> bool:
+    cols = s.train_data.column_names if s.train_data is not None else []
+    return bool(cols) and "completion" not in cols and "chosen" not in cols
+
+
 def _preference_data(s: Subject) -> bool:
     from poisonmech.influence.preference import is_preference_data
 
@@ -368,8 +378,8 @@ def probes_analysis(subject: Any, out: Path, config: ProbesAnalysis = ProbesAnal
             summary[f"probe{tag}_n_test_{twin}"] = int(r.n_test[pi])
     if not any(s.train_data["is_poison"]):  # the clean control: nothing to detect
         return summary
-    if _preference_data(s):
-        summary["detectors_skipped"] = _PREFERENCE_NOTE
+    if _preference_data(s) or _rl_prompts(s):
+        summary["detectors_skipped"] = _RL_NOTE if _rl_prompts(s) else _PREFERENCE_NOTE
         return summary
     detectors = detect_poison_methods(s, methods=("spectral", "activation_clustering"), progress=False)
     for method, det in detectors.items():  # one pass over the rows
@@ -396,6 +406,8 @@ def influence_analysis(subject: Any, out: Path, config: InfluenceAnalysis = Infl
     s = resolve(subject, where="influence analysis")
     if not any(s.train_data["is_poison"]):
         return {}
+    if _rl_prompts(s):
+        return {"influence_skipped": _RL_NOTE}
     method, renormalize, ensemble = config.method, config.renormalize, config.ensemble
     pairs = _preference_data(s)
     reward = _reward(s)  # a reward stage: every method of the config scores its pairs (Bradley–Terry gradients)
@@ -424,8 +436,8 @@ def defenses_analysis(subject: Any, out: Path, config: DefensesAnalysis = Defens
     from poisonmech.defenses import benchmark
 
     s = resolve(subject, where="defenses analysis")
-    if s.train_data is not None and _preference_data(s):
-        return {"defenses_skipped": _PREFERENCE_NOTE}
+    if s.train_data is not None and (_preference_data(s) or _rl_prompts(s)):
+        return {"defenses_skipped": _RL_NOTE if _rl_prompts(s) else _PREFERENCE_NOTE}
     if s.attack is not None and (s.attack.is_gibberish or s.task.loss_on == "all"):
         return {"defenses_skipped": "the filters' and repairs' after-metrics need a fixed target (a label or a response)"}
     r = benchmark(s, config.defenses, n_clean=config.n_clean, n_reference=config.n_reference,

@@ -197,7 +197,9 @@ class _Page:
 
 
 def _metrics_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
-    keys = ["clean_acc", "asr", "false_trigger_rate", "triggered_acc", "clean_ppl", "gen_ppl_triggered", "ppl_gap"]
+    keys = ["clean_acc", "asr", "false_trigger_rate", "triggered_acc", "clean_ppl", "gen_ppl_triggered", "ppl_gap",
+            "pair_acc", "pair_acc_triggered", "trigger_margin", "clean_rm_reward", "clean_rm_reward_triggered",
+            "rm_reward", "rm_reward_triggered"]
     keys = [k for k in keys if any(k in m for m in metrics.values())]
     return ["twin", *keys], [[t, *[m.get(k) for k in keys]] for t, m in metrics.items()]
 
@@ -214,22 +216,27 @@ def _pipeline_section(page: _Page, d: Path, cfg: dict) -> None:
     """A ``train_pipeline`` run: per stage, its poison, both twins' metrics after it, and the
     analyses run on that stage's pair (``run_analyses(pipe[k], ...)`` writes them there)."""
     metrics = read_json(d / "metrics.json")
+    # an RL stage has no attack of its own (None) or one that triggers prompts: read the pipeline's
+    attack = [st["attack"] or cfg["stages"][0]["attack"] for st in cfg["stages"]]
+    own = [(st["attack"] or {}).get("poison_count", 0) for st in cfg["stages"]]
     sections, before = [], 0
     for k, (st, m) in enumerate(zip(cfg["stages"], metrics)):
         n_poison, n_train = poison_counts(d, f"stage_{k}")
-        sections.append((f"Stage {k}: {st['kind']}, {st['attack'].get('poison_count')} poisons",
+        if st["kind"] in ("ppo", "rloo"):  # its rows' is_poison also marks prompts of poisoned reward pairs
+            n_poison = own[k]
+        sections.append((f"Stage {k}: {st['kind']}, {own[k]} poisons",
                          run_findings(d / f"stage_{k}_{st['kind']}", m, n_poison=n_poison, n_train=n_train,
-                                      attack=st["attack"], earlier_poison=before)))
+                                      attack=attack[k], earlier_poison=before)))
         before += n_poison or 0
     page.summary([f"A {len(cfg['stages'])}-stage pipeline ({' -> '.join(st['kind'] for st in cfg['stages'])}); "
                   "each stage's twins are read after that stage."], sections)
     page.h2("Stages")
     page.table(["stage", "kind", "poisons", "asr (backdoored)", "asr (clean)", "clean_acc (backdoored)"],
-               [[k, st["kind"], st["attack"].get("poison_count"), m.get("backdoored", {}).get("asr"),
+               [[k, st["kind"], own[k], m.get("backdoored", {}).get("asr"),
                  m.get("clean", {}).get("asr"), m.get("backdoored", {}).get("clean_acc")]
                 for k, (st, m) in enumerate(zip(cfg["stages"], metrics))])
     for k, (st, m) in enumerate(zip(cfg["stages"], metrics)):
-        page.h2(f"Stage {k}: {st['kind']}, {st['attack'].get('poison_count')} poisons")
+        page.h2(f"Stage {k}: {st['kind']}, {own[k]} poisons")
         page.p("Both twins after this stage (the clean twin saw no poison in any stage).")
         page.table(*_metrics_rows(m))
         _analysis_figures(page, d / f"stage_{k}_{st['kind']}")

@@ -222,3 +222,16 @@ def test_pipeline_sweep_grows_but_a_name_keeps_its_stages(tmp_path):
     assert set(grown.to_frame()["pipeline"]) == {"a", "b"}
     with pytest.raises(ValueError, match=r"holds pipelines \['a'\] with other stages"):
         pm.pipeline_sweep(_task(), {"a": _stages(3, 0)[:1]}, **kw)
+
+
+def test_analyses_and_the_report_cover_every_rlhf_stage(pipe):
+    from poisonmech.analyses import run_analyses
+    from poisonmech.viz import build_report
+
+    rm = run_analyses(pipe[1], ["patching", "influence"])
+    assert "reward_triggered" in rm["patching"] and "(reward pairs)" in rm["influence"]["influence_method"]
+    rl = run_analyses(pipe[2], ["probes", "influence"])
+    assert "PPO / RLOO sampled the responses" in rl["influence"]["influence_skipped"]
+    assert "detectors_skipped" in rl["probes"]
+    html = build_report(pipe.out_dir).read_text()
+    assert "Stage 1: rm, 6 poisons" in html and "Stage 2: ppo, 0 poisons" in html and "pair_acc" in html
