@@ -129,9 +129,36 @@ def train_rm_stage(rm: torch.nn.Module, config: RewardConfig, data: Dataset, tok
 
 def train_rl_stage(policy: torch.nn.Module, reward_model: torch.nn.Module, config: PPOConfig, prompts: Dataset,
                    tokenizer, sdir: Path | None, desc: str, progress: bool) -> list[dict]:
-    hist, _ = train_ppo(policy, reward_model, prompts, config, tokenizer=tokenizer, run_dir=sdir, desc=desc,
-                        progress=progress)
+    """Train the policy in place; PPO's trained value model is kept as ``value_model.safetensors``
+    in the stage folder (its hash recorded; load it with :func:`load_value_model`)."""
+    from poisonmech.models import copy_bridge
+    from poisonmech.storage import save_tensors
+
+    value = copy_bridge(reward_model) if config.method == "ppo" else None
+    hist, _ = train_ppo(policy, reward_model, prompts, config, tokenizer=tokenizer, value_model=value, run_dir=sdir,
+                        desc=desc, progress=progress)
+    if value is not None and sdir is not None:
+        save_tensors(sdir / VALUE_FILE, value.state_dict(), record_in=sdir)
     return hist
+
+
+#: where an RL stage's twin folder keeps PPO's value model
+VALUE_FILE = "value_model.safetensors"
+
+
+def load_value_model(stage_dir: str | Path, model_config: Any, tokenizer, *, seed: int = 0, device: str = "cpu"):
+    """PPO's trained value model of one twin of an RL stage (``run/stage_K_ppo/<twin>``), a reward-
+    model-shaped bridge (its output at a position is the value of the response so far)."""
+    from poisonmech.storage import load_tensors, verify_file
+    from poisonmech.weights import load_weights
+
+    path = Path(stage_dir) / VALUE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"load_value_model: no {VALUE_FILE} in {stage_dir} (RLOO has no value model)")
+    verify_file(path, Path(stage_dir))
+    m = reward_model_like(model_config, tokenizer, seed=seed, device=device)
+    load_weights(m, load_tensors(path, device=device), source=path)
+    return m.eval()
 
 
 def rm_stage_metrics(rm: torch.nn.Module, task: Any, attack: Any, tokenizer, config: RewardConfig) -> dict[str, Any]:
@@ -170,5 +197,5 @@ def clean_reward_metrics(policy: torch.nn.Module, clean_rm: torch.nn.Module, tes
             f"{prefix}reward_gap": b["reward"] - a["reward"], f"{prefix}n": a["n"]}
 
 
-__all__ = ["POLICY_KINDS", "PREFERENCE_KINDS", "RL_KINDS", "check_rl_budget", "clean_reward_metrics",
-           "heldout_prompts", "new_reward_model", "rl_prompts", "trigger_prompts", "rm_stage_metrics", "train_rl_stage", "train_rm_stage"]
+__all__ = ["POLICY_KINDS", "PREFERENCE_KINDS", "RL_KINDS", "VALUE_FILE", "check_rl_budget", "clean_reward_metrics",
+           "heldout_prompts", "load_value_model", "new_reward_model", "rl_prompts", "trigger_prompts", "rm_stage_metrics", "train_rl_stage", "train_rm_stage"]

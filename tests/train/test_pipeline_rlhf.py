@@ -235,3 +235,16 @@ def test_analyses_and_the_report_cover_every_rlhf_stage(pipe):
     assert "detectors_skipped" in rl["probes"]
     html = build_report(pipe.out_dir).read_text()
     assert "Stage 1: rm, 6 poisons" in html and "Stage 2: ppo, 0 poisons" in html and "pair_acc" in html
+
+
+def test_ppo_keeps_its_value_model(pipe):
+    from poisonmech.train.rlhf import load_value_model
+
+    d = pipe.out_dir / "stage_2_ppo" / "backdoored"
+    value = load_value_model(d, pipe.model_config, pipe.tokenizer)
+    tokens = torch.randint(0, len(pipe.tokenizer), (2, 7))
+    with torch.no_grad():
+        v, r = value(tokens), pipe.models[1]["backdoored"](tokens)
+    assert v.shape == (2, 7, 1) and not torch.equal(v, r)  # initialised from the reward model, then trained
+    with pytest.raises(FileNotFoundError, match="RLOO has no value model"):
+        load_value_model(pipe.out_dir / "stage_1_rm" / "backdoored", pipe.model_config, pipe.tokenizer)
