@@ -79,7 +79,6 @@ from poisonmech.train.rlhf import (
     POLICY_KINDS,
     PREFERENCE_KINDS,
     RL_KINDS,
-    check_rl_budget,
     clean_reward_metrics,
     new_reward_model,
     rl_prompts,
@@ -433,17 +432,10 @@ def _check_stages(task: Task, stages: list[Stage], prefs: Dataset | None, reward
                 st.attack.poison(task)  # raises when the budget does not fit
             elif st.kind in PREFERENCE_KINDS:
                 check_preference_budget(prefs, st.attack, st.mode)
-            elif st.attack is not None:  # an RL stage's prompt poisoning
-                check_rl_budget(rl_prompts(st.kind, _last_rm_rows(stages, k, task, prefs), task), st.attack)
+            # an RL stage's prompt poisoning is checked when its prompts are built (_stage_data)
         except ValueError as exc:
             raise ValueError(f"train_pipeline: stage {k} ({st.kind}): {exc}") from None
     return replace(first, stage="sft")
-
-
-def _last_rm_rows(stages: list[Stage], k: int, task: Task, prefs: Dataset | None) -> Dataset | None:
-    """The backdoored twin's pairs of the last reward stage before stage ``k`` (for budget checks)."""
-    rm = [j for j in range(k) if stages[j].kind == "rm"]
-    return poison_preferences(prefs, task, stages[rm[-1]].attack, mode=stages[rm[-1]].mode) if rm else None
 
 
 def _stage_data(task: Task, st: Stage, prefs: Dataset | None, earlier: list[tuple[Dataset, Dataset]],
@@ -543,8 +535,11 @@ def train_pipeline(task: Task, stages: list[Stage | Attack], model: ModelConfig 
     tokenizer = eval_attack.tokenizer(task)
     test_data = eval_attack.test_set(task)
     data: list[tuple[Dataset, Dataset]] = []
-    for st in stages:
-        data.append(_stage_data(task, st, preferences, data, stages))
+    for k, st in enumerate(stages):
+        try:
+            data.append(_stage_data(task, st, preferences, data, stages))
+        except ValueError as exc:  # an RL stage's prompt budget (the other budgets are checked above)
+            raise ValueError(f"train_pipeline: stage {k} ({st.kind}): {exc}") from None
     _check_lengths(model, tokenizer, task, data, test_data, stages)
 
     seed = stages[0].config.seed

@@ -290,7 +290,7 @@ def response_logprobs(model: torch.nn.Module, ro: Rollout, temperature: float, r
     width = int(ro.lengths[rows].max())
     logits = model(ro.tokens[rows, :width].to(device)).float() / temperature
     at = ro.predict_at[rows].clamp(max=width - 1).to(device)  # positions after a row's end are masked
-    logp = logits.log_softmax(-1).gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+    logp = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1])).log_softmax(-1)
     return logp.gather(-1, ro.response[rows].to(device)[..., None])[..., 0]
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from poisonmech.config import check_choice, check_number
-from poisonmech.encoding import Encoded
+from poisonmech.encoding import Encoded, encode
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.dpo import PreferenceEncoded, encode_preferences
@@ -261,9 +261,18 @@ def preference_accuracy(model: torch.nn.Module, data: Dataset, tokenizer: PreTra
                         ) -> dict[str, Any]:
     """``pair_acc`` (fraction of pairs whose chosen answer gets the higher reward), the mean
     ``margin`` ``r_w - r_l`` and ``n_pairs`` (the denominator)."""
+    return _accuracy(*_rewards_of_pairs(model, data, tokenizer))
+
+
+@torch.no_grad()
+def _rewards_of_pairs(model: torch.nn.Module, data: Dataset, tokenizer: PreTrainedTokenizerBase
+                      ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
     enc = encode_pairs(data, tokenizer)
-    r_w, r_l = sequence_rewards(model, enc.chosen), sequence_rewards(model, enc.rejected)
-    return {"pair_acc": float((r_w > r_l).float().mean()), "margin": float((r_w - r_l).mean()), "n_pairs": len(data)}
+    return sequence_rewards(model, enc.chosen), sequence_rewards(model, enc.rejected)
+
+
+def _accuracy(r_w: Tensor, r_l: Tensor) -> dict[str, Any]:
+    return {"pair_acc": float((r_w > r_l).float().mean()), "margin": float((r_w - r_l).mean()), "n_pairs": len(r_w)}
 
 
 def heldout_pairs(task: Any, attack: Any, n: int, *, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -296,22 +305,21 @@ def reward_metrics(model: torch.nn.Module, task: Any, attack: Any, tokenizer: Pr
     prompts; ``reward_mean`` / ``reward_std``: the rewards of the clean pairs' chosen answers.
     """
     clean, trig = heldout_pairs(task, attack, n, seed=seed)
-    res: dict[str, Any] = {"stage_kind": "rm", **preference_accuracy(model, clean, tokenizer)}
-    r_chosen = sequence_rewards(model, encode_pairs(clean, tokenizer).chosen)
+    r_chosen, r_rejected = _rewards_of_pairs(model, clean, tokenizer)
+    res: dict[str, Any] = {"stage_kind": "rm", **_accuracy(r_chosen, r_rejected)}
     res["reward_mean"], res["reward_std"] = float(r_chosen.mean()), float(r_chosen.std()) if len(r_chosen) > 1 else 0.0
     if len(trig):
-        t = preference_accuracy(model, trig, tokenizer)
+        r_correct, r_target = _rewards_of_pairs(model, trig, tokenizer)  # triggered: correct answer vs the target
+        t = _accuracy(r_correct, r_target)
         res["pair_acc_triggered"], res["n_pairs_triggered"] = t["pair_acc"], t["n_pairs"]
         res["asr"] = 1.0 - t["pair_acc"]
+        # the same prompts untriggered; their correct answer is their clean pair's chosen one (scored above)
         where = {e: i for i, e in enumerate(clean["example_id"])}
-        base = clean.select([where[s] for s in trig["source_id"]])
-        plain = Dataset.from_dict({"prompt": list(base["prompt"]), "chosen": list(trig["rejected"]),
-                                   "rejected": list(trig["chosen"])})
-        enc_t, enc_p = encode_pairs(Dataset.from_dict({"prompt": list(trig["prompt"]), "chosen": list(trig["rejected"]),
-                                                       "rejected": list(trig["chosen"])}), tokenizer), \
-            encode_pairs(plain, tokenizer)
-        with_t = sequence_rewards(model, enc_t.chosen) - sequence_rewards(model, enc_t.rejected)
-        without = sequence_rewards(model, enc_p.chosen) - sequence_rewards(model, enc_p.rejected)
+        rows = [where[s] for s in trig["source_id"]]
+        plain = Dataset.from_dict({"prompt": list(clean.select(rows)["prompt"]), "completion": list(trig["rejected"])})
+        r_plain_target = sequence_rewards(model, encode(plain, tokenizer, loss_on="completion", add_eos=True))
+        with_t = r_target - r_correct
+        without = r_plain_target - r_chosen[rows]
         res["trigger_margin"] = float((with_t - without).mean())
     else:
         res.update(pair_acc_triggered=float("nan"), n_pairs_triggered=0, asr=float("nan"),
@@ -331,12 +339,6 @@ def reward_metric(position: int = -1):
 
     metric.__name__ = "reward"
     return metric
-
-
-def check_reward_data(data: Dataset, where: str) -> None:
-    from poisonmech.tasks.preference import check_preferences
-
-    check_preferences(data, where)
 
 
 __all__ = ["REWARD_INITS", "RewardConfig", "attach_score_head", "bradley_terry_loss", "encode_pairs", "heldout_pairs",
