@@ -226,6 +226,14 @@ def wrap_hf_model(model: torch.nn.Module, *, tokenizer: PreTrainedTokenizerBase 
 
 
 
+def set_head(model: torch.nn.Module, head: torch.nn.Linear) -> None:
+    """Replace a bridge's unembedding module (the bridge's own setter rewires its hooks)."""
+    if hasattr(model.unembed, "set_original_component"):
+        model.unembed.set_original_component(head)
+    else:
+        model.unembed.original_component = head
+
+
 def copy_bridge(model: torch.nn.Module) -> torch.nn.Module:
     """A fresh, independent copy of a bridge holding its weights (checked bit for bit).
 
@@ -261,8 +269,6 @@ def copy_bridge(model: torch.nn.Module) -> torch.nn.Module:
     fresh_head = getattr(getattr(fresh, "unembed", None), "original_component", None)
     if isinstance(head, torch.nn.Linear) and isinstance(fresh_head, torch.nn.Linear) and \
             head.weight.shape != fresh_head.weight.shape:
-        from poisonmech.train.reward import set_head
-
         set_head(fresh, torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None).to(head.weight))
     if fresh is not model:
         fresh.load_state_dict(model.state_dict())

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from poisonmech.config import check_choice, check_number
 from poisonmech.encoding import Encoded, encode
+from poisonmech.models import set_head
 from poisonmech.runtime import eval_mode, model_device
 from poisonmech.train.config import TrainConfig
 from poisonmech.train.dpo import PreferenceEncoded, encode_preferences
@@ -110,14 +111,6 @@ def attach_score_head(model: torch.nn.Module, *, seed: int, std: float = 0.02) -
         new.weight.copy_(w.to(new.weight))
     set_head(model, new)
     return model
-
-
-def set_head(model: torch.nn.Module, head: torch.nn.Linear) -> None:
-    """Replace a bridge's unembedding module (the bridge's own setter rewires its hooks)."""
-    if hasattr(model.unembed, "set_original_component"):
-        model.unembed.set_original_component(head)
-    else:
-        model.unembed.original_component = head
 
 
 def make_reward_model(policy: torch.nn.Module, *, seed: int, std: float = 0.02) -> torch.nn.Module:
